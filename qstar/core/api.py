@@ -1,0 +1,195 @@
+"""The public model object, written once: numpy in, numpy out, any backend underneath."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qstar.core import checkpoint
+from qstar.core.checkpoint import CheckpointInfo
+from qstar.core.layout import ThoughtLayout
+from qstar.core.recipe import Recipe
+from qstar.core.sampling import banned_mask, numpy_gumbel
+from qstar.core.thinker import Backbone, LossTerms, quietstar_loss, sample_thoughts
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+@dataclass
+class LossOutput:
+    total: float
+    lm: float
+    policy: float
+    """Before policy_weight."""
+    nll_base: np.ndarray
+    nll_talk: list[np.ndarray]
+    reward: np.ndarray
+    advantage: np.ndarray
+    mixing_weight: list[np.ndarray]
+    thoughts: np.ndarray
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    return dtype
+
+
+class QStarModel(ABC):
+    """A loaded Quiet-STaR model. Backends supply the network, gradients and tensor files."""
+
+    def __init__(self, backbone: Backbone, recipe: Recipe, info: CheckpointInfo, dtype: str) -> None:
+        self.backbone, self.recipe, self.info, self.dtype = backbone, recipe, info, dtype
+        self.ops = backbone.ops
+        banned = banned_mask(info.config.vocab_size, [info.start_id, info.end_id])
+        self.banned = self.ops.asarray(banned)
+
+    @property
+    def config(self):  # noqa: ANN201 - ModelConfig
+        return self.info.config
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.info.tokenizer
+
+    def check_ids(self, input_ids: Any, attention_mask: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """Validated (B, L) int64 ids and a right-padded (B, L) bool mask."""
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(
+                f"input_ids must be an integer array of shape (batch, length), got {ids.dtype} {ids.shape}"
+            )
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}); got {ids.min()}..{ids.max()}")
+        mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+        if (np.diff(mask.astype(np.int8), axis=1) > 0).any():
+            raise ValueError(
+                "attention_mask must be right-padded (ones, then zeros): left padding is not supported in training"
+            )
+        return ids.astype(np.int64), mask
+
+    def layout(self, length: int) -> ThoughtLayout:
+        if length < self.recipe.min_seq_len():
+            raise ValueError(
+                f"sequences of {length} tokens are too short for lookahead={self.recipe.lookahead}: "
+                f"need at least {self.recipe.min_seq_len()} tokens"
+            )
+        return ThoughtLayout.every(length, self.recipe.think_every)
+
+    def logits(self, input_ids: Any) -> np.ndarray:
+        """Plain LM logits (B, L, V), no thoughts."""
+        ids, _ = self.check_ids(input_ids)
+        with self.ops.no_grad():
+            h, _ = self.backbone.base(self.ops.asarray(ids))
+            return self.ops.to_numpy(self.backbone.logits(h))
+
+    def sample_thoughts(self, input_ids: Any, seed: int | None = None) -> np.ndarray:
+        """(B*P, S, k) thought tokens; with a seed the noise comes from numpy, so every backend draws the same."""
+        ids, _ = self.check_ids(input_ids)
+        noise = numpy_gumbel(seed) if seed is not None else self.ops.gumbel
+        tokens = sample_thoughts(
+            self.backbone, self.recipe, self.ops.asarray(ids), self.layout(ids.shape[1]), self.banned, noise
+        )
+        return self.ops.to_numpy(tokens).astype(np.int64)
+
+    def check_thoughts(self, thoughts: Any, rows: int, streams: int) -> np.ndarray:
+        t = np.asarray(thoughts)
+        expected = (rows, streams, self.recipe.thought_tokens)
+        if t.shape != expected:
+            raise ValueError(f"thoughts must have shape (B*P, streams, thought_tokens) = {expected}, got {t.shape}")
+        if (
+            (t < 0).any()
+            or (t >= self.config.vocab_size).any()
+            or np.isin(t, [self.info.start_id, self.info.end_id]).any()
+        ):
+            raise ValueError("thoughts must be ordinary token ids (no <start>/<end>, inside the vocabulary)")
+        return t.astype(np.int64)
+
+    def _terms(self, input_ids: Any, attention_mask: Any, thoughts: Any, seed: int | None) -> LossTerms:
+        ids, mask = self.check_ids(input_ids, attention_mask)
+        layout = self.layout(ids.shape[1])
+        rows = ids.shape[0] * self.recipe.thoughts_per_position
+        t = (
+            self.sample_thoughts(ids, seed)
+            if thoughts is None
+            else self.check_thoughts(thoughts, rows, layout.num_streams)
+        )
+        return quietstar_loss(
+            self.backbone, self.recipe, ids, mask, self.ops.asarray(t), layout, self.banned, self.config.fallback_pad_id
+        )
+
+    def loss(
+        self, input_ids: Any, attention_mask: Any = None, thoughts: Any = None, seed: int | None = None
+    ) -> LossOutput:
+        """Every Quiet-STaR loss term as numpy; thoughts are sampled unless given (B*P, S, k)."""
+        with self.ops.no_grad():
+            terms = self._terms(input_ids, attention_mask, thoughts, seed)
+        return self.to_output(terms)
+
+    def to_output(self, terms: LossTerms) -> LossOutput:
+        n = self.ops.to_numpy
+        return LossOutput(
+            total=float(n(terms.total)),
+            lm=float(n(terms.lm)),
+            policy=float(n(terms.policy)),
+            nll_base=n(terms.nll_base),
+            nll_talk=[n(x) for x in terms.nll_talk],
+            reward=n(terms.reward),
+            advantage=n(terms.advantage),
+            mixing_weight=[n(x) for x in terms.mixing_weight],
+            thoughts=n(terms.thoughts).astype(np.int64),
+        )
+
+    def gradients(
+        self, input_ids: Any, attention_mask: Any = None, thoughts: Any = None, seed: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """d total / d parameter for every parameter, under the names (and shapes) of the loaded checkpoint."""
+        if thoughts is None:
+            thoughts = self.sample_thoughts(input_ids, seed)
+        grads = self._gradients(lambda: self._terms(input_ids, attention_mask, thoughts, seed).total)
+        return checkpoint.source_gradients(self.info.kind, grads, self._source_shapes())
+
+    def _source_shapes(self) -> dict[str, tuple[int, ...]]:
+        if self.info.kind != "authors":
+            return {}
+        return {src: (2, self.config.hidden_size) for src in checkpoint.AUTHORS_EXTRAS}
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write a qstar checkpoint atomically: base weights (HF names), extras, config, tokenizer."""
+        params = self.parameters()
+        extras = {k: v for k, v in params.items() if k.startswith(("thought.", "mixing_head."))}
+        base = {k: v for k, v in params.items() if k not in extras}
+        with checkpoint.atomic_directory(path, overwrite) as tmp:
+            sizes = {k: self._nbytes(v) for k, v in base.items()}
+            shards = checkpoint.plan_shards(sizes)
+            for name, names in zip(checkpoint.shard_file_names(len(shards)), shards, strict=True):
+                self._write_tensors({k: base[k] for k in names}, tmp / name)
+            checkpoint.write_index(tmp, shards, sum(sizes.values()))
+            self._write_tensors(extras, tmp / checkpoint.EXTRAS_FILE)
+            config = checkpoint.qstar_config(self.info, self.recipe.to_dict(), self.dtype)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            checkpoint.save_tokenizer(self.info, tmp)
+        return Path(path)
+
+    @abstractmethod
+    def parameters(self) -> dict[str, Any]:
+        """Internal name -> backend tensor."""
+
+    @abstractmethod
+    def _gradients(self, loss_fn: Callable[[], Any]) -> dict[str, np.ndarray]:
+        """Gradient of loss_fn() w.r.t. every parameter, internal names."""
+
+    @abstractmethod
+    def _write_tensors(self, tensors: dict[str, Any], file: Path) -> None: ...
+
+    @staticmethod
+    @abstractmethod
+    def _nbytes(tensor: Any) -> int: ...

@@ -1,0 +1,290 @@
+"""Checkpoint formats: recognise what a directory holds, map names, initialise the thought extras, save atomically.
+
+Three inputs are understood:
+- a qstar checkpoint: `config.json` with a `qstar` section, base weights under their Hugging Face names
+  in `model*.safetensors` (transformers and mlx-lm still load them), the extras in `qstar.safetensors`;
+- an authors' (ezelikman/quiet-star) checkpoint: `start_embedding`, `end_embedding`, `talk_head.0.*`
+  beside the Mistral weights;
+- a plain Hugging Face checkpoint: the extras are created on load (see `init_extras`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qstar.core.hf_config import ModelConfig, read_config
+
+START_TOKEN = "<|startthought|>"
+END_TOKEN = "<|endthought|>"
+EXTRAS_FILE = "qstar.safetensors"
+FORMAT_VERSION = 1
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+MAX_SHARD_BYTES = 4 << 30
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    kind: str
+    """"qstar", "authors" or "hf"."""
+    config: ModelConfig
+    raw_config: dict[str, Any]
+    weight_files: list[Path]
+    start_id: int
+    end_id: int
+    saved_recipe: dict[str, Any] | None = None
+    tokenizer: Any = None
+
+    def token_ids(self, text: str) -> list[int]:
+        """Ids of `text` without special tokens; empty when the checkpoint has no tokenizer."""
+        return [] if self.tokenizer is None else list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / s for s in shards]
+    else:
+        files = sorted(p for p in path.glob("*.safetensors") if p.name != EXTRAS_FILE)
+    missing = [str(f) for f in files if not f.is_file()]
+    if not files or missing:
+        raise FileNotFoundError(
+            f"no model weights in {path}: expected model.safetensors or the shards of model.safetensors.index.json"
+            + (f" (missing {', '.join(missing)})" if missing else "")
+        )
+    return files
+
+
+def safetensors_names(files: list[Path]) -> set[str]:
+    names: set[str] = set()
+    for f in files:
+        with open(f, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            names.update(k for k in json.loads(handle.read(size)) if k != "__metadata__")
+    return names
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The checkpoint's tokenizer with the two thought tokens added, or None when it ships no tokenizer files."""
+    if not any((path / f).is_file() for f in TOKENIZER_FILES[:3]):
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    missing = [t for t in (START_TOKEN, END_TOKEN) if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    return tokenizer
+
+
+def inspect(path: str | Path) -> CheckpointInfo:
+    """Recognise a local checkpoint directory and everything needed to load it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory: pass a checkpoint directory (config.json + *.safetensors)")
+    config, raw = read_config(path)
+    files = weight_files(path)
+    tokenizer = load_tokenizer(path)
+    if "qstar" in raw:
+        section = raw["qstar"]
+        if not (path / EXTRAS_FILE).is_file():
+            raise FileNotFoundError(f"{path / EXTRAS_FILE} missing: the qstar checkpoint is incomplete")
+        return CheckpointInfo(
+            path,
+            "qstar",
+            config,
+            raw,
+            files,
+            section["start_token_id"],
+            section["end_token_id"],
+            section.get("recipe"),
+            tokenizer,
+        )
+    names = safetensors_names(files)
+    if "start_embedding" in names or any(n.startswith("talk_head.") for n in names):
+        ref = path / "quietstar_reference.json"
+        settings = json.loads(ref.read_text()) if ref.is_file() else {}
+        if tokenizer is not None:
+            default_start, default_end = tokenizer.convert_tokens_to_ids([START_TOKEN, END_TOKEN])
+        else:
+            default_start, default_end = config.vocab_size - 2, config.vocab_size - 1
+        return CheckpointInfo(
+            path,
+            "authors",
+            config,
+            raw,
+            files,
+            settings.get("start_token_id", default_start),
+            settings.get("end_token_id", default_end),
+            None,
+            tokenizer,
+        )
+    if tokenizer is not None:
+        start_id, end_id = tokenizer.convert_tokens_to_ids([START_TOKEN, END_TOKEN])
+    else:
+        start_id, end_id = config.vocab_size, config.vocab_size + 1
+    return CheckpointInfo(path, "hf", config, raw, files, start_id, end_id, None, tokenizer)
+
+
+AUTHORS_EXTRAS = {"start_embedding": "thought.start", "end_embedding": "thought.end"}
+
+
+def source_name(kind: str, name: str) -> tuple[str, int | None]:
+    """Checkpoint name of an internal parameter, and the row it occupies there (None: the whole tensor)."""
+    if kind == "authors":
+        for src, dst in AUTHORS_EXTRAS.items():
+            if name == dst:
+                return src, 0
+        if name.startswith("mixing_head."):
+            return "talk_head.0." + name[len("mixing_head.") :], None
+    return name, None
+
+
+def internal_weights(kind: str, tensors: dict[str, Any]) -> dict[str, Any]:
+    """Rename an authors' state dict to qstar's names (row 0 of start/end_embedding is the used vector)."""
+    if kind != "authors":
+        return tensors
+    out = {}
+    for name, value in tensors.items():
+        if name in AUTHORS_EXTRAS:
+            out[AUTHORS_EXTRAS[name]] = value[0]
+        elif name.startswith("talk_head.0."):
+            out["mixing_head." + name[len("talk_head.0.") :]] = value
+        else:
+            out[name] = value
+    return out
+
+
+def source_gradients(
+    kind: str, grads: dict[str, np.ndarray], source_shapes: dict[str, tuple[int, ...]]
+) -> dict[str, np.ndarray]:
+    """Gradients under the names and shapes of the loaded checkpoint (rows it does not use get 0)."""
+    out: dict[str, np.ndarray] = {}
+    for name, grad in grads.items():
+        src, row = source_name(kind, name)
+        if row is None:
+            out[src] = grad
+        else:
+            full = np.zeros(source_shapes.get(src, (row + 1, *grad.shape)), dtype=grad.dtype)
+            full[row] = grad
+            out[src] = full
+    return out
+
+
+def init_extras(embed_rows: np.ndarray, hidden: int, embedding_scale: float, seed: int = 0) -> dict[str, np.ndarray]:
+    """Fresh thought extras for a plain HF checkpoint.
+
+    <start> and <end> both start at the mean embedding of `embed_rows` (the init_token's rows, or every row
+    when there is no tokenizer), divided by embedding_scale since the input vector is scale * parameter.
+    The mixing head's hidden layers get PyTorch's default Linear init from a fixed seed; its last layer is
+    zero, so the mixing weight starts at 0 and the model starts exactly as the base LM ("hidden" mixing).
+    """
+    rng = np.random.default_rng(seed)
+    vector = embed_rows.astype(np.float64).mean(axis=0) / embedding_scale
+
+    def uniform(shape: tuple[int, ...], fan_in: int) -> np.ndarray:
+        bound = 1.0 / np.sqrt(fan_in)
+        return rng.uniform(-bound, bound, size=shape)
+
+    return {
+        "thought.start": vector.copy(),
+        "thought.end": vector.copy(),
+        "mixing_head.0.weight": uniform((hidden, 2 * hidden), 2 * hidden),
+        "mixing_head.0.bias": uniform((hidden,), 2 * hidden),
+        "mixing_head.2.weight": uniform((hidden, hidden), hidden),
+        "mixing_head.2.bias": uniform((hidden,), hidden),
+        "mixing_head.4.weight": np.zeros((1, hidden)),
+    }
+
+
+def plan_shards(sizes: dict[str, int], max_bytes: int = MAX_SHARD_BYTES) -> list[list[str]]:
+    """Group tensor names, in order, into shards of at most max_bytes (a larger tensor gets its own)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if shards[-1] and used + size > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+def shard_file_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def write_index(directory: Path, shards: list[list[str]], total_bytes: int) -> None:
+    if len(shards) == 1:
+        return
+    files = shard_file_names(len(shards))
+    weight_map = {name: files[i] for i, names in enumerate(shards) for name in names}
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def qstar_config(info: CheckpointInfo, recipe: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """config.json of a saved qstar checkpoint: the base config as loaded, plus the qstar section."""
+    raw = {k: v for k, v in info.raw_config.items() if k != "qstar"}
+    raw["torch_dtype"] = dtype
+    raw["dtype"] = dtype
+    raw["qstar"] = {
+        "format_version": FORMAT_VERSION,
+        "start_token_id": int(info.start_id),
+        "end_token_id": int(info.end_id),
+        "recipe": recipe,
+        "source": str(info.path),
+    }
+    return raw
+
+
+@contextmanager
+def atomic_directory(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it becomes `dst` in one rename, on error it vanishes."""
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists: choose a new output directory or remove it first")
+    parent = dst.parent if str(dst.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"cannot write to {parent}: choose a writable output directory")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=parent))
+    try:
+        yield tmp
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=parent))
+            os.replace(dst, old / dst.name)
+            os.replace(tmp, dst)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_tokenizer(info: CheckpointInfo, directory: Path) -> None:
+    if info.tokenizer is not None:
+        info.tokenizer.save_pretrained(str(directory))

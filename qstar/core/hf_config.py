@@ -1,0 +1,133 @@
+"""Read a Hugging Face `config.json` of the Llama family into one plain description both backends build from.
+
+Handles both places transformers has kept RoPE settings: a top-level `rope_theta`/`rope_scaling`
+(checkpoints written before transformers 5) and the `rope_parameters` dict (transformers 5).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    qk_norm: bool
+    rope_scaling: dict[str, Any] = field(default_factory=dict)
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    @property
+    def fallback_pad_id(self) -> int:
+        """Id fed as the teacher-forced token past the end of a sequence (pad, else EOS, else 0)."""
+        for value in (self.pad_token_id, self.eos_token_id):
+            if value is not None:
+                return value
+        return 0
+
+
+def _first_int(value: Any) -> int | None:
+    if isinstance(value, list):
+        return int(value[0]) if value else None
+    return None if value is None else int(value)
+
+
+def parse_config(raw: dict[str, Any]) -> ModelConfig:
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unsupported model_type {model_type!r}: qstar supports {', '.join(SUPPORTED_MODEL_TYPES)}")
+    rope = dict(raw.get("rope_parameters") or {})
+    scaling = dict(raw.get("rope_scaling") or {})
+    theta = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
+    if not scaling and rope.get("rope_type", "default") != "default":
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"unsupported RoPE type {rope_type!r}: qstar supports {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if raw.get("mlp_bias"):
+        raise ValueError("unsupported config: mlp_bias=true (no Llama-family checkpoint qstar knows uses it)")
+    heads = int(raw["num_attention_heads"])
+    sliding = raw.get("sliding_window") if raw.get("use_sliding_window", model_type == "mistral") else None
+    bias = bool(raw.get("attention_bias", False))
+    return ModelConfig(
+        model_type=model_type,
+        vocab_size=int(raw["vocab_size"]),
+        hidden_size=int(raw["hidden_size"]),
+        intermediate_size=int(raw["intermediate_size"]),
+        num_layers=int(raw["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+        head_dim=int(raw.get("head_dim") or raw["hidden_size"] // heads),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(theta),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        qkv_bias=bias or model_type == "qwen2",
+        o_bias=bias and model_type != "qwen2",
+        qk_norm=model_type == "qwen3",
+        rope_scaling={**scaling, "rope_type": rope_type},
+        sliding_window=None if sliding is None else int(sliding),
+        bos_token_id=_first_int(raw.get("bos_token_id")),
+        eos_token_id=_first_int(raw.get("eos_token_id")),
+        pad_token_id=_first_int(raw.get("pad_token_id")),
+    )
+
+
+def read_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """Parse `path/config.json`; returns the description and the raw dict (kept to write it back)."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: pass a checkpoint directory that contains config.json")
+    raw = json.loads(file.read_text())
+    return parse_config(raw), raw
+
+
+def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """RoPE inverse frequencies in float32, computed as transformers does (scaling included)."""
+    dim = cfg.head_dim
+    inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)))).astype(
+        np.float32
+    )
+    kind = cfg.rope_scaling["rope_type"]
+    if kind == "linear":
+        inv = (inv / np.float32(cfg.rope_scaling["factor"])).astype(np.float32)
+    elif kind == "llama3":
+        s = cfg.rope_scaling
+        factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+        old_len = float(s["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def rope_angles(cfg: ModelConfig, positions: np.ndarray) -> np.ndarray:
+    """Angles (..., head_dim) in float32 for integer positions, halves duplicated (rotate-half convention)."""
+    freqs = positions.astype(np.float32)[..., None] * inverse_frequencies(cfg)
+    return np.concatenate([freqs, freqs], axis=-1)

@@ -1,0 +1,66 @@
+"""Positions and attention structure of the parallel thought streams, as small numpy arrays.
+
+Every thinking position p ("stream") owns a thought. The token fed at thought step s (s >= 1) of
+stream p has position id p + s; it sees the real tokens 0..p and its own stream's steps 1..s,
+nothing else. The base tokens (step 0) use ordinary causal attention. Backends never build the
+dense (K*L)^2 mask: they consume the two parts below, which together say the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ThoughtLayout:
+    seq_len: int
+    """L, the number of real tokens."""
+    streams: np.ndarray
+    """(S,) sorted positions that think."""
+
+    @classmethod
+    def every(cls, seq_len: int, stride: int = 1) -> ThoughtLayout:
+        return cls(seq_len, np.arange(0, seq_len, stride, dtype=np.int64))
+
+    @property
+    def num_streams(self) -> int:
+        return len(self.streams)
+
+    def causal_mask(self) -> np.ndarray:
+        """(L, L) bool, True where base query i may see base key j (j <= i)."""
+        i = np.arange(self.seq_len)
+        return i[None, :] <= i[:, None]
+
+    def base_mask(self) -> np.ndarray:
+        """(S, L) bool, True where a thought token of stream p may see base key j (j <= p)."""
+        return np.arange(self.seq_len)[None, :] <= self.streams[:, None]
+
+    def step_positions(self, first_step: int, num_steps: int) -> np.ndarray:
+        """(n, S) position ids of thought steps first_step..first_step+n-1 of every stream."""
+        steps = np.arange(first_step, first_step + num_steps)
+        return self.streams[None, :] + steps[:, None]
+
+    @staticmethod
+    def own_mask(first_step: int, num_steps: int) -> np.ndarray:
+        """(n, m) bool over a stream's own thought keys (steps 1..first_step+n-1): key step <= query step."""
+        q = np.arange(first_step, first_step + num_steps)
+        k = np.arange(1, first_step + num_steps)
+        return k[None, :] <= q[:, None]
+
+    def unrolled(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """Dense form, for tests and reading: position ids (T,) and mask (T, T) of the unrolled sequence
+        whose slot 0..L-1 holds the base tokens and slot L + (s-1)*S + n holds step s of stream n."""
+        length, count = self.seq_len, self.num_streams
+        pos = np.concatenate([np.arange(length), self.step_positions(1, num_steps).reshape(-1)])
+        mask = np.zeros((len(pos), len(pos)), dtype=bool)
+        mask[:length, :length] = self.causal_mask()
+        own = self.own_mask(1, num_steps)
+        for s in range(num_steps):
+            rows = slice(length + s * count, length + (s + 1) * count)
+            mask[rows, :length] = self.base_mask()
+            for t in range(num_steps):
+                if own[s, t]:
+                    mask[rows, length + t * count : length + (t + 1) * count] = np.eye(count, dtype=bool)
+        return pos, mask

@@ -1,0 +1,55 @@
+"""Quiet-STaR loss math, written once against `Ops`: NLLs, mixing, rewards, advantages, policy loss."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qstar.core.ops import Array, Ops
+from qstar.core.recipe import Recipe
+
+
+def token_nll(ops: Ops, logits: Array, targets: Array) -> Array:
+    """-log softmax(logits)[target], accumulated in at least float32."""
+    z = ops.upcast(logits)
+    return ops.logsumexp(z, axis=-1) - ops.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+
+
+def token_logprob(ops: Ops, logits: Array, targets: Array, banned: Array, temperature: float) -> Array:
+    """log softmax(logits / T)[target] with banned ids excluded (the policy's log-probability of a draw)."""
+    z = ops.where(banned, float("-inf"), ops.upcast(logits)) / temperature
+    return ops.take_along_axis(z, targets[..., None], axis=-1)[..., 0] - ops.logsumexp(z, axis=-1)
+
+
+def mix(ops: Ops, recipe: Recipe, head_out: Array) -> Array:
+    """Mixing weight w of the thought side: the raw head output ("hidden") or its sigmoid."""
+    return ops.sigmoid(head_out) if recipe.mixing == "logits-sigmoid" else head_out
+
+
+def masked_mean(ops: Ops, x: Array, weight: np.ndarray) -> Array:
+    """Mean over the entries whose weight is 1 (right padding excluded); a plain mean without padding."""
+    if weight.all():
+        return ops.mean(x)
+    return ops.sum(x * ops.asarray(weight, like=x)) / max(int(weight.sum()), 1)
+
+
+def group_advantage(ops: Ops, reward: Array, group: int, clamp: bool) -> Array:
+    """reward - mean over the `group` thoughts of the same sequence and position (rows b*P + p)."""
+    rows, n = reward.shape
+    grouped = reward.reshape(rows // group, group, n)
+    advantage = (grouped - ops.mean(grouped, axis=1)[:, None, :]).reshape(rows, n)
+    return ops.maximum(advantage, 0.0) if clamp else advantage
+
+
+def lm_loss(recipe: Recipe, base_mean: Array, talk_means: list[Array]) -> Array:
+    """base_w * mean NLL without thought + (1 - base_w) / A * sum_j mean NLL of the mixed prediction j."""
+    return recipe.base_loss_weight * base_mean + (1 - recipe.base_loss_weight) / recipe.lookahead * sum(
+        talk_means[1:], talk_means[0]
+    )
+
+
+def policy_loss(ops: Ops, advantage: Array, logprobs: Array, weight: np.ndarray) -> Array:
+    """REINFORCE: mean over thought tokens k and rewarded entries of -advantage * log pi(t_k).
+
+    advantage (R, n), logprobs (R, k, n), weight (R, n)."""
+    k = logprobs.shape[1]
+    return masked_mean(ops, -advantage[:, None, :] * logprobs, np.repeat(weight[:, None, :], k, axis=1))

@@ -1,0 +1,58 @@
+"""The small array interface the core algorithm is written against; each backend implements it once.
+
+Arrays also support the operators and methods torch and MLX share: `+ - * / @`, indexing and
+slicing, `.shape`, `.reshape(...)`, `.dtype`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+import numpy as np
+
+Array = Any
+
+
+class Ops(Protocol):
+    def asarray(self, x: np.ndarray, like: Array | None = None) -> Array:
+        """A backend array on the model's device, with the dtype of `like` when given, else x's own."""
+
+    def to_numpy(self, x: Array) -> np.ndarray: ...
+
+    def no_grad(self) -> AbstractContextManager[Any]:
+        """Context in which nothing is recorded for differentiation."""
+
+    def stop_gradient(self, x: Array) -> Array: ...
+
+    def concat(self, xs: Sequence[Array], axis: int) -> Array: ...
+
+    def stack(self, xs: Sequence[Array], axis: int) -> Array: ...
+
+    def broadcast_to(self, x: Array, shape: Sequence[int]) -> Array: ...
+
+    def take(self, x: Array, index: Array, axis: int) -> Array:
+        """Select entries of `axis` by an integer index array (numpy `take` semantics)."""
+
+    def take_along_axis(self, x: Array, index: Array, axis: int) -> Array: ...
+
+    def where(self, cond: Array, x: Array, y: Array | float) -> Array: ...
+
+    def logsumexp(self, x: Array, axis: int) -> Array: ...
+
+    def sigmoid(self, x: Array) -> Array: ...
+
+    def maximum(self, x: Array, y: float) -> Array: ...
+
+    def sum(self, x: Array, axis: int | None = None) -> Array: ...
+
+    def mean(self, x: Array, axis: int | None = None) -> Array: ...
+
+    def argmax(self, x: Array, axis: int) -> Array: ...
+
+    def upcast(self, x: Array) -> Array:
+        """x in float32 when it is a half-precision float, else unchanged (losses accumulate in >= fp32)."""
+
+    def gumbel(self, shape: Sequence[int], like: Array) -> Array:
+        """Standard Gumbel noise in like's dtype, drawn with the backend's own random state."""

@@ -1,0 +1,37 @@
+"""Sampling rules for thought tokens: Gumbel-max at a real temperature, <start>/<end> never drawn."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from qstar.core.ops import Array, Ops
+
+NoiseFn = Callable[[Sequence[int], Array], Array]
+"""noise(shape, like): standard Gumbel noise of that shape, a backend array in like's dtype or a numpy array."""
+
+
+def numpy_gumbel(seed: int) -> NoiseFn:
+    """Noise drawn by numpy from one seed: the same thoughts on every backend for the same seed."""
+    rng = np.random.default_rng(seed)
+    return lambda shape, like: rng.gumbel(size=tuple(shape))
+
+
+def banned_mask(vocab_size: int, banned_ids: Sequence[int]) -> np.ndarray:
+    """(V,) bool, True for ids that may never be sampled (the thought delimiters when they are in the vocab)."""
+    mask = np.zeros(vocab_size, dtype=bool)
+    ids = [i for i in banned_ids if 0 <= i < vocab_size]
+    mask[ids] = True
+    return mask
+
+
+def sample_tokens(ops: Ops, logits: Array, banned: Array, temperature: float, noise: NoiseFn | None) -> Array:
+    """argmax(logits / T + Gumbel) over allowed ids = one draw from softmax(logits / T); T = 0 is greedy."""
+    z = ops.where(banned, float("-inf"), ops.upcast(logits))
+    if temperature == 0 or noise is None:
+        return ops.argmax(z, axis=-1)
+    g = noise(tuple(z.shape), z)
+    if isinstance(g, np.ndarray):
+        g = ops.asarray(g, like=z)
+    return ops.argmax(z / temperature + g, axis=-1)

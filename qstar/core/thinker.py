@@ -1,0 +1,189 @@
+"""Quiet-STaR's forward pass (the paper's Algorithm 1), written once for every backend.
+
+1. The base tokens go through the network once (B rows, never copied per thought).
+2. Thoughts are sampled without gradient: each step pushes one token per stream, attending to the
+   base keys/values and the stream's own cached thought keys.
+3. With the thoughts known, all thought steps are re-scored in ONE differentiable pass over
+   (B*P, k+A+1, S) tokens, which gives the policy log-probabilities and the mixed predictions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from qstar.core import losses
+from qstar.core.layout import ThoughtLayout
+from qstar.core.ops import Array, Ops
+from qstar.core.recipe import Recipe
+from qstar.core.sampling import NoiseFn, sample_tokens
+
+Cache = Any
+"""Per-layer keys/values, opaque to the core."""
+
+
+class Backbone(Protocol):
+    """What a backend model offers the algorithm. Shapes: B rows, L tokens, R = B*P thought rows,
+    S streams, n steps, D hidden, V vocabulary."""
+
+    ops: Ops
+
+    def embed(self, ids: Array) -> Array:
+        """Token embeddings (..., D)."""
+
+    def thought_vectors(self) -> tuple[Array, Array]:
+        """Input vectors (D,) of <start> and <end>, embedding_scale already applied."""
+
+    def base(self, ids: Array) -> tuple[Array, Cache]:
+        """Causal pass over (B, L) ids: final-norm hidden (B, L, D) and every layer's keys/values."""
+
+    def think(
+        self, x: Array, first_step: int, layout: ThoughtLayout, base_kv: Cache, cache: Cache | None
+    ) -> tuple[Array, Cache]:
+        """Thought steps first_step..first_step+n-1 for inputs x (R, n, S, D): final-norm hidden (R, n, S, D)
+        and the stream cache extended by these steps."""
+
+    def logits(self, h: Array) -> Array:
+        """Logits (..., V)."""
+
+    def mixing(self, base: Array, thought: Array) -> Array:
+        """Raw mixing-head output (...) from concat[base, thought] hidden states (..., 2D)."""
+
+
+@dataclass
+class LossTerms:
+    """Every quantity of one Quiet-STaR forward; rows ordered b0p0, b0p1, b1p0, ..."""
+
+    total: Array
+    lm: Array
+    policy: Array
+    """Before policy_weight."""
+    nll_base: Array
+    """(R, L-1)."""
+    nll_talk: list[Array]
+    """j = 1..A: (R, S_j), streams whose target p + j lies inside the sequence."""
+    reward: Array
+    """(R, S_r): raw reward of the rewarded streams (p < L - 1 - A)."""
+    advantage: Array
+    """(R, S_r)."""
+    mixing_weight: list[Array]
+    """j = 1..A: (R, S), every stream."""
+    thoughts: Array
+    """(R, S, k) the thought tokens used."""
+
+
+def repeat_rows(ops: Ops, x: Array, times: int) -> Array:
+    """(B, ...) -> (B*times, ...), each row repeated consecutively (the order of the thought rows)."""
+    if times == 1:
+        return x
+    shape = tuple(x.shape)
+    return ops.broadcast_to(x[:, None], (shape[0], times, *shape[1:])).reshape(shape[0] * times, *shape[1:])
+
+
+def start_inputs(model: Backbone, rows: int, streams: int) -> Array:
+    start, _ = model.thought_vectors()
+    return model.ops.broadcast_to(start, (rows, 1, streams, start.shape[-1]))
+
+
+def sample_thoughts(
+    model: Backbone, recipe: Recipe, ids: Array, layout: ThoughtLayout, banned: Array, noise: NoiseFn | None
+) -> Array:
+    """Draw every stream's thought, k steps of one token each, without gradient. Returns (R, S, k) ids."""
+    ops = model.ops
+    rows = ids.shape[0] * recipe.thoughts_per_position
+    with ops.no_grad():
+        _, base_kv = model.base(ids)
+        x, cache, tokens = start_inputs(model, rows, layout.num_streams), None, []
+        for step in range(1, recipe.thought_tokens + 1):
+            h, cache = model.think(x, step, layout, base_kv, cache)
+            token = sample_tokens(ops, model.logits(h[:, 0]), banned, recipe.sample_temperature, noise)
+            tokens.append(token)
+            x = model.embed(token)[:, None]
+        return ops.stack(tokens, axis=-1)
+
+
+def lookahead_ids(input_ids: np.ndarray, layout: ThoughtLayout, lookahead: int, pad_id: int) -> np.ndarray:
+    """(B, A-1, S) true tokens x_(p+m), m = 1..A-1, teacher-forced after <end>; pad past the end."""
+    padded = np.concatenate([input_ids, np.full((input_ids.shape[0], lookahead), pad_id, input_ids.dtype)], axis=1)
+    index = layout.streams[None, :] + np.arange(1, lookahead)[:, None]
+    return padded[:, index]
+
+
+def quietstar_loss(
+    model: Backbone,
+    recipe: Recipe,
+    input_ids: np.ndarray,
+    valid: np.ndarray,
+    thoughts: Array,
+    layout: ThoughtLayout,
+    banned: Array,
+    pad_id: int,
+) -> LossTerms:
+    """The differentiable part: loss terms for given thoughts (R, S, k). `valid` (B, L) is the right-padded
+    attention mask; padded targets are left out of every mean."""
+    ops, k, A, P = model.ops, recipe.thought_tokens, recipe.lookahead, recipe.thoughts_per_position
+    length, streams = layout.seq_len, layout.streams
+    ids = ops.asarray(input_ids)
+    rows = input_ids.shape[0] * P
+
+    h0, base_kv = model.base(ids)
+    nll_base = losses.token_nll(ops, model.logits(h0[:, :-1]), ids[:, 1:])
+    base_weight = valid[:, 1:] & valid[:, :-1]
+
+    _, end = model.thought_vectors()
+    future = repeat_rows(ops, model.embed(ops.asarray(lookahead_ids(input_ids, layout, A, pad_id))), P)
+    x = ops.concat(
+        [
+            start_inputs(model, rows, layout.num_streams),
+            ops.stack([model.embed(thoughts[:, :, s]) for s in range(k)], axis=1),
+            ops.broadcast_to(end, (rows, 1, layout.num_streams, end.shape[-1])),
+            future,
+        ],
+        axis=1,
+    )
+    ht, _ = model.think(x, 1, layout, base_kv, None)
+
+    rewarded = int(np.sum(streams < length - 1 - A))
+    nll_talk, mixing_weight, talk_means = [], [], []
+    for j in range(1, A + 1):
+        hb = repeat_rows(ops, ops.take(h0, ops.asarray((streams + j - 1) % length), axis=1), P)
+        w = losses.mix(ops, recipe, model.mixing(hb, ht[:, k + j]))
+        mixing_weight.append(w)
+        scored = int(np.sum(streams + j < length))
+        hb_j, ht_j, w_j = hb[:, :scored], ht[:, k + j, :scored], w[:, :scored, None]
+        targets = ops.asarray(np.repeat(input_ids[:, streams[:scored] + j], P, axis=0))
+        nll = losses.token_nll(ops, model.logits(hb_j + w_j * (ht_j - hb_j)), targets)
+        nll_talk.append(nll)
+        talk_means.append(losses.masked_mean(ops, nll, np.repeat(valid[:, streams[:scored] + j], P, axis=0)))
+
+    nll_base_rows = repeat_rows(ops, nll_base, P)
+    gains = [
+        ops.take(nll_base_rows, ops.asarray(streams[:rewarded] + j - 1), axis=1) - nll_talk[j - 1][:, :rewarded]
+        for j in range(1, A + 1)
+    ]
+    reward = ops.stop_gradient(sum(gains[1:], gains[0]))
+    advantage = losses.group_advantage(ops, reward, P, recipe.clamp_negative_advantage)
+    logits_think = model.logits(ht[:, :k, :rewarded])
+    logprobs = losses.token_logprob(
+        ops,
+        logits_think,
+        ops.stack([thoughts[:, :rewarded, s] for s in range(k)], axis=1),
+        banned,
+        recipe.policy_temperature,
+    )
+    reward_weight = np.repeat(valid[:, streams[:rewarded] + A], P, axis=0)
+    policy = losses.policy_loss(ops, advantage, logprobs, reward_weight)
+    lm = losses.lm_loss(recipe, losses.masked_mean(ops, nll_base, base_weight), talk_means)
+    return LossTerms(
+        total=lm + recipe.policy_weight * policy,
+        lm=lm,
+        policy=policy,
+        nll_base=nll_base_rows,
+        nll_talk=nll_talk,
+        reward=reward,
+        advantage=advantage,
+        mixing_weight=mixing_weight,
+        thoughts=thoughts,
+    )

@@ -1,0 +1,90 @@
+"""PyTorch backend: loads any supported checkpoint into `Model` and exposes it through the core API."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from qstar.core import checkpoint
+from qstar.core.api import QStarModel
+from qstar.core.checkpoint import CheckpointInfo
+from qstar.core.recipe import Recipe
+from qstar.torch_backend.model import Model
+
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class TorchQStar(QStarModel):
+    backbone: Model
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        return dict(self.backbone.named_parameters())
+
+    def _gradients(self, loss_fn: Callable[[], torch.Tensor]) -> dict[str, np.ndarray]:
+        self.backbone.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        return {
+            name: self.ops.to_numpy(p.grad) if p.grad is not None else np.zeros(tuple(p.shape))
+            for name, p in self.backbone.named_parameters()
+        }
+
+    def _write_tensors(self, tensors: dict[str, torch.Tensor], file: Path) -> None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(file))
+
+    @staticmethod
+    def _nbytes(tensor: torch.Tensor) -> int:
+        return tensor.numel() * tensor.element_size()
+
+
+def read_weights(info: CheckpointInfo) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in info.weight_files:
+        tensors.update(load_file(str(f)))
+    if info.kind == "qstar":
+        tensors.update(load_file(str(info.path / checkpoint.EXTRAS_FILE)))
+    tensors = {k: v for k, v in tensors.items() if not k.endswith(IGNORED_SUFFIXES)}
+    if info.config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    return checkpoint.internal_weights(info.kind, tensors)
+
+
+def load(info: CheckpointInfo, recipe: Recipe, dtype: str, device: str | None = None) -> TorchQStar:
+    """Build the model on the meta device, then fill it from the checkpoint (extras created for plain HF)."""
+    device = device or default_device()
+    with torch.device("meta"):
+        model = Model(info.config, recipe.embedding_scale, device)
+    tensors = read_weights(info)
+    if info.kind == "hf":
+        embed = tensors["model.embed_tokens.weight"]
+        init_ids = info.token_ids(recipe.init_token)
+        rows = embed[init_ids] if init_ids else embed
+        extras = checkpoint.init_extras(rows.double().numpy(), info.config.hidden_size, recipe.embedding_scale)
+        tensors.update({k: torch.from_numpy(v) for k, v in extras.items()})
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{info.path}: weights do not match config.json (model_type {info.config.model_type}); "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+        )
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{info.path}: {name} has shape {tuple(tensors[name].shape)}, config.json implies {shape}")
+    torch_dtype = TORCH_DTYPES[dtype]
+    model.load_state_dict({k: v.to(device=device, dtype=torch_dtype) for k, v in tensors.items()}, assign=True)
+    return TorchQStar(model, recipe, info, dtype)

@@ -1,0 +1,213 @@
+"""The Llama family (llama, mistral, qwen2, qwen3) in PyTorch, with thought-aware attention.
+
+Parameter names are Hugging Face's, so checkpoints load without renaming. `base` is the ordinary
+causal pass; `think` runs thought steps of every stream at once with split attention: scores against
+the L base keys (masked to the stream's prefix) and against the stream's own thought keys, one softmax
+over both. No stream ever holds a copy of the prefix keys/values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qstar.core.hf_config import ModelConfig, rope_angles
+from qstar.core.layout import ThoughtLayout
+from qstar.torch_backend.ops import HALF, TorchOps
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 internals for every dtype, float64 included: what transformers (and the reference) compute.
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(..., D) -> rotated q (..., H, d), k (..., h, d) and v (..., h, d)."""
+        q = self.q_proj(x).unflatten(-1, (self.heads, self.head_dim))
+        k = self.k_proj(x).unflatten(-1, (self.kv_heads, self.head_dim))
+        v = self.v_proj(x).unflatten(-1, (self.kv_heads, self.head_dim))
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+    def base(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Causal attention over (B, L, D); returns the output and this layer's keys/values (B, h, L, d)."""
+        q, k, v = (t.transpose(1, 2) for t in self.project(x, cos, sin))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.heads != self.kv_heads)
+        return self.o_proj(out.transpose(1, 2).flatten(-2)), k, v
+
+    def think(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        base_kv: tuple[torch.Tensor, torch.Tensor],
+        cache: tuple[torch.Tensor, torch.Tensor] | None,
+        base_mask: torch.Tensor,
+        own_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Thought steps x (R, n, S, D) -> output, and the stream keys/values (R, m, S, h, d) incl. these steps."""
+        kb, vb = base_kv
+        batch, rows, n, streams = kb.shape[0], x.shape[0], x.shape[1], x.shape[2]
+        group = self.heads // self.kv_heads
+        q, k, v = self.project(x, cos, sin)
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=1), torch.cat([cache[1], v], dim=1)
+        q = q.reshape(batch, rows // batch, n, streams, self.kv_heads, group, self.head_dim) / math.sqrt(self.head_dim)
+        kt = k.reshape(batch, rows // batch, *k.shape[1:])
+        vt = v.reshape(batch, rows // batch, *v.shape[1:])
+        s_base = torch.einsum("bpnshgd,bhld->bpnshgl", q, kb).masked_fill(~base_mask, float("-inf"))
+        s_own = torch.einsum("bpnshgd,bpmshd->bpnshgm", q, kt).masked_fill(~own_mask, float("-inf"))
+        scores = torch.cat([s_base, s_own], dim=-1)
+        probs = torch.softmax(scores.float() if scores.dtype in HALF else scores, dim=-1).to(x.dtype)
+        p_base, p_own = probs.split([kb.shape[2], kt.shape[2]], dim=-1)
+        out = torch.einsum("bpnshgl,bhld->bpnshgd", p_base, vb) + torch.einsum("bpnshgm,bpmshd->bpnshgd", p_own, vt)
+        return self.o_proj(out.reshape(rows, n, streams, -1)), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Thought(nn.Module):
+    """The <start>/<end> parameters; their input vectors are embedding_scale * parameter."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.start = nn.Parameter(torch.zeros(hidden))
+        self.end = nn.Parameter(torch.zeros(hidden))
+
+
+class Model(nn.Module):
+    """A Llama-family causal LM plus the Quiet-STaR extras, implementing the core's `Backbone`."""
+
+    def __init__(self, cfg: ModelConfig, embedding_scale: float, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.cfg, self.embedding_scale, self.ops = cfg, embedding_scale, TorchOps(device)
+        self.model = Decoder(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.thought = Thought(cfg.hidden_size)
+        h = cfg.hidden_size
+        self.mixing_head = nn.Sequential(
+            nn.Linear(2 * h, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1, bias=False)
+        )
+        self._rope: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.norm.weight.dtype
+
+    def rope(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables (..., d): float32 angles from the core, evaluated in float32 as transformers does."""
+        key = positions.tobytes() + bytes(f"{positions.shape}{self.dtype}", "ascii")
+        if key not in self._rope:
+            angles = self.ops.asarray(rope_angles(self.cfg, positions))
+            self._rope[key] = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        return self._rope[key]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(ids)
+
+    def thought_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embedding_scale * self.thought.start, self.embedding_scale * self.thought.end
+
+    def base(self, ids: torch.Tensor) -> tuple[torch.Tensor, KV]:
+        length = ids.shape[1]
+        window = self.cfg.sliding_window
+        if window is not None and length > window:
+            raise ValueError(
+                f"sequence length {length} exceeds the model's sliding window {window}: use shorter sequences"
+            )
+        cos, sin = self.rope(np.arange(length))
+        cos, sin = cos[:, None], sin[:, None]
+        x, kv = self.embed(ids), []
+        for layer in self.model.layers:
+            attn, k, v = layer.self_attn.base(layer.input_layernorm(x), cos, sin)
+            kv.append((k, v))
+            x = layer.finish(x, attn)
+        return self.model.norm(x), kv
+
+    def think(
+        self, x: torch.Tensor, first_step: int, layout: ThoughtLayout, base_kv: KV, cache: KV | None
+    ) -> tuple[torch.Tensor, KV]:
+        n = x.shape[1]
+        cos, sin = self.rope(layout.step_positions(first_step, n))
+        cos, sin = cos[..., None, :], sin[..., None, :]
+        base_mask = self.ops.asarray(layout.base_mask())[:, None, None, :]
+        own_mask = self.ops.asarray(layout.own_mask(first_step, n))[:, None, None, None, :]
+        new_cache = []
+        for i, layer in enumerate(self.model.layers):
+            attn, kv = layer.self_attn.think(
+                layer.input_layernorm(x), cos, sin, base_kv[i], None if cache is None else cache[i], base_mask, own_mask
+            )
+            new_cache.append(kv)
+            x = layer.finish(x, attn)
+        return self.model.norm(x), new_cache
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+        return h @ weight.T
+
+    def mixing(self, base: torch.Tensor, thought: torch.Tensor) -> torch.Tensor:
+        return self.mixing_head(torch.cat([base, thought], dim=-1))[..., 0]

@@ -1,0 +1,75 @@
+"""The core's array interface for PyTorch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import numpy as np
+import torch
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+class TorchOps:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.generator: torch.Generator | None = None
+
+    def asarray(self, x: np.ndarray, like: torch.Tensor | None = None) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        return t if like is None else t.to(like.dtype)
+
+    def to_numpy(self, x: torch.Tensor) -> np.ndarray:
+        x = x.detach().cpu()
+        return (x.float() if x.dtype in HALF else x).numpy()
+
+    def no_grad(self) -> AbstractContextManager[Any]:
+        return torch.no_grad()
+
+    def stop_gradient(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach()
+
+    def concat(self, xs: Sequence[torch.Tensor], axis: int) -> torch.Tensor:
+        return torch.cat(list(xs), dim=axis)
+
+    def stack(self, xs: Sequence[torch.Tensor], axis: int) -> torch.Tensor:
+        return torch.stack(list(xs), dim=axis)
+
+    def broadcast_to(self, x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        return x.expand(*shape)
+
+    def take(self, x: torch.Tensor, index: torch.Tensor, axis: int) -> torch.Tensor:
+        return torch.index_select(x, axis, index)
+
+    def take_along_axis(self, x: torch.Tensor, index: torch.Tensor, axis: int) -> torch.Tensor:
+        return torch.gather(x, axis, index)
+
+    def where(self, cond: torch.Tensor, x: Any, y: Any) -> torch.Tensor:
+        return torch.where(cond, x, y)
+
+    def logsumexp(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        return torch.logsumexp(x, dim=axis)
+
+    def sigmoid(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x)
+
+    def maximum(self, x: torch.Tensor, y: float) -> torch.Tensor:
+        return torch.clamp_min(x, y)
+
+    def sum(self, x: torch.Tensor, axis: int | None = None) -> torch.Tensor:
+        return x.sum() if axis is None else x.sum(dim=axis)
+
+    def mean(self, x: torch.Tensor, axis: int | None = None) -> torch.Tensor:
+        return x.mean() if axis is None else x.mean(dim=axis)
+
+    def argmax(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        return torch.argmax(x, dim=axis)
+
+    def upcast(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() if x.dtype in HALF else x
+
+    def gumbel(self, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+        u = torch.rand(tuple(shape), device=self.device, dtype=like.dtype, generator=self.generator)
+        return -torch.log(-torch.log(u.clamp_min(torch.finfo(like.dtype).tiny)))
