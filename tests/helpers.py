@@ -1,0 +1,80 @@
+"""Shared test utilities: tiny checkpoints written by transformers itself, and ../shared access."""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+FIXTURE = SHARED / "fixtures" / "reference" / "tiny-mistral-a"
+
+# Shapes chosen to exercise GQA, an odd number of heads/kv heads, explicit head_dim, tied embeddings and biases.
+TINY = {
+    "llama": dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=False),
+    "mistral": dict(hidden_size=36, intermediate_size=64, num_hidden_layers=2, num_attention_heads=3,
+                    num_key_value_heads=1, rope_theta=1000000.0, tie_word_embeddings=False),
+    "qwen2": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=3, rope_theta=1000000.0, tie_word_embeddings=True),
+    "qwen3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, rope_theta=1000000.0, tie_word_embeddings=False),
+}
+VOCAB = 128
+
+
+def shared_file(relative: str) -> Path:
+    """A file under ../shared; skipped where absent, but a failure under CI=true."""
+    path = SHARED / relative
+    if not path.exists():
+        message = f"{path} is missing (the read-only ../shared beside the checkout)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer (ids < VOCAB) so tiny checkpoints carry real tokenizer files."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(string.printable[:95])
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def make_hf_checkpoint(path: Path, model_type: str, seed: int = 0, tokenizer: bool = True,
+                       top_level_rope: bool = True, **overrides) -> Path:
+    """save_pretrained of a random tiny model of `model_type` (float32) into `path`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {**TINY[model_type], **overrides}
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=1,
+                                  eos_token_id=2, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # random norms and biases so that no term hides behind an identity init
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    if tokenizer:
+        char_tokenizer().save_pretrained(path)
+    if top_level_rope:  # mlx-lm only reads a top-level rope_theta (see DEVELOPERS.md)
+        cfg = json.loads((path / "config.json").read_text())
+        cfg["rope_theta"] = kwargs["rope_theta"]
+        (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def random_ids(batch: int, length: int, seed: int = 0, vocab: int = VOCAB) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, vocab, size=(batch, length))
