@@ -59,6 +59,13 @@ class CheckpointInfo:
         return [] if self.tokenizer is None else list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def source_dtype(path: Path) -> str:
+    """The dtype a checkpoint declares in config.json ("dtype" or "torch_dtype"), float32 when unknown."""
+    _, raw = read_config(path)
+    declared = str(raw.get("dtype") or raw.get("torch_dtype") or "float32").replace("torch.", "")
+    return declared if declared in ("float32", "bfloat16", "float16", "float64") else "float32"
+
+
 def weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -273,6 +280,10 @@ def atomic_directory(dst: str | Path, overwrite: bool = False) -> Iterator[Path]
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=parent))
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        for item in [tmp, *tmp.rglob("*")]:  # mkdtemp is private (0700); give the result the user's usual modes
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
         if dst.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=parent))
             os.replace(dst, old / dst.name)

@@ -1,0 +1,24 @@
+"""The `qstar` command: one typer app, one small module per subcommand."""
+
+from __future__ import annotations
+
+import typer
+
+from cli import convert
+
+app = typer.Typer(
+    name="qstar",
+    help="Quiet-STaR: train language models to think before each token (PyTorch or MLX).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command("convert")(convert.convert)
+
+
+@app.callback()
+def main() -> None:
+    """Quiet-STaR: train language models to think before each token (PyTorch or MLX)."""
+
+if __name__ == "__main__":
+    app()
