@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -12,9 +12,13 @@ from cli.errors import user_errors
 
 @user_errors
 def convert(
-    src: Annotated[str, typer.Argument(help="HF checkpoint directory or hub id (owner/name), or an authors' checkpoint")],
+    src: Annotated[
+        str, typer.Argument(help="HF checkpoint directory or hub id (owner/name), or an authors' checkpoint")
+    ],
     dst: Annotated[str, typer.Argument(help="Output directory (must not exist)")],
-    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16, float16 or float64 (default: the source's)")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="float32, bfloat16, float16 or float64 (default: the source's)")
+    ] = None,
     recipe: Annotated[str, typer.Option(help="Recipe preset saved with the checkpoint: default or paper")] = "default",
     backend: Annotated[str, typer.Option(help="auto, torch or mlx (only used to read the weights)")] = "auto",
 ) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import convert
+from cli import convert, train
 
 app = typer.Typer(
     name="qstar",
@@ -14,11 +14,13 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("convert")(convert.convert)
+app.command("train")(train.train)
 
 
 @app.callback()
 def main() -> None:
     """Quiet-STaR: train language models to think before each token (PyTorch or MLX)."""
+
 
 if __name__ == "__main__":
     app()

@@ -15,7 +15,7 @@ BACKENDS = ("torch", "mlx")
 
 
 def available_backend(preferred: str = "auto") -> str:
-    """"auto" picks mlx on Apple silicon when installed, else torch; an explicit name must be importable."""
+    """ "auto" picks mlx on Apple silicon when installed, else torch; an explicit name must be importable."""
     import importlib.util
     import platform
 

@@ -113,7 +113,10 @@ class QStarModel(ABC):
             raise ValueError("thoughts must be ordinary token ids (no <start>/<end>, inside the vocabulary)")
         return t.astype(np.int64)
 
-    def _terms(self, input_ids: Any, attention_mask: Any, thoughts: Any, seed: int | None) -> LossTerms:
+    def terms(
+        self, input_ids: Any, attention_mask: Any = None, thoughts: Any = None, seed: int | None = None
+    ) -> LossTerms:
+        """The backend arrays of one Quiet-STaR forward (differentiable unless under ops.no_grad())."""
         ids, mask = self.check_ids(input_ids, attention_mask)
         layout = self.layout(ids.shape[1])
         rows = ids.shape[0] * self.recipe.thoughts_per_position
@@ -131,7 +134,7 @@ class QStarModel(ABC):
     ) -> LossOutput:
         """Every Quiet-STaR loss term as numpy; thoughts are sampled unless given (B*P, S, k)."""
         with self.ops.no_grad():
-            terms = self._terms(input_ids, attention_mask, thoughts, seed)
+            terms = self.terms(input_ids, attention_mask, thoughts, seed)
         return self.to_output(terms)
 
     def to_output(self, terms: LossTerms) -> LossOutput:
@@ -154,7 +157,7 @@ class QStarModel(ABC):
         """d total / d parameter for every parameter, under the names (and shapes) of the loaded checkpoint."""
         if thoughts is None:
             thoughts = self.sample_thoughts(input_ids, seed)
-        grads = self._gradients(lambda: self._terms(input_ids, attention_mask, thoughts, seed).total)
+        grads = self._gradients(lambda: self.terms(input_ids, attention_mask, thoughts, seed).total)
         return checkpoint.source_gradients(self.info.kind, grads, self._source_shapes())
 
     def _source_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -162,8 +165,9 @@ class QStarModel(ABC):
             return {}
         return {src: (2, self.config.hidden_size) for src in checkpoint.AUTHORS_EXTRAS}
 
-    def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write a qstar checkpoint atomically: base weights (HF names), extras, config, tokenizer."""
+    def save(self, path: str | Path, overwrite: bool = False, extra: Callable[[Path], None] | None = None) -> Path:
+        """Write a qstar checkpoint atomically: base weights (HF names), extras, config, tokenizer.
+        `extra(tmp_dir)` may add files (training state) that appear in the same atomic rename."""
         params = self.parameters()
         extras = {k: v for k, v in params.items() if k.startswith(("thought.", "mixing_head."))}
         base = {k: v for k, v in params.items() if k not in extras}
@@ -177,6 +181,8 @@ class QStarModel(ABC):
             config = checkpoint.qstar_config(self.info, self.recipe.to_dict(), self.dtype)
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
             checkpoint.save_tokenizer(self.info, tmp)
+            if extra is not None:
+                extra(tmp)
         return Path(path)
 
     @abstractmethod

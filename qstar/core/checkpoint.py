@@ -72,7 +72,7 @@ def weight_files(path: Path) -> list[Path]:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         files = [path / s for s in shards]
     else:
-        files = sorted(p for p in path.glob("*.safetensors") if p.name != EXTRAS_FILE)
+        files = sorted(path.glob("model*.safetensors"))
     missing = [str(f) for f in files if not f.is_file()]
     if not files or missing:
         raise FileNotFoundError(

@@ -72,6 +72,9 @@ class LossTerms:
     """j = 1..A: (R, S), every stream."""
     thoughts: Array
     """(R, S, k) the thought tokens used."""
+    metrics: dict[str, Array]
+    """Scalars for reports: NLL of the lookahead tokens without/with thought, mean mixing weight,
+    share of positive advantages."""
 
 
 def repeat_rows(ops: Ops, x: Array, times: int) -> Array:
@@ -146,7 +149,8 @@ def quietstar_loss(
     ht, _ = model.think(x, 1, layout, base_kv, None)
 
     rewarded = int(np.sum(streams < length - 1 - A))
-    nll_talk, mixing_weight, talk_means = [], [], []
+    nll_base_rows = repeat_rows(ops, nll_base, P)
+    nll_talk, mixing_weight, talk_means, base_means, weight_means = [], [], [], [], []
     for j in range(1, A + 1):
         hb = repeat_rows(ops, ops.take(h0, ops.asarray((streams + j - 1) % length), axis=1), P)
         w = losses.mix(ops, recipe, model.mixing(hb, ht[:, k + j]))
@@ -156,9 +160,11 @@ def quietstar_loss(
         targets = ops.asarray(np.repeat(input_ids[:, streams[:scored] + j], P, axis=0))
         nll = losses.token_nll(ops, model.logits(hb_j + w_j * (ht_j - hb_j)), targets)
         nll_talk.append(nll)
-        talk_means.append(losses.masked_mean(ops, nll, np.repeat(valid[:, streams[:scored] + j], P, axis=0)))
-
-    nll_base_rows = repeat_rows(ops, nll_base, P)
+        weight = np.repeat(valid[:, streams[:scored] + j], P, axis=0)
+        talk_means.append(losses.masked_mean(ops, nll, weight))
+        base_j = ops.take(nll_base_rows, ops.asarray(streams[:scored] + j - 1), axis=1)
+        base_means.append(losses.masked_mean(ops, ops.stop_gradient(base_j), weight))
+        weight_means.append(losses.masked_mean(ops, ops.stop_gradient(w[:, :scored]), weight))
     gains = [
         ops.take(nll_base_rows, ops.asarray(streams[:rewarded] + j - 1), axis=1) - nll_talk[j - 1][:, :rewarded]
         for j in range(1, A + 1)
@@ -176,6 +182,12 @@ def quietstar_loss(
     reward_weight = np.repeat(valid[:, streams[:rewarded] + A], P, axis=0)
     policy = losses.policy_loss(ops, advantage, logprobs, reward_weight)
     lm = losses.lm_loss(recipe, losses.masked_mean(ops, nll_base, base_weight), talk_means)
+    metrics = {
+        "nll_base_lookahead": sum(base_means[1:], base_means[0]) / A,
+        "nll_thought_lookahead": ops.stop_gradient(sum(talk_means[1:], talk_means[0]) / A),
+        "mixing_weight": sum(weight_means[1:], weight_means[0]) / A,
+        "positive_advantage": losses.masked_mean(ops, ops.where(advantage > 0, 1.0, 0.0), reward_weight),
+    }
     return LossTerms(
         total=lm + recipe.policy_weight * policy,
         lm=lm,
@@ -186,4 +198,5 @@ def quietstar_loss(
         advantage=advantage,
         mixing_weight=mixing_weight,
         thoughts=thoughts,
+        metrics=metrics,
     )

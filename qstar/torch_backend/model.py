@@ -9,17 +9,21 @@ over both. No stream ever holds a copy of the prefix keys/values.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from qstar.core.hf_config import ModelConfig, rope_angles
 from qstar.core.layout import ThoughtLayout
 from qstar.torch_backend.ops import HALF, TorchOps
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
+T = TypeVar("T")
 
 
 class RMSNorm(nn.Module):
@@ -120,6 +124,14 @@ class Block(nn.Module):
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def base(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        attn, k, v = self.self_attn.base(self.input_layernorm(x), cos, sin)
+        return self.finish(x, attn), k, v
+
+    def think(self, x: torch.Tensor, *args: torch.Tensor | tuple | None) -> tuple[torch.Tensor, ...]:
+        attn, (k, v) = self.self_attn.think(self.input_layernorm(x), *args)
+        return self.finish(x, attn), k, v
+
 
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -153,6 +165,13 @@ class Model(nn.Module):
             nn.Linear(2 * h, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1, bias=False)
         )
         self._rope: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.grad_checkpoint = False
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Call a layer; with grad_checkpoint its activations are recomputed in backward instead of stored."""
+        if self.grad_checkpoint and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -183,9 +202,8 @@ class Model(nn.Module):
         cos, sin = cos[:, None], sin[:, None]
         x, kv = self.embed(ids), []
         for layer in self.model.layers:
-            attn, k, v = layer.self_attn.base(layer.input_layernorm(x), cos, sin)
+            x, k, v = self.run(layer.base, x, cos, sin)
             kv.append((k, v))
-            x = layer.finish(x, attn)
         return self.model.norm(x), kv
 
     def think(
@@ -198,11 +216,10 @@ class Model(nn.Module):
         own_mask = self.ops.asarray(layout.own_mask(first_step, n))[:, None, None, None, :]
         new_cache = []
         for i, layer in enumerate(self.model.layers):
-            attn, kv = layer.self_attn.think(
-                layer.input_layernorm(x), cos, sin, base_kv[i], None if cache is None else cache[i], base_mask, own_mask
+            x, k, v = self.run(
+                layer.think, x, cos, sin, base_kv[i], None if cache is None else cache[i], base_mask, own_mask
             )
-            new_cache.append(kv)
-            x = layer.finish(x, attn)
+            new_cache.append((k, v))
         return self.model.norm(x), new_cache
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,72 @@
+"""`qstar train`: every training setting and recipe field is a flag; flags override --config FILE."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from cli.errors import user_errors
+from qstar.core.fields import field_docs
+from qstar.core.recipe import Recipe
+from qstar.core.train_config import TrainConfig, read_config_file, resolve_config
+
+TYPES = {"int": int, "float": float, "bool": bool, "str": str, "str | None": str}
+SKIP = {"recipe_overrides"}
+
+
+def setting_parameters() -> list[inspect.Parameter]:
+    """One optional flag per TrainConfig and Recipe field, named like mlx-lm's (`--batch-size`), help from the
+    field docstrings; None means "not given", so a config file value stays."""
+    docs = {**field_docs(TrainConfig), **field_docs(Recipe)}
+    params = []
+    for cls, panel in ((TrainConfig, "Training"), (Recipe, "Recipe")):
+        for f in fields(cls):
+            if f.name in SKIP:
+                continue
+            kind = TYPES[str(f.type)]
+            flag = "--" + f.name.replace("_", "-")
+            decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+            option = typer.Option(None, *decls, help=docs.get(f.name, ""), rich_help_panel=panel, show_default=False)
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                            annotation=Optional[kind]))  # noqa: UP045 - typer needs Optional here
+    return params
+
+
+@user_errors
+def train(config: Optional[Path] = None, resume: bool = False, **settings: Any) -> None:  # noqa: UP045
+    """Train Quiet-STaR. With no arguments: the shipped arithmetic model on fresh synthetic data, in minutes on a CPU."""
+    from qstar.core import trainer
+
+    file_settings = read_config_file(config) if config is not None else {}
+    given = {k: v for k, v in settings.items() if v is not None}
+    if resume:
+        out = Path(given.get("out") or file_settings.get("out") or TrainConfig.out)
+        saved = out / "config.json"
+        if saved.is_file():
+            previous = read_config_file(saved)
+            previous.pop("backend", None)
+            for name in ("model", "data", "recipe"):
+                if name in given and given[name] != previous.get(name):
+                    raise ValueError(
+                        f"conflicting flags: --resume continues the run in {out}, which used --{name} "
+                        f"{previous.get(name)}; drop --{name} or choose another --out"
+                    )
+            file_settings = {**previous, **file_settings}
+    cfg = resolve_config(file_settings, given)
+    out = trainer.run(cfg, resume=resume)
+    typer.echo(f"done: {out / 'model'}")
+
+
+train.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],  # noqa: UP045
+                          default=typer.Option(None, "--config", help="YAML, TOML or JSON file of settings")),
+        inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--resume", help="Continue from the newest complete checkpoint")),
+        *setting_parameters(),
+    ]
+)

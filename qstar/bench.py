@@ -1,0 +1,208 @@
+"""Thought overhead ratio: one qstar training step vs one ordinary causal-LM step over the same token count.
+
+W = B*P*L*(k+2+A) + B*L tokens is what one Quiet-STaR step must at least process (every position's
+<start>, thought, <end> and lookahead, plus the base pass). The baseline is the framework's own LM
+(transformers for torch, mlx-lm for mlx) trained on W tokens in sequences of length L, with AdamW too.
+Each measurement runs in a fresh process so peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class BenchConfig:
+    backend: str = "torch"
+    model: str | None = None
+    """A checkpoint directory; None builds a random Llama of the shape below."""
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 704
+    vocab: int = 4096
+    seq_len: int = 64
+    thought_tokens: int = 8
+    lookahead: int = 4
+    thoughts_per_position: int = 2
+    batch: int = 1
+    dtype: str = "float32"
+    device: str | None = None
+    steps: int = 5
+    warmup: int = 2
+    threads: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        """W, the tokens one Quiet-STaR step must at least process."""
+        per_thought = self.thought_tokens + 2 + self.lookahead
+        return self.batch * self.thoughts_per_position * self.seq_len * per_thought + self.batch * self.seq_len
+
+
+def random_checkpoint(cfg: BenchConfig, directory: Path) -> Path:
+    """A random Llama of the benchmark shape written by transformers (no tokenizer: ids after the vocabulary)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=cfg.hidden, num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+                         num_key_value_heads=cfg.kv_heads, intermediate_size=cfg.intermediate,
+                         vocab_size=cfg.vocab, max_position_embeddings=4096, rope_theta=10000.0)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    raw = json.loads((directory / "config.json").read_text())
+    raw["rope_theta"] = 10000.0  # mlx-lm reads only the top-level key
+    (directory / "config.json").write_text(json.dumps(raw))
+    return directory
+
+
+def peak_rss_gb() -> float:
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1e9 if sys.platform == "darwin" else 1e6)
+
+
+def current_rss_gb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+    except OSError:
+        return peak_rss_gb()
+
+
+def measure(cfg: BenchConfig, mode: str, path: Path) -> dict[str, Any]:
+    """Run `mode` ("qstar" or "lm") steps in this process; returns median step time and memory added."""
+    from qstar.core.train_config import TrainConfig
+
+    if cfg.backend == "torch":
+        import torch
+
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+    train_cfg = TrainConfig(backend=cfg.backend, model=str(path), dtype=cfg.dtype, batch_size=cfg.batch,
+                            max_seq_length=cfg.seq_len, learning_rate=1e-4, warmup_steps=0, iters=10**6,
+                            recipe_overrides=dict(thought_tokens=cfg.thought_tokens, lookahead=cfg.lookahead,
+                                                  thoughts_per_position=cfg.thoughts_per_position, policy_weight=1.0))
+    step = qstar_step(cfg, train_cfg, path) if mode == "qstar" else lm_step(cfg, path)
+    sync = device_sync(cfg)
+    base_memory = device_memory(cfg) if cfg.device == "cuda" else current_rss_gb()
+    times = []
+    for i in range(cfg.warmup + cfg.steps):
+        tic = time.perf_counter()
+        step()
+        sync()
+        if i >= cfg.warmup:
+            times.append(time.perf_counter() - tic)
+    peak = device_memory(cfg, peak=True) if cfg.device == "cuda" else peak_rss_gb()
+    return {"step_s": statistics.median(times), "memory_added_gb": max(peak - base_memory, 0.0)}
+
+
+def device_sync(cfg: BenchConfig):  # noqa: ANN201 - a no-argument callable
+    if cfg.backend == "torch":
+        import torch
+
+        return torch.cuda.synchronize if cfg.device == "cuda" else (lambda: None)
+    return lambda: None
+
+
+def device_memory(cfg: BenchConfig, peak: bool = False) -> float:
+    import torch
+
+    return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 1e9
+
+
+def batch(cfg: BenchConfig, rows: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, cfg.vocab, size=(rows, cfg.seq_len))
+
+
+def qstar_step(cfg: BenchConfig, train_cfg: Any, path: Path):  # noqa: ANN201
+    import qstar
+    from qstar.core.trainer import Batch, make_session
+
+    model = qstar.load(str(path), backend=cfg.backend, dtype=cfg.dtype, recipe=train_cfg.make_recipe(),
+                       device=cfg.device)
+    session = make_session(cfg.backend, model, train_cfg)
+    ids = batch(cfg, cfg.batch)
+    data = [Batch(ids, np.ones(ids.shape, bool))]
+    return lambda: session.step(data, 1e-4)
+
+
+def lm_step(cfg: BenchConfig, path: Path):  # noqa: ANN201
+    rows = math.ceil(cfg.tokens / cfg.seq_len)
+    ids = batch(cfg, rows)
+    if cfg.backend == "torch":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        dtype = getattr(torch, cfg.dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(cfg.device or "cpu")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        x = torch.from_numpy(ids).to(cfg.device or "cpu")
+
+        def step() -> None:
+            model(x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(path)
+    optimizer = optim.AdamW(learning_rate=1e-4)
+    x = mx.array(ids)
+
+    def loss_fn(model: Any, x: Any) -> Any:
+        logits = model(x[:, :-1])
+        return nn.losses.cross_entropy(logits, x[:, 1:]).mean()
+
+    grad_fn = nn.value_and_grad(model, loss_fn)
+    state = [model.state, optimizer.state]
+
+    @mx.compile
+    def compiled(x: Any) -> Any:
+        loss, grads = grad_fn(model, x)
+        optimizer.update(model, grads)
+        return loss
+
+    def step() -> None:
+        mx.eval(compiled(x), state)
+
+    return step
+
+
+def run_one(cfg: BenchConfig, mode: str, path: Path) -> dict[str, Any]:
+    """Measure in a fresh interpreter (clean peak memory)."""
+    code = ("import json,sys; from pathlib import Path; from qstar.bench import BenchConfig, measure; "
+            "c=BenchConfig(**json.loads(sys.argv[1])); print(json.dumps(measure(c, sys.argv[2], Path(sys.argv[3]))))")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(asdict(cfg)), mode, str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark of {mode} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench(cfg: BenchConfig) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(cfg.model) if cfg.model else random_checkpoint(cfg, Path(tmp))
+        q = run_one(cfg, "qstar", path)
+        lm = run_one(cfg, "lm", path)
+    return {**asdict(cfg), "W": cfg.tokens, "qstar_step_s": q["step_s"], "lm_step_s": lm["step_s"],
+            "ratio": q["step_s"] / lm["step_s"], "qstar_tokens_per_s": cfg.tokens / q["step_s"],
+            "qstar_memory_added_gb": q["memory_added_gb"], "lm_memory_added_gb": lm["memory_added_gb"]}

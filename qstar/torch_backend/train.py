@@ -1,0 +1,95 @@
+"""PyTorch training session: AdamW on float32 master weights, grad accumulation and clipping, exact resume."""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+from qstar.core.thinker import LossTerms
+from qstar.core.train_config import TrainConfig
+from qstar.core.trainer import Batch
+from qstar.torch_backend import TorchQStar
+from qstar.torch_backend.ops import HALF
+
+STATE_FILE = "optimizer_state.pt"
+
+
+def scalars(terms: LossTerms) -> dict[str, float]:
+    values = {"loss": terms.total, "lm": terms.lm, "policy": terms.policy, **terms.metrics}
+    return {k: float(v.detach()) for k, v in values.items()}
+
+
+class TorchSession:
+    def __init__(self, model: TorchQStar, cfg: TrainConfig) -> None:
+        self.model, self.cfg = model, cfg
+        net = model.backbone
+        net.grad_checkpoint = cfg.grad_checkpoint
+        self.params = list(net.parameters())
+        # Half-precision compute keeps float32 master weights: at lr 1e-6 a bf16 update would round away.
+        self.master = [p.detach().float().clone() if p.dtype in HALF else p for p in self.params]
+        decay = [m for m, p in zip(self.master, self.params, strict=True) if p.ndim >= 2]
+        no_decay = [m for m, p in zip(self.master, self.params, strict=True) if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.learning_rate,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+        )
+        self.generator = torch.Generator(model.ops.device).manual_seed(cfg.seed)
+        model.ops.generator = self.generator
+
+    def step(self, batches: list[Batch], lr: float) -> dict[str, float]:
+        records = []
+        for batch in batches:
+            terms = self.model.terms(batch.ids, batch.mask)
+            (terms.total / len(batches)).backward()
+            records.append(scalars(terms))
+        for m, p in zip(self.master, self.params, strict=True):
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+        norm = torch.nn.utils.clip_grad_norm_(self.master, self.cfg.max_grad_norm or math.inf)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for m, p in zip(self.master, self.params, strict=True):
+                if m is not p:
+                    p.copy_(m)
+        means = {k: sum(r[k] for r in records) / len(records) for k in records[0]}
+        return {**means, "grad_norm": float(norm)}
+
+    def evaluate(self, batches: list[Batch], seed: int) -> dict[str, float]:
+        ops = self.model.ops
+        ops.generator = torch.Generator(ops.device).manual_seed(seed)
+        try:
+            with torch.no_grad():
+                records = [scalars(self.model.terms(b.ids, b.mask)) for b in batches]
+        finally:
+            ops.generator = self.generator
+        return {k: sum(r[k] for r in records) / len(records) for k in records[0]}
+
+    def write_state(self, directory: Path) -> None:
+        masters = [m.detach().cpu() for m, p in zip(self.master, self.params, strict=True) if m is not p]
+        state = {"optimizer": self.optimizer.state_dict(), "master": masters, "generator": self.generator.get_state()}
+        torch.save(state, directory / STATE_FILE)
+
+    def read_state(self, directory: Path) -> None:
+        state = torch.load(directory / STATE_FILE, weights_only=True, map_location=self.model.ops.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        separate = [m for m, p in zip(self.master, self.params, strict=True) if m is not p]
+        with torch.no_grad():
+            for m, saved in zip(separate, state["master"], strict=True):
+                m.copy_(saved)
+        self.generator.set_state(state["generator"].cpu())
+
+    def peak_memory(self) -> float:
+        if self.model.ops.device.type == "cuda":
+            return torch.cuda.max_memory_allocated() / 1e9
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / (1e9 if sys.platform == "darwin" else 1e6)
