@@ -35,7 +35,9 @@ def test_incremental_own_mask_is_a_slice_of_the_full_one():
     full = ThoughtLayout.own_mask(1, 7)
     for first in range(1, 8):
         for n in range(1, 8 - first + 1):
-            np.testing.assert_array_equal(ThoughtLayout.own_mask(first, n), full[first - 1 : first - 1 + n, : first - 1 + n])
+            np.testing.assert_array_equal(
+                ThoughtLayout.own_mask(first, n), full[first - 1 : first - 1 + n, : first - 1 + n]
+            )
 
 
 def test_positions_of_thought_steps():

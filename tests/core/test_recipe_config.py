@@ -10,13 +10,26 @@ from qstar.core.recipe import PRESETS, Recipe, make_recipe
 
 def test_paper_preset_is_the_authors_training_script():
     r = make_recipe("paper")
-    assert (r.thought_tokens, r.lookahead, r.thoughts_per_position) == (9, 4, 2)  # n_ahead=12, n_ahead_talk=4, n_passes=2
+    assert (r.thought_tokens, r.lookahead, r.thoughts_per_position) == (
+        9,
+        4,
+        2,
+    )  # n_ahead=12, n_ahead_talk=4, n_passes=2
     assert (r.policy_temperature, r.policy_weight, r.base_loss_weight, r.embedding_scale) == (3.0, 1e6, 0.5, 100.0)
     assert r.mixing == "hidden" and r.clamp_negative_advantage and r.init_token == "---"
 
 
-@pytest.mark.parametrize("bad", [dict(lookahead=0), dict(thought_tokens=0), dict(mixing="gate"),
-                                 dict(base_loss_weight=1.5), dict(policy_temperature=0), dict(think_every=0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(lookahead=0),
+        dict(thought_tokens=0),
+        dict(mixing="gate"),
+        dict(base_loss_weight=1.5),
+        dict(policy_temperature=0),
+        dict(think_every=0),
+    ],
+)
 def test_nonsense_is_rejected(bad):
     with pytest.raises(ValueError, match="invalid recipe"):
         Recipe(**bad)
@@ -31,8 +44,15 @@ def test_unknown_names_are_rejected():
 
 
 def base_config(**extra):
-    return {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
-            "num_hidden_layers": 1, "num_attention_heads": 2, **extra}
+    return {
+        "model_type": "llama",
+        "vocab_size": 10,
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        **extra,
+    }
 
 
 def test_rope_theta_read_from_both_places():
@@ -47,8 +67,14 @@ def test_llama3_scaling_matches_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64, "rope_theta": 500000.0}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "rope_theta": 500000.0,
+    }
     raw = base_config(hidden_size=256, num_attention_heads=2, rope_parameters=scaling, max_position_embeddings=512)
     ours = inverse_frequencies(parse_config(json.loads(json.dumps(raw))))
     theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](LlamaConfig(**raw), torch.device("cpu"))
