@@ -16,7 +16,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+import qstar
 from qstar.core.api import QStarModel
+from qstar.core.data import BlockStream, open_documents
 from qstar.core.train_config import TrainConfig
 
 STATE_FILE = "trainer_state.json"
@@ -135,6 +137,23 @@ def save_checkpoint(session: Session, out: Path, step: int, data_state: dict[str
     return target
 
 
+def make_streams(cfg: TrainConfig, tokenizer: Any, min_len: int) -> tuple[BlockStream, list[Batch]]:
+    """The training stream and a fixed list of held-out batches (a disjoint part of --data unless --val-data)."""
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text)["input_ids"]
+
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    train_part = "all" if cfg.val_data else "train"
+    val_spec, val_part = (cfg.val_data, "all") if cfg.val_data else (cfg.data, "validation")
+    train = BlockStream(lambda seed: open_documents(cfg.data, cfg.text_field, seed=seed, part=train_part), encode,
+                        cfg.max_seq_length, cfg.batch_size, cfg.seed, eos, pad, min_len)
+    val = BlockStream(lambda seed: open_documents(val_spec, cfg.text_field, seed=seed, part=val_part), encode,
+                      cfg.max_seq_length, cfg.batch_size, cfg.seed, eos, pad, min_len)
+    return train, [Batch(*next(val)) for _ in range(cfg.val_batches)]
+
+
 def make_session(backend: str, model: QStarModel, cfg: TrainConfig) -> Session:
     if backend == "torch":
         from qstar.torch_backend.train import TorchSession
@@ -163,7 +182,6 @@ def prepare_out(out: Path, resume: bool) -> Path | None:
 
 def run(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) -> Path:
     """Train; returns the run directory (its `model` link points at the newest checkpoint)."""
-    from qstar.core.data import make_streams
     from rich.console import Console
     from rich.progress import (
         BarColumn,
