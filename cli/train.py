@@ -38,7 +38,7 @@ def setting_parameters() -> list[inspect.Parameter]:
 
 @user_errors
 def train(config: Optional[Path] = None, resume: bool = False, **settings: Any) -> None:  # noqa: UP045
-    """Train Quiet-STaR. With no arguments: the shipped arithmetic model on fresh synthetic data, in minutes on a CPU."""
+    """Train Quiet-STaR. With no arguments: the shipped arithmetic model on fresh synthetic data, minutes on a CPU."""
     from qstar.core import trainer
 
     file_settings = read_config_file(config) if config is not None else {}

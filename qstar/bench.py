@@ -149,7 +149,8 @@ def lm_step(cfg: BenchConfig, path: Path):  # noqa: ANN201
         from transformers import AutoModelForCausalLM
 
         dtype = getattr(torch, cfg.dtype)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(cfg.device or "cpu")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        model.to(cfg.device or "cpu")
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         x = torch.from_numpy(ids).to(cfg.device or "cpu")
 

@@ -39,6 +39,14 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    max_position_embeddings: int | None = None
+
+    def check_length(self, length: int) -> None:
+        """Sequences past the sliding window would need its mask, which qstar does not implement."""
+        if self.sliding_window is not None and length > self.sliding_window:
+            raise ValueError(f"sequence length {length} exceeds the model's sliding window {self.sliding_window}")
+        if self.max_position_embeddings is not None and length > self.max_position_embeddings:
+            raise ValueError(f"sequence length {length} exceeds the model's context of {self.max_position_embeddings}")
 
     @property
     def fallback_pad_id(self) -> int:
@@ -92,6 +100,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         bos_token_id=_first_int(raw.get("bos_token_id")),
         eos_token_id=_first_int(raw.get("eos_token_id")),
         pad_token_id=_first_int(raw.get("pad_token_id")),
+        max_position_embeddings=_first_int(raw.get("max_position_embeddings")),
     )
 
 

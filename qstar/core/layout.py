@@ -14,6 +14,19 @@ import numpy as np
 
 
 @dataclass(frozen=True)
+class StepGeometry:
+    """Where a call's thought steps sit, as a backend's `think` consumes it. A leading axis of 1 is shared by every
+    row; of B, it is per sequence (generation with left padding, one thought per row)."""
+
+    positions: np.ndarray
+    """(B|1, n, S) position ids."""
+    base_mask: np.ndarray
+    """(B|1, S, T) bool: base keys each stream may see."""
+    own_mask: np.ndarray
+    """(n, m) bool over the stream's own thought keys, steps 1..first+n-1."""
+
+
+@dataclass(frozen=True)
 class ThoughtLayout:
     seq_len: int
     """L, the number of real tokens."""
@@ -49,6 +62,11 @@ class ThoughtLayout:
         k = np.arange(1, first_step + num_steps)
         return k[None, :] <= q[:, None]
 
+    def steps(self, first_step: int, num_steps: int) -> StepGeometry:
+        """The geometry of thought steps first_step..first_step+n-1 of every stream, shared by all rows."""
+        return StepGeometry(self.step_positions(first_step, num_steps)[None], self.base_mask()[None],
+                            self.own_mask(first_step, num_steps))
+
     def unrolled(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
         """Dense form, for tests and reading: position ids (T,) and mask (T, T) of the unrolled sequence
         whose slot 0..L-1 holds the base tokens and slot L + (s-1)*S + n holds step s of stream n."""
@@ -64,3 +82,14 @@ class ThoughtLayout:
                 if own[s, t]:
                     mask[rows, length + t * count : length + (t + 1) * count] = np.eye(count, dtype=bool)
         return pos, mask
+
+
+def extend_mask(past: int, new: int, key_mask: np.ndarray | None) -> np.ndarray | None:
+    """(B|1, n, T) bool for n tokens appended after `past` cached ones: causal, minus the keys key_mask (B, T) hides.
+    None for a fresh sequence without padding (plain causal attention). A hidden (pad) query still sees itself,
+    so no softmax row is empty and no NaN reaches the cache."""
+    if past == 0 and key_mask is None:
+        return None
+    query, key = np.arange(past, past + new)[:, None], np.arange(past + new)[None, :]
+    visible = (key <= query)[None] & (True if key_mask is None else key_mask[:, None, :])
+    return visible | (key == query)[None]

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from qstar.core import losses
-from qstar.core.layout import ThoughtLayout
+from qstar.core.layout import StepGeometry, ThoughtLayout
 from qstar.core.ops import Array, Ops
 from qstar.core.recipe import Recipe
 from qstar.core.sampling import NoiseFn, sample_tokens
@@ -37,13 +37,19 @@ class Backbone(Protocol):
         """Input vectors (D,) of <start> and <end>, embedding_scale already applied."""
 
     def base(self, ids: Array) -> tuple[Array, Cache]:
-        """Causal pass over (B, L) ids: final-norm hidden (B, L, D) and every layer's keys/values."""
+        """Causal pass over (B, L) ids: final-norm hidden (B, L, D) and every layer's keys/values (= extend from
+        nothing)."""
 
-    def think(
-        self, x: Array, first_step: int, layout: ThoughtLayout, base_kv: Cache, cache: Cache | None
+    def think(self, x: Array, geometry: StepGeometry, base_kv: Cache, cache: Cache | None) -> tuple[Array, Cache]:
+        """Thought steps for inputs x (R, n, S, D) placed by `geometry`: final-norm hidden (R, n, S, D) and the
+        stream cache extended by these steps."""
+
+    def extend(
+        self, ids: Array, positions: np.ndarray | None, key_mask: np.ndarray | None, cache: Cache | None
     ) -> tuple[Array, Cache]:
-        """Thought steps first_step..first_step+n-1 for inputs x (R, n, S, D): final-norm hidden (R, n, S, D)
-        and the stream cache extended by these steps."""
+        """Causal pass of (B, n) new tokens on top of `cache` (None: a fresh sequence): final-norm hidden (B, n, D)
+        and the cache extended by them. positions (B|1, n) default to continuing the cache; key_mask (B, T_total)
+        hides left padding."""
 
     def logits(self, h: Array) -> Array:
         """Logits (..., V)."""
@@ -100,7 +106,7 @@ def sample_thoughts(
         _, base_kv = model.base(ids)
         x, cache, tokens = start_inputs(model, rows, layout.num_streams), None, []
         for step in range(1, recipe.thought_tokens + 1):
-            h, cache = model.think(x, step, layout, base_kv, cache)
+            h, cache = model.think(x, layout.steps(step, 1), base_kv, cache)
             token = sample_tokens(ops, model.logits(h[:, 0]), banned, recipe.sample_temperature, noise)
             tokens.append(token)
             x = model.embed(token)[:, None]
@@ -112,6 +118,25 @@ def lookahead_ids(input_ids: np.ndarray, layout: ThoughtLayout, lookahead: int, 
     padded = np.concatenate([input_ids, np.full((input_ids.shape[0], lookahead), pad_id, input_ids.dtype)], axis=1)
     index = layout.streams[None, :] + np.arange(1, lookahead)[:, None]
     return padded[:, index]
+
+
+def thought_inputs(
+    model: Backbone, recipe: Recipe, input_ids: np.ndarray, thoughts: Array, layout: ThoughtLayout, pad_id: int
+) -> Array:
+    """(R, k+A+1, S, D) inputs of thought steps 1..: <start>, t_1..t_k, <end>, x_(p+1)..x_(p+A-1)."""
+    ops, P = model.ops, recipe.thoughts_per_position
+    rows = input_ids.shape[0] * P
+    _, end = model.thought_vectors()
+    future = lookahead_ids(input_ids, layout, recipe.lookahead, pad_id)
+    return ops.concat(
+        [
+            start_inputs(model, rows, layout.num_streams),
+            ops.stack([model.embed(thoughts[:, :, s]) for s in range(recipe.thought_tokens)], axis=1),
+            ops.broadcast_to(end, (rows, 1, layout.num_streams, end.shape[-1])),
+            repeat_rows(ops, model.embed(ops.asarray(future)), P),
+        ],
+        axis=1,
+    )
 
 
 def quietstar_loss(
@@ -129,24 +154,13 @@ def quietstar_loss(
     ops, k, A, P = model.ops, recipe.thought_tokens, recipe.lookahead, recipe.thoughts_per_position
     length, streams = layout.seq_len, layout.streams
     ids = ops.asarray(input_ids)
-    rows = input_ids.shape[0] * P
 
     h0, base_kv = model.base(ids)
     nll_base = losses.token_nll(ops, model.logits(h0[:, :-1]), ids[:, 1:])
     base_weight = valid[:, 1:] & valid[:, :-1]
 
-    _, end = model.thought_vectors()
-    future = repeat_rows(ops, model.embed(ops.asarray(lookahead_ids(input_ids, layout, A, pad_id))), P)
-    x = ops.concat(
-        [
-            start_inputs(model, rows, layout.num_streams),
-            ops.stack([model.embed(thoughts[:, :, s]) for s in range(k)], axis=1),
-            ops.broadcast_to(end, (rows, 1, layout.num_streams, end.shape[-1])),
-            future,
-        ],
-        axis=1,
-    )
-    ht, _ = model.think(x, 1, layout, base_kv, None)
+    x = thought_inputs(model, recipe, input_ids, thoughts, layout, pad_id)
+    ht, _ = model.think(x, layout.steps(1, recipe.thought_steps), base_kv, None)
 
     rewarded = int(np.sum(streams < length - 1 - A))
     nll_base_rows = repeat_rows(ops, nll_base, P)

@@ -173,8 +173,8 @@ def prepare_out(out: Path, resume: bool) -> Path | None:
         raise NotADirectoryError(f"--out {out} is a file: choose a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
-    except PermissionError:
-        raise PermissionError(f"cannot create --out {out}: choose a writable directory") from None
+    except OSError as err:
+        raise PermissionError(f"cannot create --out {out} ({err.strerror}): choose a writable directory") from None
     if not os.access(out, os.W_OK):
         raise PermissionError(f"--out {out} is not writable: choose a writable directory")
     return existing[-1] if resume and existing else None
@@ -192,7 +192,6 @@ def run(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) -> P
         TimeRemainingColumn,
     )
 
-    import qstar
 
     out = Path(cfg.out)
     backend = qstar.available_backend(cfg.backend)

@@ -1,7 +1,14 @@
-"""The core's array interface for MLX."""
+"""The core's array interface for MLX, and float64-accurate versions of the few MLX functions that need them.
+
+MLX's CPU `exp` is a float32 approximation for float64 too (ml-explore/mlx#3047), and so are `softmax`,
+`logsumexp`, `sigmoid` and `mx.fast.scaled_dot_product_attention`, which are built on it: float64 results
+would be float32-accurate. For float64 the functions below go through `power` and `tanh`, which MLX
+computes in double; every other dtype uses MLX's own fast kernels.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -12,10 +19,39 @@ import numpy as np
 HALF = (mx.float16, mx.bfloat16)
 
 
+def exp(x: mx.array) -> mx.array:
+    return mx.power(math.e, x) if x.dtype == mx.float64 else mx.exp(x)
+
+
+def softmax(x: mx.array, axis: int = -1) -> mx.array:
+    if x.dtype != mx.float64:
+        return mx.softmax(x, axis=axis)
+    e = exp(x - mx.stop_gradient(mx.max(x, axis=axis, keepdims=True)))
+    return e / mx.sum(e, axis=axis, keepdims=True)
+
+
+def logsumexp(x: mx.array, axis: int) -> mx.array:
+    if x.dtype != mx.float64:
+        return mx.logsumexp(x, axis=axis)
+    top = mx.stop_gradient(mx.max(x, axis=axis, keepdims=True))
+    return mx.squeeze(top + mx.log(mx.sum(exp(x - top), axis=axis, keepdims=True)), axis=axis)
+
+
+def sigmoid(x: mx.array) -> mx.array:
+    # the tanh form never overflows, in the value or in its derivative
+    return 0.5 * (1 + mx.tanh(0.5 * x)) if x.dtype == mx.float64 else mx.sigmoid(x)
+
+
+def from_numpy(x: np.ndarray, dtype: mx.Dtype | None = None) -> mx.array:
+    """mx.array(x) keeps x's dtype, float64 included (which plain mx.array silently rounds to float32)."""
+    if dtype is None and x.dtype == np.float64:
+        dtype = mx.float64
+    return mx.array(np.ascontiguousarray(x), dtype=dtype)
+
+
 class MLXOps:
     def asarray(self, x: np.ndarray, like: mx.array | None = None) -> mx.array:
-        a = mx.array(np.ascontiguousarray(x))
-        return a if like is None else a.astype(like.dtype)
+        return from_numpy(x, None if like is None else like.dtype)
 
     def to_numpy(self, x: mx.array) -> np.ndarray:
         # numpy has no bfloat16: half precision comes back as float32, like the torch backend.
@@ -47,10 +83,10 @@ class MLXOps:
         return mx.where(cond, x, y)
 
     def logsumexp(self, x: mx.array, axis: int) -> mx.array:
-        return mx.logsumexp(x, axis=axis)
+        return logsumexp(x, axis)
 
     def sigmoid(self, x: mx.array) -> mx.array:
-        return mx.sigmoid(x)
+        return sigmoid(x)
 
     def maximum(self, x: mx.array, y: float) -> mx.array:
         return mx.maximum(x, y)

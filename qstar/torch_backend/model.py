@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from qstar.core.hf_config import ModelConfig, rope_angles
-from qstar.core.layout import ThoughtLayout
+from qstar.core.layout import StepGeometry, extend_mask
 from qstar.torch_backend.ops import HALF, TorchOps
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -64,12 +64,17 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
-    def base(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    def extend(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Causal attention over (B, L, D); returns the output and this layer's keys/values (B, h, L, d)."""
+        """Causal attention of (B, n, D) after `past` keys/values; returns the output and the keys/values
+        (B, h, T, d) including the new tokens. mask None: plain causal attention without a past."""
         q, k, v = (t.transpose(1, 2) for t in self.project(x, cos, sin))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.heads != self.kv_heads)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        gqa = self.heads != self.kv_heads
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).flatten(-2)), k, v
 
     def think(
@@ -124,8 +129,8 @@ class Block(nn.Module):
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def base(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        attn, k, v = self.self_attn.base(self.input_layernorm(x), cos, sin)
+    def extend(self, x: torch.Tensor, *args: torch.Tensor | tuple | None) -> tuple[torch.Tensor, ...]:
+        attn, k, v = self.self_attn.extend(self.input_layernorm(x), *args)
         return self.finish(x, attn), k, v
 
     def think(self, x: torch.Tensor, *args: torch.Tensor | tuple | None) -> tuple[torch.Tensor, ...]:
@@ -192,28 +197,30 @@ class Model(nn.Module):
         return self.embedding_scale * self.thought.start, self.embedding_scale * self.thought.end
 
     def base(self, ids: torch.Tensor) -> tuple[torch.Tensor, KV]:
-        length = ids.shape[1]
-        window = self.cfg.sliding_window
-        if window is not None and length > window:
-            raise ValueError(
-                f"sequence length {length} exceeds the model's sliding window {window}: use shorter sequences"
-            )
-        cos, sin = self.rope(np.arange(length))
-        cos, sin = cos[:, None], sin[:, None]
+        return self.extend(ids, None, None, None)
+
+    def extend(
+        self, ids: torch.Tensor, positions: np.ndarray | None, key_mask: np.ndarray | None, cache: KV | None
+    ) -> tuple[torch.Tensor, KV]:
+        past, n = (0 if cache is None else cache[0][0].shape[2]), ids.shape[1]
+        if positions is None:
+            positions = np.arange(past, past + n)[None]
+        self.cfg.check_length(past + n)
+        cos, sin = self.rope(positions)
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+        visible = extend_mask(past, n, key_mask)
+        mask = None if visible is None else self.ops.asarray(visible)[:, None]
         x, kv = self.embed(ids), []
-        for layer in self.model.layers:
-            x, k, v = self.run(layer.base, x, cos, sin)
+        for i, layer in enumerate(self.model.layers):
+            x, k, v = self.run(layer.extend, x, cos, sin, None if cache is None else cache[i], mask)
             kv.append((k, v))
         return self.model.norm(x), kv
 
-    def think(
-        self, x: torch.Tensor, first_step: int, layout: ThoughtLayout, base_kv: KV, cache: KV | None
-    ) -> tuple[torch.Tensor, KV]:
-        n = x.shape[1]
-        cos, sin = self.rope(layout.step_positions(first_step, n))
+    def think(self, x: torch.Tensor, geometry: StepGeometry, base_kv: KV, cache: KV | None) -> tuple[torch.Tensor, KV]:
+        cos, sin = self.rope(geometry.positions)
         cos, sin = cos[..., None, :], sin[..., None, :]
-        base_mask = self.ops.asarray(layout.base_mask())[:, None, None, :]
-        own_mask = self.ops.asarray(layout.own_mask(first_step, n))[:, None, None, None, :]
+        base_mask = self.ops.asarray(geometry.base_mask)[:, None, None, :, None, None, :]
+        own_mask = self.ops.asarray(geometry.own_mask)[:, None, None, None, :]
         new_cache = []
         for i, layer in enumerate(self.model.layers):
             x, k, v = self.run(

@@ -9,7 +9,7 @@ from helpers import random_ids
 from transformers import AutoModelForCausalLM
 
 import qstar
-from qstar.core.thinker import lookahead_ids, repeat_rows
+from qstar.core.thinker import thought_inputs
 
 
 @pytest.mark.parametrize("think_every", [1, 3])
@@ -24,16 +24,12 @@ def test_parallel_equals_naive(hf_checkpoint, think_every):
     layout = m.layout(L)
     assert thoughts.shape == (B * P, layout.num_streams, k)
 
-    net, ops = m.backbone, m.ops
+    net, rows = m.backbone, B * P
     with torch.no_grad():
         _, base_kv = net.base(torch.from_numpy(ids))
         start, end = net.thought_vectors()
-        rows = B * P
-        future = repeat_rows(ops, net.embed(torch.from_numpy(lookahead_ids(ids, layout, A, 2))), P)
-        x = torch.cat([start.expand(rows, 1, layout.num_streams, -1),
-                       torch.stack([net.embed(torch.from_numpy(thoughts[:, :, s])) for s in range(k)], 1),
-                       end.expand(rows, 1, layout.num_streams, -1), future], dim=1)
-        h, _ = net.think(x, 1, layout, base_kv, None)
+        x = thought_inputs(net, m.recipe, ids, torch.from_numpy(thoughts), layout, 2)
+        h, _ = net.think(x, layout.steps(1, k + A + 1), base_kv, None)
         parallel = net.logits(h).numpy()  # (R, k+A+1, S, V)
 
         banned = m.ops.to_numpy(m.banned)
