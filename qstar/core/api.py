@@ -125,9 +125,9 @@ class QStarModel(ABC):
             if thoughts is None
             else self.check_thoughts(thoughts, rows, layout.num_streams)
         )
-        return quietstar_loss(
-            self.backbone, self.recipe, ids, mask, self.ops.asarray(t), layout, self.banned, self.config.fallback_pad_id
-        )
+        valid = None if mask.all() else self.ops.asarray(mask.astype(np.float32))
+        return quietstar_loss(self.backbone, self.recipe, self.ops.asarray(ids), valid, self.ops.asarray(t), layout,
+                              self.banned, self.config.fallback_pad_id)
 
     def loss(
         self, input_ids: Any, attention_mask: Any = None, thoughts: Any = None, seed: int | None = None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from qstar.core.ops import Array, Ops
 from qstar.core.recipe import Recipe
 
@@ -25,11 +23,11 @@ def mix(ops: Ops, recipe: Recipe, head_out: Array) -> Array:
     return ops.sigmoid(head_out) if recipe.mixing == "logits-sigmoid" else head_out
 
 
-def masked_mean(ops: Ops, x: Array, weight: np.ndarray) -> Array:
-    """Mean over the entries whose weight is 1 (right padding excluded); a plain mean without padding."""
-    if weight.all():
+def masked_mean(ops: Ops, x: Array, weight: Array | None) -> Array:
+    """Mean over the entries of weight 1 (padding excluded); None: no padding, a plain mean."""
+    if weight is None:
         return ops.mean(x)
-    return ops.sum(x * ops.asarray(weight, like=x)) / max(int(weight.sum()), 1)
+    return ops.sum(x * weight) / ops.maximum(ops.sum(weight), 1.0)
 
 
 def group_advantage(ops: Ops, reward: Array, group: int, clamp: bool) -> Array:
@@ -47,9 +45,8 @@ def lm_loss(recipe: Recipe, base_mean: Array, talk_means: list[Array]) -> Array:
     )
 
 
-def policy_loss(ops: Ops, advantage: Array, logprobs: Array, weight: np.ndarray) -> Array:
+def policy_loss(ops: Ops, advantage: Array, logprobs: Array, weight: Array | None) -> Array:
     """REINFORCE: mean over thought tokens k and rewarded entries of -advantage * log pi(t_k).
 
-    advantage (R, n), logprobs (R, k, n), weight (R, n)."""
-    k = logprobs.shape[1]
-    return masked_mean(ops, -advantage[:, None, :] * logprobs, np.repeat(weight[:, None, :], k, axis=1))
+    advantage (R, n), logprobs (R, k, n), weight (R, n) or None."""
+    return masked_mean(ops, ops.mean(-advantage[:, None, :] * logprobs, axis=1), weight)

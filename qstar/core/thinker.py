@@ -113,27 +113,32 @@ def sample_thoughts(
         return ops.stack(tokens, axis=-1)
 
 
-def lookahead_ids(input_ids: np.ndarray, layout: ThoughtLayout, lookahead: int, pad_id: int) -> np.ndarray:
+def columns(ops: Ops, x: Array, index: np.ndarray) -> Array:
+    """x[:, index] for a (B, L, ...) array and a numpy index array of any shape."""
+    return ops.take(x, ops.asarray(index.reshape(-1)), axis=1).reshape(x.shape[0], *index.shape, *x.shape[2:])
+
+
+def lookahead_ids(ops: Ops, ids: Array, layout: ThoughtLayout, lookahead: int, pad_id: int) -> Array:
     """(B, A-1, S) true tokens x_(p+m), m = 1..A-1, teacher-forced after <end>; pad past the end."""
-    padded = np.concatenate([input_ids, np.full((input_ids.shape[0], lookahead), pad_id, input_ids.dtype)], axis=1)
+    pad = ops.asarray(np.full((ids.shape[0], lookahead), pad_id, np.int64), like=ids)
     index = layout.streams[None, :] + np.arange(1, lookahead)[:, None]
-    return padded[:, index]
+    return columns(ops, ops.concat([ids, pad], axis=1), index)
 
 
 def thought_inputs(
-    model: Backbone, recipe: Recipe, input_ids: np.ndarray, thoughts: Array, layout: ThoughtLayout, pad_id: int
+    model: Backbone, recipe: Recipe, ids: Array, thoughts: Array, layout: ThoughtLayout, pad_id: int
 ) -> Array:
     """(R, k+A+1, S, D) inputs of thought steps 1..: <start>, t_1..t_k, <end>, x_(p+1)..x_(p+A-1)."""
     ops, P = model.ops, recipe.thoughts_per_position
-    rows = input_ids.shape[0] * P
+    rows = ids.shape[0] * P
     _, end = model.thought_vectors()
-    future = lookahead_ids(input_ids, layout, recipe.lookahead, pad_id)
+    future = lookahead_ids(ops, ids, layout, recipe.lookahead, pad_id)
     return ops.concat(
         [
             start_inputs(model, rows, layout.num_streams),
             ops.stack([model.embed(thoughts[:, :, s]) for s in range(recipe.thought_tokens)], axis=1),
             ops.broadcast_to(end, (rows, 1, layout.num_streams, end.shape[-1])),
-            repeat_rows(ops, model.embed(ops.asarray(future)), P),
+            repeat_rows(ops, model.embed(future), P),
         ],
         axis=1,
     )
@@ -142,45 +147,48 @@ def thought_inputs(
 def quietstar_loss(
     model: Backbone,
     recipe: Recipe,
-    input_ids: np.ndarray,
-    valid: np.ndarray,
+    ids: Array,
+    valid: Array | None,
     thoughts: Array,
     layout: ThoughtLayout,
     banned: Array,
     pad_id: int,
 ) -> LossTerms:
-    """The differentiable part: loss terms for given thoughts (R, S, k). `valid` (B, L) is the right-padded
-    attention mask; padded targets are left out of every mean."""
+    """The differentiable part: loss terms for (B, L) ids and given thoughts (R, S, k). `valid` (B, L), 1.0 for real
+    tokens of a right-padded batch (None: no padding), keeps padded targets out of every mean. Only device arrays
+    depend on the batch, so a backend can compile this once per shape."""
     ops, k, A, P = model.ops, recipe.thought_tokens, recipe.lookahead, recipe.thoughts_per_position
     length, streams = layout.seq_len, layout.streams
-    ids = ops.asarray(input_ids)
 
     h0, base_kv = model.base(ids)
     nll_base = losses.token_nll(ops, model.logits(h0[:, :-1]), ids[:, 1:])
-    base_weight = valid[:, 1:] & valid[:, :-1]
+    valid_rows = None if valid is None else repeat_rows(ops, valid, P)
 
-    x = thought_inputs(model, recipe, input_ids, thoughts, layout, pad_id)
+    def weight(index: np.ndarray) -> Array | None:
+        return None if valid_rows is None else columns(ops, valid_rows, index)
+
+    x = thought_inputs(model, recipe, ids, thoughts, layout, pad_id)
     ht, _ = model.think(x, layout.steps(1, recipe.thought_steps), base_kv, None)
 
     rewarded = int(np.sum(streams < length - 1 - A))
     nll_base_rows = repeat_rows(ops, nll_base, P)
     nll_talk, mixing_weight, talk_means, base_means, weight_means = [], [], [], [], []
     for j in range(1, A + 1):
-        hb = repeat_rows(ops, ops.take(h0, ops.asarray((streams + j - 1) % length), axis=1), P)
+        hb = repeat_rows(ops, columns(ops, h0, (streams + j - 1) % length), P)
         w = losses.mix(ops, recipe, model.mixing(hb, ht[:, k + j]))
         mixing_weight.append(w)
         scored = int(np.sum(streams + j < length))
         hb_j, ht_j, w_j = hb[:, :scored], ht[:, k + j, :scored], w[:, :scored, None]
-        targets = ops.asarray(np.repeat(input_ids[:, streams[:scored] + j], P, axis=0))
+        targets = repeat_rows(ops, columns(ops, ids, streams[:scored] + j), P)
         nll = losses.token_nll(ops, model.logits(hb_j + w_j * (ht_j - hb_j)), targets)
         nll_talk.append(nll)
-        weight = np.repeat(valid[:, streams[:scored] + j], P, axis=0)
-        talk_means.append(losses.masked_mean(ops, nll, weight))
-        base_j = ops.take(nll_base_rows, ops.asarray(streams[:scored] + j - 1), axis=1)
-        base_means.append(losses.masked_mean(ops, ops.stop_gradient(base_j), weight))
-        weight_means.append(losses.masked_mean(ops, ops.stop_gradient(w[:, :scored]), weight))
+        talk_weight = weight(streams[:scored] + j)
+        talk_means.append(losses.masked_mean(ops, nll, talk_weight))
+        base_j = columns(ops, nll_base_rows, streams[:scored] + j - 1)
+        base_means.append(losses.masked_mean(ops, ops.stop_gradient(base_j), talk_weight))
+        weight_means.append(losses.masked_mean(ops, ops.stop_gradient(w[:, :scored]), talk_weight))
     gains = [
-        ops.take(nll_base_rows, ops.asarray(streams[:rewarded] + j - 1), axis=1) - nll_talk[j - 1][:, :rewarded]
+        columns(ops, nll_base_rows, streams[:rewarded] + j - 1) - nll_talk[j - 1][:, :rewarded]
         for j in range(1, A + 1)
     ]
     reward = ops.stop_gradient(sum(gains[1:], gains[0]))
@@ -193,8 +201,9 @@ def quietstar_loss(
         banned,
         recipe.policy_temperature,
     )
-    reward_weight = np.repeat(valid[:, streams[:rewarded] + A], P, axis=0)
+    reward_weight = weight(streams[:rewarded] + A)
     policy = losses.policy_loss(ops, advantage, logprobs, reward_weight)
+    base_weight = None if valid is None else valid[:, 1:] * valid[:, :-1]
     lm = losses.lm_loss(recipe, losses.masked_mean(ops, nll_base, base_weight), talk_means)
     metrics = {
         "nll_base_lookahead": sum(base_means[1:], base_means[0]) / A,

@@ -60,7 +60,7 @@ def thought_pass(model: qstar.QStarModel, ids: np.ndarray, thoughts: np.ndarray)
     net, ops, recipe = model.backbone, model.ops, model.recipe
     layout = model.layout(ids.shape[1])
     h0, base_kv = net.base(ops.asarray(ids))
-    x = thought_inputs(net, recipe, ids, ops.asarray(thoughts), layout, model.config.fallback_pad_id)
+    x = thought_inputs(net, recipe, ops.asarray(ids), ops.asarray(thoughts), layout, model.config.fallback_pad_id)
     h, _ = net.think(x, layout.steps(1, recipe.thought_steps), base_kv, None)
     return tuple(ops.to_numpy(a) for a in (net.logits(h0), h, net.logits(h)))
 

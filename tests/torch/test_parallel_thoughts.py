@@ -28,7 +28,7 @@ def test_parallel_equals_naive(hf_checkpoint, think_every):
     with torch.no_grad():
         _, base_kv = net.base(torch.from_numpy(ids))
         start, end = net.thought_vectors()
-        x = thought_inputs(net, m.recipe, ids, torch.from_numpy(thoughts), layout, 2)
+        x = thought_inputs(net, m.recipe, torch.from_numpy(ids), torch.from_numpy(thoughts), layout, 2)
         h, _ = net.think(x, layout.steps(1, k + A + 1), base_kv, None)
         parallel = net.logits(h).numpy()  # (R, k+A+1, S, V)
 
