@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import convert, train
+from cli import convert, evaluate, generate, inspect_text, train
 
 app = typer.Typer(
     name="qstar",
@@ -15,6 +15,9 @@ app = typer.Typer(
 )
 app.command("convert")(convert.convert)
 app.command("train")(train.train)
+app.command("generate")(generate.generate)
+app.command("eval")(evaluate.evaluate)
+app.command("inspect")(inspect_text.inspect_text)
 
 
 @app.callback()

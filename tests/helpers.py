@@ -58,7 +58,7 @@ def make_hf_checkpoint(path: Path, model_type: str, seed: int = 0, tokenizer: bo
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = {**TINY[model_type], **overrides}
-    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=1,
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, max_position_embeddings=1024, bos_token_id=1,
                                   eos_token_id=2, **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

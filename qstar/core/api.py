@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +13,11 @@ import numpy as np
 
 from qstar.core import checkpoint
 from qstar.core.checkpoint import CheckpointInfo
+from qstar.core.generate import Sampling, generate
 from qstar.core.layout import ThoughtLayout
 from qstar.core.recipe import Recipe
 from qstar.core.sampling import banned_mask, numpy_gumbel
-from qstar.core.thinker import Backbone, LossTerms, quietstar_loss, sample_thoughts
+from qstar.core.thinker import Backbone, LossTerms, quietstar_loss, sample_thoughts, thoughtful_logits
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -33,6 +34,15 @@ class LossOutput:
     advantage: np.ndarray
     mixing_weight: list[np.ndarray]
     thoughts: np.ndarray
+
+
+@dataclass
+class Completion:
+    text: str
+    """The emitted text, cut before a stop string."""
+    tokens: list[int]
+    thoughts: list[str]
+    """Per emitted token, the decoded thought that preceded it (empty strings without thoughts)."""
 
 
 def check_dtype(dtype: str) -> str:
@@ -136,6 +146,62 @@ class QStarModel(ABC):
         with self.ops.no_grad():
             terms = self.terms(input_ids, attention_mask, thoughts, seed)
         return self.to_output(terms)
+
+    def next_token_logits(self, input_ids: Any, seed: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(plain, thoughtful, thoughts): next-token logits (B, L, V) without and after a thought sampled at every
+        position (one per position, the recipe's sample_temperature), and those thoughts (B, L, k)."""
+        ids, _ = self.check_ids(input_ids)
+        single = replace(self.recipe, thoughts_per_position=1, think_every=1)
+        layout = ThoughtLayout.every(ids.shape[1])
+        noise = numpy_gumbel(seed) if seed is not None else self.ops.gumbel
+        with self.ops.no_grad():
+            x = self.ops.asarray(ids)
+            thoughts = sample_thoughts(self.backbone, single, x, layout, self.banned, noise)
+            plain, mixed = thoughtful_logits(self.backbone, single, x, thoughts, layout, self.config.fallback_pad_id)
+            return self.ops.to_numpy(plain), self.ops.to_numpy(mixed), self.ops.to_numpy(thoughts).astype(np.int64)
+
+    def generate(
+        self,
+        prompts: str | list[str] | list[list[int]],
+        max_tokens: int = 64,
+        thoughts: bool = True,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: list[str] | tuple[str, ...] = (),
+    ) -> list[Completion]:
+        """Continue each prompt (text, or token ids), thinking before every token unless thoughts=False.
+        A batch is left-padded; generation of a row ends at EOS, a stop string or max_tokens."""
+        sampling = Sampling(max_tokens, temperature, top_k, top_p, thoughts)
+        single = isinstance(prompts, str)
+        texts = [prompts] if single else list(prompts)
+        if not texts:
+            raise ValueError("no prompt given")
+        if all(isinstance(p, str) for p in texts) and self.tokenizer is None:
+            raise ValueError(f"{self.info.path} has no tokenizer files: pass token ids instead of text")
+        ids = [self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in texts]
+        if any(not p or (isinstance(t, str) and not t.strip()) for p, t in zip(ids, texts, strict=True)):
+            raise ValueError("empty prompt: give some text to continue")
+        self.config.check_length(max(len(p) for p in ids) + max_tokens)
+        eos = None if self.tokenizer is None else self.tokenizer.eos_token_id
+
+        def decode(tokens: list[int]) -> str:
+            return "" if self.tokenizer is None else self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+        def finished(row: int, tokens: list[int]) -> bool:
+            return tokens[-1] == eos or any(s in decode(tokens) for s in stop)
+
+        noise = numpy_gumbel(seed) if seed is not None else self.ops.gumbel
+        pad = eos if eos is not None else self.config.fallback_pad_id
+        out = generate(self.backbone, self.recipe, ids, sampling, self.banned, pad, noise, finished)
+        results = []
+        for tokens, thought_ids in zip(out.tokens, out.thoughts, strict=True):
+            text = decode(tokens)
+            for s in stop:
+                text = text.split(s)[0] if s in text else text
+            results.append(Completion(text, tokens, [decode(t) for t in thought_ids]))
+        return results
 
     def to_output(self, terms: LossTerms) -> LossOutput:
         n = self.ops.to_numpy

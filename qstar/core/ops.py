@@ -51,6 +51,13 @@ class Ops(Protocol):
 
     def argmax(self, x: Array, axis: int) -> Array: ...
 
+    def sort(self, x: Array, axis: int) -> Array:
+        """Ascending."""
+
+    def cumsum(self, x: Array, axis: int) -> Array: ...
+
+    def exp(self, x: Array) -> Array: ...
+
     def upcast(self, x: Array) -> Array:
         """x in float32 when it is a half-precision float, else unchanged (losses accumulate in >= fp32)."""
 

@@ -26,6 +26,23 @@ def banned_mask(vocab_size: int, banned_ids: Sequence[int]) -> np.ndarray:
     return mask
 
 
+def nucleus(ops: Ops, logits: Array, top_k: int | None, top_p: float | None) -> Array:
+    """Logits with everything outside the top-k tokens and outside the smallest set of probability >= top_p set
+    to -inf (the kept tokens' relative probabilities are unchanged)."""
+    z = logits
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = ops.sort(z, axis=-1)[..., z.shape[-1] - top_k]
+        z = ops.where(z < kth[..., None], float("-inf"), z)
+    if top_p is not None and top_p < 1:
+        ascending = ops.sort(z, axis=-1)
+        probs = ops.exp(ascending - ops.logsumexp(ascending, axis=-1)[..., None])
+        above = 1 - ops.cumsum(probs, axis=-1)  # mass of the tokens ranked strictly higher
+        kept = ops.sum(ops.where(above < top_p, 1, 0), axis=-1)
+        cut = ops.take_along_axis(ascending, (z.shape[-1] - kept)[..., None], axis=-1)
+        z = ops.where(z < cut, float("-inf"), z)
+    return z
+
+
 def sample_tokens(ops: Ops, logits: Array, banned: Array, temperature: float, noise: NoiseFn | None) -> Array:
     """argmax(logits / T + Gumbel) over allowed ids = one draw from softmax(logits / T); T = 0 is greedy."""
     z = ops.where(banned, float("-inf"), ops.upcast(logits))

@@ -30,8 +30,10 @@ LETTERS = string.ascii_lowercase
 ALPHABET = string.digits + LETTERS + "=+-*;."
 """Every character a document can contain."""
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
-VOCAB = (*SPECIAL_TOKENS, *ALPHABET)
-"""The character tokenizer's tokens in id order: <unk>=0, <s>=1 (bos), </s>=2 (eos), <pad>=3, then ALPHABET."""
+VOCAB = (*SPECIAL_TOKENS, *ALPHABET, *sorted(set(string.printable) - set(ALPHABET) - set("\r\x0b\x0c")))
+"""The character tokenizer's tokens in id order: <unk>=0, <s>=1 (bos), </s>=2 (eos), <pad>=3, then ALPHABET, then
+the rest of printable ASCII (space, tab, newline, capitals, punctuation), so the shipped model can also read
+ordinary English text such as GSM8K."""
 MODULUS = 100
 MAX_STEPS = len(LETTERS) - 1
 DEFAULT_DIFFICULTY = (1, 4)

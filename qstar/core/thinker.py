@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -223,3 +223,17 @@ def quietstar_loss(
         thoughts=thoughts,
         metrics=metrics,
     )
+
+
+def thoughtful_logits(
+    model: Backbone, recipe: Recipe, ids: Array, thoughts: Array, layout: ThoughtLayout, pad_id: int
+) -> tuple[Array, Array]:
+    """Next-token logits (B, S, V) at every stream without and after its thought (B, S, k): the predictions of
+    x_(p+1) that inference mixes (one thought per position)."""
+    ops, single = model.ops, replace(recipe, lookahead=1, thoughts_per_position=1)
+    h0, base_kv = model.base(ids)
+    x = thought_inputs(model, single, ids, thoughts, layout, pad_id)
+    ht = model.think(x, layout.steps(1, single.thought_steps), base_kv, None)[0][:, -1]
+    hb = columns(ops, h0, layout.streams)
+    w = losses.mix(ops, recipe, model.mixing(hb, ht))[..., None]
+    return model.logits(hb), model.logits(hb + w * (ht - hb))

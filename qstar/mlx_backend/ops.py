@@ -100,6 +100,15 @@ class MLXOps:
     def argmax(self, x: mx.array, axis: int) -> mx.array:
         return mx.argmax(x, axis=axis)
 
+    def sort(self, x: mx.array, axis: int) -> mx.array:
+        return mx.sort(x, axis=axis)
+
+    def cumsum(self, x: mx.array, axis: int) -> mx.array:
+        return mx.cumsum(x, axis=axis)
+
+    def exp(self, x: mx.array) -> mx.array:
+        return exp(x)
+
     def upcast(self, x: mx.array) -> mx.array:
         return x.astype(mx.float32) if x.dtype in HALF else x
 

@@ -67,6 +67,15 @@ class TorchOps:
     def argmax(self, x: torch.Tensor, axis: int) -> torch.Tensor:
         return torch.argmax(x, dim=axis)
 
+    def sort(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        return torch.sort(x, dim=axis).values
+
+    def cumsum(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        return torch.cumsum(x, dim=axis)
+
+    def exp(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(x)
+
     def upcast(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() if x.dtype in HALF else x
 

@@ -1,0 +1,243 @@
+"""MLX training session: one compiled step (thought sampling, loss, gradients, clipping, AdamW on float32 master
+weights), grad accumulation, and exact resume.
+
+The compiled functions capture the model, the optimizer and MLX's global random state as implicit inputs and
+outputs (`mx.compile(..., inputs=state, outputs=state)`), so the thoughts are drawn with `mx.random` inside the
+graph and every call advances the random key exactly as an uncompiled run would. Shapes are fixed by the config
+(batch_size x max_seq_length, a float padding mask always present), so each function is traced once per run.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from qstar.core.thinker import LossTerms, quietstar_loss, sample_thoughts
+from qstar.core.train_config import TrainConfig
+from qstar.core.trainer import Batch
+from qstar.mlx_backend import MLXQStar, read_safetensors
+from qstar.mlx_backend.ops import HALF
+
+STATE_FILE = "optimizer_state.safetensors"
+META_FILE = "optimizer_state.json"
+FORMAT = 1
+
+Tree = Any
+Metrics = dict[str, mx.array]
+
+
+class AdamW(optim.AdamW):
+    """torch-style AdamW: bias correction, and weight decay only for parameters with ndim >= 2 (biases, norms and
+    thought vectors get none). One optimizer with a per-parameter rule keeps a single step counter and learning
+    rate in its state (mlx.optimizers has no parameter groups)."""
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        if parameter.ndim >= 2:
+            return super().apply_single(gradient, parameter, state)
+        return optim.Adam.apply_single(self, gradient, parameter, state)
+
+
+def random_key() -> np.ndarray:
+    """The calling thread's MLX random key, (2,) uint32."""
+    return np.array(mx.random.state[0], dtype=np.uint32)
+
+
+def set_random_key(key: np.ndarray) -> None:
+    """Set MLX's random key to any value: mx.random.key(seed) is [seed >> 32, seed & 0xffffffff], and Python offers no
+    other way to write mx.random.state."""
+    hi, lo = (int(k) for k in np.asarray(key, dtype=np.uint32))
+    mx.random.seed((hi << 32) | lo)
+    assert (random_key() == np.array([hi, lo], np.uint32)).all()
+
+
+def flat(tree: Tree) -> dict[str, mx.array]:
+    return dict(tree_flatten(tree))
+
+
+def assign(tree: Tree, values: dict[str, mx.array]) -> None:
+    """Replace leaves of a nested dict/list tree in place (compiled functions hold on to the containers)."""
+    for path, value in values.items():
+        node, *parts = tree, *path.split(".")
+        for part in parts[:-1]:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        last = parts[-1]
+        node[int(last) if isinstance(node, list) else last] = value
+
+
+def scalars(terms: LossTerms) -> Metrics:
+    return {"loss": terms.total, "lm": terms.lm, "policy": terms.policy, **terms.metrics}
+
+
+class MLXSession:
+    def __init__(self, model: MLXQStar, cfg: TrainConfig) -> None:
+        self.model, self.cfg = model, cfg
+        net = model.backbone
+        net.grad_checkpoint = cfg.grad_checkpoint
+        self.dtype = net.dtype
+        self.half = self.dtype in HALF
+        # Half-precision compute keeps float32 master weights: at lr 1e-6 a bf16 update would round away.
+        self.master: Tree = tree_map(lambda p: p.astype(mx.float32), net.trainable_parameters()) if self.half else {}
+        self.optimizer = AdamW(cfg.learning_rate, betas=[0.9, 0.999], eps=1e-8, weight_decay=cfg.weight_decay,
+                               bias_correction=True)
+        # Initialised here, not inside the first compiled call: the state tree has the same structure from the
+        # first step on (no retrace at step 2), and read_state has something to fill in place.
+        self.optimizer.init(self.masters())
+        self.lr_dtype = mx.float64 if self.dtype == mx.float64 else mx.float32  # the dtype of the AdamW update
+        self.optimizer.learning_rate = mx.array(cfg.learning_rate, self.lr_dtype)
+        mx.random.seed(cfg.seed)
+        mx.eval(self.master, self.optimizer.state)
+        self.traces: Counter[str] = Counter()
+        """How often each compiled function was traced (a Python side effect runs only while tracing)."""
+        state = [net.state, self.optimizer.state, mx.random.state, self.master]
+        thinking = [net.state, mx.random.state]
+        self._accumulate = mx.compile(self.accumulate_fn, inputs=thinking, outputs=thinking)
+        self._step = mx.compile(self.step_fn, inputs=state, outputs=state)
+        self._evaluate = mx.compile(self.evaluate_fn, inputs=thinking, outputs=[mx.random.state])
+
+    # ---- traced functions (run in Python only while mx.compile traces them) ----
+
+    def masters(self) -> Tree:
+        return self.master if self.half else self.model.backbone.trainable_parameters()
+
+    def terms(self, ids: mx.array, valid: mx.array, thoughts: mx.array) -> LossTerms:
+        m = self.model
+        return quietstar_loss(m.backbone, m.recipe, ids, valid, thoughts, m.layout(ids.shape[1]), m.banned,
+                              m.config.fallback_pad_id)
+
+    def thoughts(self, ids: mx.array) -> mx.array:
+        """Drawn with the global mx.random state (MLXOps.gumbel), i.e. the compiled function's random input."""
+        m = self.model
+        tokens = sample_thoughts(m.backbone, m.recipe, ids, m.layout(ids.shape[1]), m.banned, m.ops.gumbel)
+        return mx.stop_gradient(tokens)
+
+    def gradients(self, ids: mx.array, valid: mx.array, acc: Tree | None, count: int) -> tuple[Metrics, Tree]:
+        """Metrics of one micro-batch and acc + d(total / count)/d params, `count` micro-batches in the step (torch:
+        (total / count).backward() adds to .grad)."""
+        net = self.model.backbone
+        thoughts = self.thoughts(ids)
+        params = net.trainable_parameters()
+
+        def loss(p: Tree) -> tuple[mx.array, Metrics]:
+            net.update(p)
+            terms = self.terms(ids, valid, thoughts)
+            return terms.total / count, scalars(terms)
+
+        (_, metrics), grads = mx.value_and_grad(loss)(params)
+        net.update(params)  # value_and_grad leaves its traced copies in the model
+        if acc is not None:
+            grads = tree_map(mx.add, acc, grads)
+        return metrics, grads
+
+    def accumulate_fn(self, ids: mx.array, valid: mx.array, acc: Tree | None, count: int) -> tuple[Metrics, Tree]:
+        self.traces["accumulate"] += 1
+        return self.gradients(ids, valid, acc, count)
+
+    def step_fn(self, ids: mx.array, valid: mx.array, acc: Tree | None, count: int) -> tuple[Metrics, mx.array]:
+        """The last micro-batch's gradients, then clipping and one AdamW update of the master weights."""
+        self.traces["step"] += 1
+        net = self.model.backbone
+        metrics, grads = self.gradients(ids, valid, acc, count)
+        if self.half:
+            grads = tree_map(lambda g: g.astype(mx.float32), grads)
+        if self.cfg.max_grad_norm > 0:
+            grads, norm = optim.clip_grad_norm(grads, self.cfg.max_grad_norm)
+        else:
+            norm = mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(grads)))
+        new = self.optimizer.apply_gradients(grads, self.masters())
+        if self.half:
+            assign(self.master, flat(new))
+            new = tree_map(lambda m: m.astype(self.dtype), new)
+        net.update(new)
+        return metrics, norm
+
+    def evaluate_fn(self, ids: mx.array, valid: mx.array) -> Metrics:
+        self.traces["evaluate"] += 1
+        return scalars(self.terms(ids, valid, self.thoughts(ids)))
+
+    # ---- the Session protocol ----
+
+    def inputs(self, batch: Batch) -> tuple[mx.array, mx.array]:
+        """Device ids and the float padding mask. The mask is passed even without padding (all ones, where the
+        fixture path passes None): None would be a second compiled graph, and with all-ones weights every masked
+        mean is sum(x) / count, the plain mean up to float rounding."""
+        ids, mask = self.model.check_ids(batch.ids, batch.mask)
+        ops = self.model.ops
+        return ops.asarray(ids), ops.asarray(mask.astype(np.float32))
+
+    def step(self, batches: list[Batch], lr: float) -> dict[str, float]:
+        # The learning rate is an array in the optimizer state, an input of the compiled step. The first accumulation
+        # gets acc=None, a Python constant like `count`: G = 1 traces `step` once, G = 2 adds one `accumulate`
+        # trace, G >= 3 two (None and a gradient tree), all reused by every later step.
+        self.optimizer.learning_rate = mx.array(lr, self.lr_dtype)
+        records, acc, count = [], None, len(batches)
+        for batch in batches[:-1]:
+            metrics, acc = self._accumulate(*self.inputs(batch), acc, count)
+            mx.eval(metrics, acc, mx.random.state[0])  # one micro-batch at a time in memory
+            records.append(metrics)
+        metrics, norm = self._step(*self.inputs(batches[-1]), acc, count)
+        mx.eval(metrics, norm, self.model.backbone.state, self.optimizer.state, self.master, mx.random.state[0])
+        records.append(metrics)
+        means = {k: sum(float(r[k]) for r in records) / len(records) for k in records[0]}
+        return {**means, "grad_norm": float(norm)}
+
+    def evaluate(self, batches: list[Batch], seed: int) -> dict[str, float]:
+        training_key = random_key()
+        mx.random.seed(seed)
+        try:
+            records = []
+            for batch in batches:
+                metrics = self._evaluate(*self.inputs(batch))
+                mx.eval(metrics)
+                records.append({k: float(v) for k, v in metrics.items()})
+        finally:
+            set_random_key(training_key)
+        return {k: sum(r[k] for r in records) / len(records) for k in records[0]}
+
+    def write_state(self, directory: Path) -> None:
+        tensors = {f"optimizer.{k}": v for k, v in flat(self.optimizer.state).items()}
+        tensors.update({f"master.{k}": v for k, v in flat(self.master).items()})
+        tensors["random.key"] = mx.array(random_key())
+        self.model._write_tensors(tensors, directory / STATE_FILE)  # float64 optimizer state goes through numpy
+        meta = {"format": FORMAT, "dtype": self.model.dtype, "master": self.half}
+        (directory / META_FILE).write_text(json.dumps(meta))
+
+    def read_state(self, directory: Path) -> None:
+        meta = json.loads((directory / META_FILE).read_text())
+        if meta.get("format") != FORMAT or meta.get("dtype") != self.model.dtype:
+            raise ValueError(f"{directory}: training state of dtype {meta.get('dtype')} (format {meta.get('format')}), "
+                             f"this run computes in {self.model.dtype}: resume with the same --dtype")
+        saved = read_safetensors(directory / STATE_FILE)
+        groups: dict[str, dict[str, mx.array]] = {"optimizer": {}, "master": {}, "random": {}}
+        for key, value in saved.items():
+            group, _, name = key.partition(".")
+            groups[group][name] = value
+        for group, tree in (("optimizer", self.optimizer.state), ("master", self.master)):
+            current = flat(tree)
+            if set(current) != set(groups[group]):
+                raise ValueError(f"{directory}: the saved {group} state does not match this model")
+            for name, value in groups[group].items():
+                if value.size == 1 and current[name].ndim == 0:  # the numpy (float64) route reads scalars as (1,)
+                    value = groups[group][name] = value.reshape(())
+                if value.shape != current[name].shape or value.dtype != current[name].dtype:
+                    raise ValueError(f"{directory}: saved {group} entry {name} has {value.dtype} {value.shape}, "
+                                     f"expected {current[name].dtype} {current[name].shape}")
+            assign(tree, groups[group])
+        if self.half:  # the saved half weights are the rounded masters already; copy to be exact either way
+            self.model.backbone.update(tree_map(lambda m: m.astype(self.dtype), self.master))
+        set_random_key(np.array(groups["random"]["key"]))
+        mx.eval(self.optimizer.state, self.master, self.model.backbone.state)
+
+    def peak_memory(self) -> float:
+        if mx.default_device().type == mx.gpu:
+            return mx.get_peak_memory() / 1e9
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / (1e9 if sys.platform == "darwin" else 1e6)

@@ -1,0 +1,66 @@
+"""`qstar generate`, `qstar eval` and `qstar inspect` end to end on a tiny model, both backends."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import shared_file
+from transformers import AutoTokenizer
+from typer.testing import CliRunner
+
+from cli.main import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_generate_shows_thoughts(llama_checkpoint, backend):
+    result = runner.invoke(app, ["generate", "--model", str(llama_checkpoint), "--prompt", "abc", "--max-tokens", "3",
+                                 "--show-thoughts", "--backend", backend, "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("abc")
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_eval_gsm8k_end_to_end_and_resume(llama_checkpoint, tmp_path, backend):
+    data = shared_file("data/gsm8k/test.jsonl")
+    args = ["eval", "gsm8k", "--model", str(llama_checkpoint), "--data", str(data), "--limit", "3",
+            "--max-tokens", "6", "--batch-size", "2", "--out", str(tmp_path), "--backend", backend, "--teacher-forced"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["n"] == 3 and results["task"] == "gsm8k" and results["thoughts"] is True
+    assert 0 <= results["metrics"]["teacher_forced_answer_probability"] <= 1
+    lines = (tmp_path / "questions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["gold"] for line in lines] == ["18", "3", "70000"]
+    again = runner.invoke(app, args)  # resumes: nothing left to do, same numbers
+    assert again.exit_code == 0
+    assert (tmp_path / "questions.jsonl").read_text().splitlines() == lines
+    assert json.loads((tmp_path / "results.json").read_text())["metrics"] == results["metrics"]
+
+
+def test_inspect_writes_one_span_per_token(llama_checkpoint, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("a=5;b=a+3;\nc=8.")
+    out = tmp_path / "r.html"
+    result = runner.invoke(app, ["inspect", "--model", str(llama_checkpoint), "--text", str(text), "--out", str(out),
+                                 "--backend", "torch"])
+    assert result.exit_code == 0, result.output
+    tokens = AutoTokenizer.from_pretrained(llama_checkpoint)(text.read_text())["input_ids"]
+    assert out.read_text().count('class="tok"') == len(tokens) == len(text.read_text())
+    assert "nats/token" in result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["eval", "mmlu", "--model", "M"], "unknown task"),
+    (["eval", "gsm8k", "--model", "M", "--votes", "0"], "--votes must be >= 1"),
+    (["eval", "gsm8k", "--model", "M", "--data", "/nonexistent.jsonl"], "/nonexistent.jsonl"),
+    (["generate", "--model", "M", "--prompt", ""], "empty prompt"),
+    (["inspect", "--model", "M", "--text", "/nonexistent.txt"], "not found"),
+])
+def test_bad_input_is_one_clear_line(llama_checkpoint, args, message):
+    args = [str(llama_checkpoint) if a == "M" else a for a in args]
+    result = runner.invoke(app, [*args, "--backend", "torch"])
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "Traceback" not in result.output

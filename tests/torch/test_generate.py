@@ -1,0 +1,76 @@
+"""Generation with a KV cache (batched, left-padded) equals the slow definition: everything recomputed per token."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_hf_checkpoint
+
+import qstar
+from qstar.core.layout import ThoughtLayout
+from qstar.core.losses import mix
+
+
+def slow_generate(m: qstar.QStarModel, prompt: list[int], steps: int) -> tuple[list[int], list[list[int]]]:
+    """Greedy decoding with greedy thoughts, recomputing the whole sequence and the whole thought every time."""
+    net, k, banned = m.backbone, m.recipe.thought_tokens, m.ops.to_numpy(m.banned)
+    start, end = net.thought_vectors()
+    tokens, thoughts = list(prompt), []
+    for _ in range(steps):
+        ids = torch.tensor([tokens])
+        h0, base_kv = net.base(ids)
+        layout = ThoughtLayout(len(tokens), np.array([len(tokens) - 1]))
+        thought: list[int] = []
+        for s in range(1, k + 3):
+            inputs = [start[None]] + [net.embed(torch.tensor([t])) for t in thought]
+            if s == k + 2:
+                inputs.append(end[None])
+            x = torch.cat(inputs)[None, :, None]  # (1, s, 1, D)
+            h, _ = net.think(x, layout.steps(1, len(inputs)), base_kv, None)
+            if s <= k:
+                thought.append(int(np.where(banned, -np.inf, net.logits(h[0, -1, 0]).numpy()).argmax()))
+        hb, ht = h0[0, -1], h[0, -1, 0]
+        w = mix(m.ops, m.recipe, net.mixing(hb, ht))
+        logits = net.logits(hb + w * (ht - hb)).numpy()
+        tokens.append(int(np.where(banned, -np.inf, logits).argmax()))
+        thoughts.append(thought)
+    return tokens[len(prompt):], thoughts
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])  # qwen2: tied embeddings and attention biases
+def test_cached_batched_generation_equals_recomputation(tmp_path, model_type):
+    path = make_hf_checkpoint(tmp_path, model_type)
+    m = qstar.load(str(path), backend="torch", thought_tokens=3, sample_temperature=0.0)
+    with torch.no_grad():  # a mixing head that actually mixes
+        m.backbone.mixing_head[4].weight.normal_(0, 3.0)
+        prompts = [[5, 9, 13, 7, 40, 41, 22], [17, 3], [60, 61, 62, 63]]
+        out = m.generate(prompts, max_tokens=6, thoughts=True)
+        for prompt, got in zip(prompts, out, strict=True):
+            tokens, thoughts = slow_generate(m, prompt, 6)
+            assert got.tokens == tokens
+            assert [m.tokenizer.decode(t, skip_special_tokens=True) for t in thoughts] == got.thoughts
+        plain = m.generate(prompts, max_tokens=6, thoughts=False)
+        assert any(a.tokens != b.tokens for a, b in zip(plain, out, strict=True))  # the thoughts did matter
+
+
+def test_generate_bad_input(llama_checkpoint):
+    m = qstar.load(str(llama_checkpoint), backend="torch")
+    with pytest.raises(ValueError, match="empty prompt"):
+        m.generate("   ")
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        m.generate("x" * 1030, max_tokens=4)
+    with pytest.raises(ValueError, match="top_p must lie in"):
+        m.generate("abc", top_p=0)
+
+
+def test_sampling_filters_keep_only_the_nucleus(llama_checkpoint):
+    from qstar.core.sampling import nucleus
+
+    m = qstar.load(str(llama_checkpoint), backend="torch")
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda z: torch.isfinite(z)[0].tolist()  # noqa: E731
+    assert kept(nucleus(m.ops, logits, top_k=2, top_p=None)) == [True, True, False, False]
+    assert kept(nucleus(m.ops, logits, top_k=None, top_p=0.7)) == [True, True, False, False]
+    assert kept(nucleus(m.ops, logits, top_k=None, top_p=0.81)) == [True, True, True, False]
+    assert kept(nucleus(m.ops, logits, top_k=None, top_p=0.5)) == [True, False, False, False]
