@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import convert, evaluate, generate, inspect_text, train
+from cli import bench, convert, evaluate, generate, inspect_text, train
 
 app = typer.Typer(
     name="qstar",
@@ -18,6 +18,7 @@ app.command("train")(train.train)
 app.command("generate")(generate.generate)
 app.command("eval")(evaluate.evaluate)
 app.command("inspect")(inspect_text.inspect_text)
+app.command("bench")(bench.bench)
 
 
 @app.callback()

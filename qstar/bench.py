@@ -207,3 +207,33 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
     return {**asdict(cfg), "W": cfg.tokens, "qstar_step_s": q["step_s"], "lm_step_s": lm["step_s"],
             "ratio": q["step_s"] / lm["step_s"], "qstar_tokens_per_s": cfg.tokens / q["step_s"],
             "qstar_memory_added_gb": q["memory_added_gb"], "lm_memory_added_gb": lm["memory_added_gb"]}
+
+
+def measure_generation(cfg: BenchConfig, path: Path, batch: int, new_tokens: int = 24) -> dict[str, float]:
+    """Emitted tokens/s with and without thoughts (greedy, prompt of 16 tokens), in this process."""
+    import qstar
+
+    model = qstar.load(str(path), backend=cfg.backend, dtype=cfg.dtype, device=cfg.device,
+                       thought_tokens=cfg.thought_tokens)
+    prompts = np.random.default_rng(0).integers(3, cfg.vocab, size=(batch, 16)).tolist()
+    rates = {}
+    for thoughts in (False, True):
+        model.generate(prompts, max_tokens=2, thoughts=thoughts)  # warm-up
+        tic = time.perf_counter()
+        model.generate(prompts, max_tokens=new_tokens, thoughts=thoughts)
+        rates["thoughts" if thoughts else "plain"] = batch * new_tokens / (time.perf_counter() - tic)
+    return rates
+
+
+def bench_generation(cfg: BenchConfig, batches: tuple[int, ...] = (1, 8)) -> list[dict[str, Any]]:
+    """Thoughtful vs plain decoding; the target is thoughts >= 0.7 * plain / (thought_tokens + 3)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(cfg.model) if cfg.model else random_checkpoint(cfg, Path(tmp))
+        for batch in batches:
+            rates = measure_generation(cfg, path, batch)
+            target = 0.7 * rates["plain"] / (cfg.thought_tokens + 3)
+            rows.append({"backend": cfg.backend, "batch": batch, "plain_tokens_per_s": rates["plain"],
+                         "thought_tokens_per_s": rates["thoughts"], "target_tokens_per_s": target,
+                         "meets_target": rates["thoughts"] >= target})
+    return rows

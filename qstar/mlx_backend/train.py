@@ -4,7 +4,8 @@ weights), grad accumulation, and exact resume.
 The compiled functions capture the model, the optimizer and MLX's global random state as implicit inputs and
 outputs (`mx.compile(..., inputs=state, outputs=state)`), so the thoughts are drawn with `mx.random` inside the
 graph and every call advances the random key exactly as an uncompiled run would. Shapes are fixed by the config
-(batch_size x max_seq_length, a float padding mask always present), so each function is traced once per run.
+(batch_size x max_seq_length, a float padding mask always present), so nothing is traced again after the first step.
+That key is MLX's one global (per-thread) key: a process trains one session at a time.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def set_random_key(key: np.ndarray) -> None:
     other way to write mx.random.state."""
     hi, lo = (int(k) for k in np.asarray(key, dtype=np.uint32))
     mx.random.seed((hi << 32) | lo)
-    assert (random_key() == np.array([hi, lo], np.uint32)).all()
+    if not (random_key() == np.array([hi, lo], np.uint32)).all():
+        raise RuntimeError("this MLX version's mx.random.seed does not set the key [seed >> 32, seed & 0xffffffff]")
 
 
 def flat(tree: Tree) -> dict[str, mx.array]:
@@ -219,7 +221,11 @@ class MLXSession:
         groups: dict[str, dict[str, mx.array]] = {"optimizer": {}, "master": {}, "random": {}}
         for key, value in saved.items():
             group, _, name = key.partition(".")
+            if group not in groups:
+                raise ValueError(f"{directory}: unexpected entry {key} in {STATE_FILE}")
             groups[group][name] = value
+        if set(groups["random"]) != {"key"}:
+            raise ValueError(f"{directory}: {STATE_FILE} holds no random key")
         for group, tree in (("optimizer", self.optimizer.state), ("master", self.master)):
             current = flat(tree)
             if set(current) != set(groups[group]):
