@@ -47,8 +47,7 @@ def train(config: Optional[Path] = None, resume: bool = False, **settings: Any) 
         out = Path(given.get("out") or file_settings.get("out") or TrainConfig.out)
         saved = out / "config.json"
         if saved.is_file():
-            previous = read_config_file(saved)
-            previous.pop("backend", None)
+            previous = read_config_file(saved)  # its backend too: training state does not move between backends
             for name in ("model", "data", "recipe"):
                 if name in given and given[name] != previous.get(name):
                     raise ValueError(

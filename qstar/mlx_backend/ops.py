@@ -46,7 +46,7 @@ def from_numpy(x: np.ndarray, dtype: mx.Dtype | None = None) -> mx.array:
     """mx.array(x) keeps x's dtype, float64 included (which plain mx.array silently rounds to float32)."""
     if dtype is None and x.dtype == np.float64:
         dtype = mx.float64
-    return mx.array(np.ascontiguousarray(x), dtype=dtype)
+    return mx.array(np.ascontiguousarray(x).reshape(x.shape), dtype=dtype)
 
 
 class MLXOps:
