@@ -153,6 +153,20 @@ def inspect(path: str | Path) -> CheckpointInfo:
     return CheckpointInfo(path, "hf", config, raw, files, start_id, end_id, None, tokenizer)
 
 
+def check_weights(info: CheckpointInfo, expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]]) -> None:
+    """One clear error when the weights on disk are not those config.json describes (names, then shapes)."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{info.path}: weights do not match config.json (model_type {info.config.model_type}); "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+        )
+    for name, shape in expected.items():
+        if got[name] != shape:
+            raise ValueError(f"{info.path}: {name} has shape {got[name]}, config.json implies {shape}")
+
+
 AUTHORS_EXTRAS = {"start_embedding": "thought.start", "end_embedding": "thought.end"}
 
 

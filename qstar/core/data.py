@@ -108,7 +108,7 @@ def file_texts(path: Path, fields: list[str]) -> Iterator[str]:
     if suffix == ".txt":
         return txt_documents(path)
     if suffix == ".jsonl":
-        return (record_text(record, fields, where) for record, where in jsonl_records(path))
+        return (record_text(record, fields, where) for record, where in object_records(path))
     if suffix == ".parquet":
         return parquet_texts(path, fields)
     raise ValueError(f"{path}: unsupported file type {suffix or '(none)'!r}: {WHAT_TO_PASS}")
@@ -127,20 +127,32 @@ def txt_documents(path: Path) -> Iterator[str]:
         yield "\n".join(lines)
 
 
-def jsonl_records(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
+class DataError(ValueError):
+    """A data file or dataset that cannot be read as expected; the message names the file and line."""
+
+
+def jsonl_records(path: Path) -> Iterator[tuple[Any, str]]:
+    """(record, "file:line") for every non-blank line of a JSONL file."""
+    if path.is_dir():
+        raise DataError(f"{path} is a directory: pass a JSONL file (one JSON object a line)")
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"{path} line {number} is not JSON ({err.msg}): a .jsonl file holds one object a line"
+            except json.JSONDecodeError as error:
+                raise DataError(
+                    f"{path}:{number}: not valid JSON ({error.msg}); expected one JSON object a line"
                 ) from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path} line {number} is not a JSON object: a .jsonl file holds one object a line")
-            yield record, f"{path} line {number}"
+            yield record, f"{path}:{number}"
+
+
+def object_records(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
+    for record, where in jsonl_records(path):
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield record, where
 
 
 def record_text(record: dict[str, Any], fields: list[str], where: str) -> str:

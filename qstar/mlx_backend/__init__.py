@@ -106,16 +106,7 @@ def load(info: CheckpointInfo, recipe: Recipe, dtype: str, device: str | None = 
         extras = checkpoint.init_extras(to_float64(rows), info.config.hidden_size, recipe.embedding_scale)
         tensors.update({k: from_numpy(v) for k, v in extras.items()})
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"{info.path}: weights do not match config.json (model_type {info.config.model_type}); "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-        )
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"{info.path}: {name} has shape {tuple(tensors[name].shape)}, config.json implies {shape}")
+    checkpoint.check_weights(info, expected, {k: tuple(v.shape) for k, v in tensors.items()})
     mlx_dtype = MLX_DTYPES[dtype]
     model.update(tree_unflatten([(k, v.astype(mlx_dtype, stream=mx.cpu)) for k, v in tensors.items()]))
     mx.eval(model.parameters())

@@ -75,16 +75,7 @@ def load(info: CheckpointInfo, recipe: Recipe, dtype: str, device: str | None = 
         extras = checkpoint.init_extras(rows.double().numpy(), info.config.hidden_size, recipe.embedding_scale)
         tensors.update({k: torch.from_numpy(v) for k, v in extras.items()})
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"{info.path}: weights do not match config.json (model_type {info.config.model_type}); "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-        )
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"{info.path}: {name} has shape {tuple(tensors[name].shape)}, config.json implies {shape}")
+    checkpoint.check_weights(info, expected, {k: tuple(v.shape) for k, v in tensors.items()})
     torch_dtype = TORCH_DTYPES[dtype]
     model.load_state_dict({k: v.to(device=device, dtype=torch_dtype) for k, v in tensors.items()}, assign=True)
     return TorchQStar(model, recipe, info, dtype)

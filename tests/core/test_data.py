@@ -140,8 +140,8 @@ def test_bad_specs_say_what_to_pass(tmp_path):
     for spec, error, message in expected:
         with pytest.raises(error, match=message):
             open_documents(spec)
-    reading = [("blank.txt", "no usable text"), ("empty.jsonl", "no usable text"), ("bad.jsonl", "line 2 is not JSON"),
-               ("list.jsonl", "line 1 is not a JSON object")]
+    reading = [("blank.txt", "no usable text"), ("empty.jsonl", "no usable text"), ("bad.jsonl", ":2: not valid JSON"),
+               ("list.jsonl", ":1: expected a JSON object")]
     for name, message in reading:
         with pytest.raises(ValueError, match=message):
             list(open_documents(str(tmp_path / name)))

@@ -13,7 +13,6 @@ Two metrics exist, and they are different numbers:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from qstar.core.data import DataError, jsonl_records
 from qstar.core.eval.answers import extract_choice, extract_number, gsm8k_gold
 
 COT_TRIGGER = "Let's think step by step."
@@ -31,10 +31,6 @@ STOP_TEXT = "\nQ:"
 WORD_START = ("\u2581", "\u0120", " ")
 """How tokenizers mark a token that starts with a space: SentencePiece "▁", byte-level BPE "Ġ", or a plain space."""
 NEWLINE_TOKENS = ("\n", "<0x0A>", "\u010a")
-
-
-class DataError(ValueError):
-    """A data file or dataset that cannot be read as the task's questions; the message names where."""
 
 
 @dataclass(frozen=True)
@@ -226,7 +222,7 @@ def load_examples(task: Task | str, source: str | Path | None = None, limit: int
     if source is None:
         records = _hub_records(task, task.hub_id)
     elif os.path.exists(source):
-        records = _jsonl_records(Path(source))
+        records = ((where, record) for record, where in jsonl_records(Path(source)))
     elif isinstance(source, Path) or str(source).endswith((".jsonl", ".json")) or str(source).startswith((".", "/")):
         raise FileNotFoundError(f"{source}: no such file; pass a local JSONL file or a Hugging Face dataset id")
     else:
@@ -251,21 +247,6 @@ def load_examples(task: Task | str, source: str | Path | None = None, limit: int
 
 def _strip_word_start(token: str) -> str:
     return token[1:] if token.startswith(WORD_START) else token
-
-
-def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
-    if path.is_dir():
-        raise DataError(f"{path} is a directory: pass a JSONL file (one JSON object a line)")
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                message = f"{path}:{number}: not valid JSON ({error.msg}); expected one JSON object a line"
-                raise DataError(message) from None
-            yield f"{path}:{number}", record
 
 
 def _hub_records(task: Task, spec: str) -> Iterator[tuple[str, Any]]:
