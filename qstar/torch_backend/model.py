@@ -169,7 +169,7 @@ class Model(nn.Module):
         self.mixing_head = nn.Sequential(
             nn.Linear(2 * h, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1, bias=False)
         )
-        self._rope: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.grad_checkpoint = False
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -183,12 +183,14 @@ class Model(nn.Module):
         return self.model.norm.weight.dtype
 
     def rope(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin tables (..., d): float32 angles from the core, evaluated in float32 as transformers does."""
-        key = positions.tobytes() + bytes(f"{positions.shape}{self.dtype}", "ascii")
-        if key not in self._rope:
-            angles = self.ops.asarray(rope_angles(self.cfg, positions))
-            self._rope[key] = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
-        return self._rope[key]
+        """cos/sin (..., d) of integer positions: float32 angles from the core, evaluated in float32 as transformers
+        does, kept as one table per position that grows on demand."""
+        have = 0 if self._rope is None else self._rope[0].shape[0]
+        if have <= positions.max() or self._rope[0].dtype != self.dtype:
+            angles = self.ops.asarray(rope_angles(self.cfg, np.arange(max(2 * have, int(positions.max()) + 1, 256))))
+            self._rope = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        index = self.ops.asarray(positions)
+        return self._rope[0][index], self._rope[1][index]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)
