@@ -1,6 +1,6 @@
 """Rebuild weights/arith-llama: a tiny Llama pretrained on qstar's synthetic multi-step arithmetic corpus.
 
-    python weights/build_default.py            # about 5 minutes on 2 CPU cores
+    python weights/build_default.py            # about 4 minutes on 2 idle CPU cores
 
 The model never sees the hidden intermediate values (see qstar/core/synthetic.py), so predicting the answer of a
 multi-step problem is where a thought can help. Pretraining uses transformers' own LlamaForCausalLM (the reference
@@ -66,7 +66,7 @@ def build(out: Path, steps: int, batch_size: int, seq_len: int, lr: float, seed:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=HERE / "arith-llama")
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)

@@ -25,7 +25,7 @@ class Recipe:
     """Temperature of the thought-token draw (0 = greedy)."""
     policy_temperature: float = 3.0
     """Temperature of the log-probabilities in the policy loss (authors: reinforce_temperature)."""
-    policy_weight: float = 1e6
+    policy_weight: float = 1.0
     """Factor on the REINFORCE loss (authors: policy_loss_beta)."""
     base_loss_weight: float = 0.5
     """Weight of the no-thought NLL in the LM loss; the lookahead terms share the rest equally."""

@@ -28,11 +28,11 @@ class TrainConfig:
     """Run directory: checkpoints/, metrics.jsonl, config.json and the `model` link to the newest checkpoint."""
     dtype: str = "float32"
     """Compute dtype; the optimizer keeps float32 master weights for bfloat16/float16."""
-    iters: int = 300
+    iters: int = 200
     """Optimizer steps."""
-    batch_size: int = 8
+    batch_size: int = 4
     """Sequences per micro-batch (each thinks thoughts_per_position times)."""
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-4
     """Peak learning rate (linear warmup, then linear decay to 0)."""
     warmup_steps: int = 20
     """Steps of linear warmup."""
@@ -42,11 +42,11 @@ class TrainConfig:
     """Gradient clipping (0 = off)."""
     grad_accumulation_steps: int = 1
     """Micro-batches per optimizer step."""
-    max_seq_length: int = 48
+    max_seq_length: int = 32
     """Tokens per sequence."""
     steps_per_report: int = 10
     """Steps between training reports."""
-    steps_per_eval: int = 100
+    steps_per_eval: int = 50
     """Steps between validations (base vs thoughtful NLL on held-out data)."""
     val_batches: int = 8
     """Held-out batches per validation."""

@@ -1,0 +1,46 @@
+"""A dependency-free SVG of a run's curves: training LM loss, held-out NLL without and with thoughts.
+
+    python -m qstar.plot runs/qstar docs/default-run.svg
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+WIDTH, HEIGHT, PAD = 640, 320, 48
+SERIES = [
+    ("train", "lm", "#888", "train LM loss"),
+    ("val", "nll_base_lookahead", "#1f77b4", "held-out NLL, no thought"),
+    ("val", "nll_thought_lookahead", "#d62728", "held-out NLL, with thought"),
+]
+
+
+def render(records: list[dict]) -> str:
+    points = {key: [(r["step"], r[key]) for r in records if r["split"] == split] for split, key, _, _ in SERIES}
+    values = [v for series in points.values() for _, v in series]
+    lo, hi, last = min(values), max(values), max(s for series in points.values() for s, _ in series)
+
+    def x(step: float) -> float:
+        return PAD + (WIDTH - 2 * PAD) * step / last
+
+    def y(value: float) -> float:
+        return HEIGHT - PAD - (HEIGHT - 2 * PAD) * (value - lo) / max(hi - lo, 1e-9)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" font-family="sans-serif" '
+             'font-size="12"><rect width="100%" height="100%" fill="white"/>',
+             f'<text x="{PAD}" y="{HEIGHT - 12}">step (0..{last})</text>',
+             f'<text x="4" y="{PAD - 8}">nats: {lo:.3f} .. {hi:.3f}</text>']
+    for i, (_, key, colour, label) in enumerate(SERIES):
+        line = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points[key])
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{line}"/>')
+        parts.append(f'<text x="{WIDTH - 250}" y="{PAD + 16 * i}" fill="{colour}">{label}</text>')
+    return "\n".join(parts + ["</svg>"])
+
+
+if __name__ == "__main__":
+    run, out = Path(sys.argv[1]), Path(sys.argv[2])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(records))
+    print(f"wrote {out}")
