@@ -21,9 +21,10 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results.json"))
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--backend", action="append", choices=["torch", "mlx"], help="default: every installed one")
     args = parser.parse_args()
     report = {}
-    for backend in ("torch", "mlx"):
+    for backend in args.backend or ("torch", "mlx"):
         if importlib.util.find_spec(backend) is None:
             continue
         base = BenchConfig(backend=backend, steps=args.steps, threads=args.threads)

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +177,7 @@ def lm_step(cfg: BenchConfig, path: Path):  # noqa: ANN201
     grad_fn = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state]
 
-    @mx.compile
+    @partial(mx.compile, inputs=state, outputs=state)
     def compiled(x: Any) -> Any:
         loss, grads = grad_fn(model, x)
         optimizer.update(model, grads)
