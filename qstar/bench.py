@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -112,7 +113,7 @@ def measure(cfg: BenchConfig, mode: str, path: Path) -> dict[str, Any]:
     return {"step_s": statistics.median(times), "memory_added_gb": max(peak - base_memory, 0.0)}
 
 
-def device_sync(cfg: BenchConfig):  # noqa: ANN201 - a no-argument callable
+def device_sync(cfg: BenchConfig) -> Callable[[], None]:
     if cfg.backend == "torch":
         import torch
 
@@ -130,7 +131,7 @@ def batch(cfg: BenchConfig, rows: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, cfg.vocab, size=(rows, cfg.seq_len))
 
 
-def qstar_step(cfg: BenchConfig, train_cfg: Any, path: Path):  # noqa: ANN201
+def qstar_step(cfg: BenchConfig, train_cfg: Any, path: Path) -> Callable[[], Any]:
     import qstar
     from qstar.core.trainer import Batch, make_session
 
@@ -142,7 +143,7 @@ def qstar_step(cfg: BenchConfig, train_cfg: Any, path: Path):  # noqa: ANN201
     return lambda: session.step(data, 1e-4)
 
 
-def lm_step(cfg: BenchConfig, path: Path):  # noqa: ANN201
+def lm_step(cfg: BenchConfig, path: Path) -> Callable[[], None]:
     rows = math.ceil(cfg.tokens / cfg.seq_len)
     ids = batch(cfg, rows)
     if cfg.backend == "torch":

@@ -14,6 +14,7 @@ import numpy as np
 from qstar.core import checkpoint
 from qstar.core.checkpoint import CheckpointInfo
 from qstar.core.generate import Sampling, generate
+from qstar.core.hf_config import ModelConfig
 from qstar.core.layout import ThoughtLayout
 from qstar.core.recipe import Recipe
 from qstar.core.sampling import banned_mask, numpy_gumbel
@@ -61,7 +62,7 @@ class QStarModel(ABC):
         self.banned = self.ops.asarray(banned)
 
     @property
-    def config(self):  # noqa: ANN201 - ModelConfig
+    def config(self) -> ModelConfig:
         return self.info.config
 
     @property

@@ -16,8 +16,23 @@ runner = CliRunner()
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_generate_shows_thoughts(llama_checkpoint, backend):
-    result = runner.invoke(app, ["generate", "--model", str(llama_checkpoint), "--prompt", "abc", "--max-tokens", "3",
-                                 "--show-thoughts", "--backend", backend, "--seed", "1"])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(llama_checkpoint),
+            "--prompt",
+            "abc",
+            "--max-tokens",
+            "3",
+            "--show-thoughts",
+            "--backend",
+            backend,
+            "--seed",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert result.output.startswith("abc")
 
@@ -25,8 +40,25 @@ def test_generate_shows_thoughts(llama_checkpoint, backend):
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_eval_gsm8k_end_to_end_and_resume(llama_checkpoint, tmp_path, backend):
     data = shared_file("data/gsm8k/test.jsonl")
-    args = ["eval", "gsm8k", "--model", str(llama_checkpoint), "--data", str(data), "--limit", "3",
-            "--max-tokens", "6", "--batch-size", "2", "--out", str(tmp_path), "--backend", backend, "--teacher-forced"]
+    args = [
+        "eval",
+        "gsm8k",
+        "--model",
+        str(llama_checkpoint),
+        "--data",
+        str(data),
+        "--limit",
+        "3",
+        "--max-tokens",
+        "6",
+        "--batch-size",
+        "2",
+        "--out",
+        str(tmp_path),
+        "--backend",
+        backend,
+        "--teacher-forced",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "results.json").read_text())
@@ -44,23 +76,63 @@ def test_inspect_writes_one_span_per_token(llama_checkpoint, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("a=5;b=a+3;\nc=8.")
     out = tmp_path / "r.html"
-    result = runner.invoke(app, ["inspect", "--model", str(llama_checkpoint), "--text", str(text), "--out", str(out),
-                                 "--backend", "torch"])
+    result = runner.invoke(
+        app, ["inspect", "--model", str(llama_checkpoint), "--text", str(text), "--out", str(out), "--backend", "torch"]
+    )
     assert result.exit_code == 0, result.output
     tokens = AutoTokenizer.from_pretrained(llama_checkpoint)(text.read_text())["input_ids"]
     assert out.read_text().count('class="tok"') == len(tokens) == len(text.read_text())
     assert "nats/token" in result.output
 
 
-@pytest.mark.parametrize("args,message", [
-    (["eval", "mmlu", "--model", "M"], "unknown task"),
-    (["eval", "gsm8k", "--model", "M", "--votes", "0"], "--votes must be >= 1"),
-    (["eval", "gsm8k", "--model", "M", "--data", "/nonexistent.jsonl"], "/nonexistent.jsonl"),
-    (["generate", "--model", "M", "--prompt", ""], "empty prompt"),
-    (["inspect", "--model", "M", "--text", "/nonexistent.txt"], "not found"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["eval", "mmlu", "--model", "M"], "unknown task"),
+        (["eval", "gsm8k", "--model", "M", "--votes", "0"], "--votes must be >= 1"),
+        (["eval", "gsm8k", "--model", "M", "--data", "/nonexistent.jsonl"], "/nonexistent.jsonl"),
+        (["generate", "--model", "M", "--prompt", ""], "empty prompt"),
+        (["inspect", "--model", "M", "--text", "/nonexistent.txt"], "not found"),
+    ],
+)
 def test_bad_input_is_one_clear_line(llama_checkpoint, args, message):
     args = [str(llama_checkpoint) if a == "M" else a for a in args]
     result = runner.invoke(app, [*args, "--backend", "torch"])
     assert result.exit_code == 1, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_eval_csqa_end_to_end(llama_checkpoint, tmp_path):
+    data = tmp_path / "csqa.jsonl"
+    question = {
+        "question": {
+            "stem": "Where is a cat?",
+            "choices": [
+                {"label": label, "text": text}
+                for label, text in zip("ABCDE", ["mat", "sky", "sea", "sun", "car"], strict=True)
+            ],
+        },
+        "answerKey": "A",
+    }
+    data.write_text("\n".join(json.dumps(question) for _ in range(2)))
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "csqa",
+            "--model",
+            str(llama_checkpoint),
+            "--data",
+            str(data),
+            "--max-tokens",
+            "4",
+            "--out",
+            str(tmp_path / "out"),
+            "--backend",
+            "torch",
+            "--no-thoughts",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["task"] == "csqa" and results["n"] == 2 and results["thoughts"] is False
