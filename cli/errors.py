@@ -9,7 +9,15 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
-USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, ValueError, RuntimeError)
+USER_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    PermissionError,
+    ValueError,
+    RuntimeError,
+    ImportError,
+)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
