@@ -16,14 +16,43 @@ FIXTURE = SHARED / "fixtures" / "reference" / "tiny-mistral-a"
 
 # Shapes chosen to exercise GQA, an odd number of heads/kv heads, explicit head_dim, tied embeddings and biases.
 TINY = {
-    "llama": dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
-                  num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=False),
-    "mistral": dict(hidden_size=36, intermediate_size=64, num_hidden_layers=2, num_attention_heads=3,
-                    num_key_value_heads=1, rope_theta=1000000.0, tie_word_embeddings=False),
-    "qwen2": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
-                  num_key_value_heads=3, rope_theta=1000000.0, tie_word_embeddings=True),
-    "qwen3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, rope_theta=1000000.0, tie_word_embeddings=False),
+    "llama": dict(
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    ),
+    "mistral": dict(
+        hidden_size=36,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+    ),
+    "qwen2": dict(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+    ),
+    "qwen3": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+    ),
 }
 VOCAB = 128
 
@@ -51,15 +80,17 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-def make_hf_checkpoint(path: Path, model_type: str, seed: int = 0, tokenizer: bool = True,
-                       top_level_rope: bool = True, **overrides) -> Path:
+def make_hf_checkpoint(
+    path: Path, model_type: str, seed: int = 0, tokenizer: bool = True, top_level_rope: bool = True, **overrides
+) -> Path:
     """save_pretrained of a random tiny model of `model_type` (float32) into `path`."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = {**TINY[model_type], **overrides}
-    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, max_position_embeddings=1024, bos_token_id=1,
-                                  eos_token_id=2, **kwargs)
+    config = AutoConfig.for_model(
+        model_type, vocab_size=VOCAB, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, **kwargs
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # random norms and biases so that no term hides behind an identity init
@@ -78,3 +109,81 @@ def make_hf_checkpoint(path: Path, model_type: str, seed: int = 0, tokenizer: bo
 
 def random_ids(batch: int, length: int, seed: int = 0, vocab: int = VOCAB) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, vocab, size=(batch, length))
+
+
+TRAIN_SMALL = [
+    "--thought-tokens",
+    "2",
+    "--lookahead",
+    "2",
+    "--max-seq-length",
+    "16",
+    "--batch-size",
+    "2",
+    "--policy-weight",
+    "1",
+    "--steps-per-report",
+    "1",
+    "--val-batches",
+    "1",
+    "--warmup-steps",
+    "2",
+]
+
+
+def train_records(out: Path, split: str = "train") -> dict[int, dict]:
+    """The last metrics record per step (a resumed run repeats the steps after its checkpoint)."""
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in lines if r["split"] == split}
+
+
+def killed_and_uninterrupted(backend: str, checkpoint: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """Train 12 steps once uninterrupted, once SIGKILLed after the step-6 checkpoint appeared (wherever it then is,
+    even mid-save) and resumed with `--resume`; returns the two run directories."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    common = [
+        "train",
+        "--backend",
+        backend,
+        "--model",
+        str(checkpoint),
+        "--iters",
+        "12",
+        "--save-every",
+        "3",
+        "--steps-per-eval",
+        "6",
+        "--keep-checkpoints",
+        "5",
+        *TRAIN_SMALL,
+    ]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert CliRunner().invoke(app, [*common, "--out", str(whole)]).exit_code == 0
+    code = "import sys; from cli.main import app; sys.argv = ['qstar', *sys.argv[1:]]; app()"
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, *common, "--out", str(broken)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 300
+    while not (broken / "checkpoints" / "step-0000006").exists() and process.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL and not (broken / "checkpoints" / "step-0000012").exists()
+    result = CliRunner().invoke(app, ["train", "--resume", "--out", str(broken)])  # the run's backend is kept
+    assert result.exit_code == 0, result.output
+    a, b = train_records(whole), train_records(broken)
+    assert set(a) == set(b) == set(range(1, 13))
+    for step in a:
+        for key in ("loss", "lm", "policy", "grad_norm"):
+            assert a[step][key] == b[step][key], (step, key)
+    assert train_records(whole, "val") == train_records(broken, "val")
+    return whole, broken

@@ -9,11 +9,6 @@ seconds.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from helpers import random_ids
+from helpers import TRAIN_SMALL, killed_and_uninterrupted, random_ids, train_records
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
@@ -31,15 +26,7 @@ from qstar.core.train_config import TrainConfig
 from qstar.core.trainer import Batch
 from qstar.mlx_backend.train import MLXSession, random_key, set_random_key
 
-SMALL = ["--thought-tokens", "2", "--lookahead", "2", "--max-seq-length", "16", "--batch-size", "2",
-         "--policy-weight", "1", "--steps-per-report", "1", "--val-batches", "1", "--warmup-steps", "2"]
 RECIPE = dict(thought_tokens=2, lookahead=2, policy_weight=1.0)
-
-
-def records(out: Path, split: str = "train") -> dict[int, dict]:
-    """The last record per step (a resumed run repeats the steps after its checkpoint)."""
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in lines if r["split"] == split}
 
 
 def rel(got: np.ndarray, want: np.ndarray) -> float:
@@ -72,16 +59,32 @@ def uncompiled():
 
 def test_short_training_lowers_the_loss_and_saves_a_loadable_model(llama_checkpoint, tmp_path):
     out = tmp_path / "run"
-    args = ["train", "--backend", "mlx", "--model", str(llama_checkpoint), "--out", str(out), "--iters", "30",
-            "--learning-rate", "3e-3", "--steps-per-eval", "15", "--save-every", "15", *SMALL]
+    args = [
+        "train",
+        "--backend",
+        "mlx",
+        "--model",
+        str(llama_checkpoint),
+        "--out",
+        str(out),
+        "--iters",
+        "30",
+        "--learning-rate",
+        "3e-3",
+        "--steps-per-eval",
+        "15",
+        "--save-every",
+        "15",
+        *TRAIN_SMALL,
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    train = records(out)
+    train = train_records(out)
     first = np.mean([train[s]["lm"] for s in (1, 2, 3)])
     last = np.mean([train[s]["lm"] for s in (28, 29, 30)])
     assert last < first - 0.3
     assert all(np.isfinite(r["grad_norm"]) and r["peak_memory_gb"] > 0 for r in train.values())
-    assert set(records(out, "val")) == {15, 30}
+    assert set(train_records(out, "val")) == {15, 30}
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000015", "step-0000030"]
     assert json.loads((out / "config.json").read_text())["backend"] == "mlx"
     m = qstar.load(str(out / "model"), backend="mlx")
@@ -94,39 +97,10 @@ def test_short_training_lowers_the_loss_and_saves_a_loadable_model(llama_checkpo
     assert not np.array_equal(np.array(start["lm_head.weight"]), np.array(wm["lm_head.weight"]))
 
 
-def run_cli(args: list[str]) -> subprocess.Popen:
-    code = "import sys; from cli.main import app; sys.argv = ['qstar', *sys.argv[1:]]; app()"
-    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONHASHSEED": "0"})
-
-
 def test_killed_run_resumes_exactly(llama_checkpoint, tmp_path):
     """Weights, AdamW moments and step, and the mx.random key are all in the checkpoint, and the compiled graph
     is the same in every process: the resumed run repeats the uninterrupted one bit for bit."""
-    common = ["train", "--backend", "mlx", "--model", str(llama_checkpoint), "--iters", "12", "--save-every", "3",
-              "--steps-per-eval", "6", "--keep-checkpoints", "5", *SMALL]
-    whole = tmp_path / "whole"
-    assert CliRunner().invoke(app, [*common, "--out", str(whole)]).exit_code == 0
-
-    broken = tmp_path / "broken"
-    process = run_cli([*common, "--out", str(broken)])
-    deadline = time.time() + 120
-    while not (broken / "checkpoints" / "step-0000006").exists() and process.poll() is None:
-        assert time.time() < deadline
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)  # wherever it is, even mid-save
-    process.wait()
-    assert process.returncode == -signal.SIGKILL and not (broken / "checkpoints" / "step-0000012").exists()
-    # --backend again: --resume does not take the backend from the run's config.json (cli/train.py pops it)
-    result = CliRunner().invoke(app, ["train", "--resume", "--backend", "mlx", "--out", str(broken)])
-    assert result.exit_code == 0, result.output
-
-    a, b = records(whole), records(broken)
-    assert set(a) == set(b) == set(range(1, 13))
-    for step in a:
-        for key in ("loss", "lm", "policy", "grad_norm"):
-            assert a[step][key] == b[step][key], (step, key)
-    assert records(whole, "val") == records(broken, "val")
+    whole, broken = killed_and_uninterrupted("mlx", llama_checkpoint, tmp_path)
     wa = qstar.load(str(whole / "model"), backend="mlx").parameters()
     wb = qstar.load(str(broken / "model"), backend="mlx").parameters()
     assert all(np.array_equal(np.array(wa[k]), np.array(wb[k])) for k in wa)
@@ -215,8 +189,9 @@ def test_bfloat16_master_weights_and_resume(llama_checkpoint, tmp_path):
         masters = dict(tree_flatten(a.master))
         params = a.model.parameters()
         assert all(v.dtype == mx.float32 for v in masters.values())
-        assert all(params[k].dtype == mx.bfloat16 and mx.array_equal(params[k], masters[k].astype(mx.bfloat16))
-                   for k in params)
+        assert all(
+            params[k].dtype == mx.bfloat16 and mx.array_equal(params[k], masters[k].astype(mx.bfloat16)) for k in params
+        )
         # Updates far below bf16 resolution still accumulate in the masters.
         assert not mx.array_equal(masters["model.norm.weight"], start["model.norm.weight"])
         assert not mx.array_equal(masters["lm_head.weight"], start["lm_head.weight"])
