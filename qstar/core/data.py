@@ -75,6 +75,15 @@ def open_documents(
     return selected(texts, spec, part, held_out)
 
 
+def is_hub_spec(spec: str) -> bool:
+    """Whether open_documents would stream `spec` from the Hugging Face Hub."""
+    path = Path(spec).expanduser()
+    synthetic_spec = spec == "synthetic" or spec.startswith("synthetic:")
+    return not (synthetic_spec or path.exists() or path.suffix.lower() in DATA_SUFFIXES) and looks_like_hub_id(
+        spec.split(":")[0]
+    )
+
+
 def synthetic_difficulty(spec: str) -> tuple[int, int]:
     """`synthetic` -> the default range, `synthetic:3` -> (3, 3), `synthetic:1-4` -> (1, 4)."""
     _, _, text = spec.partition(":")
@@ -381,3 +390,54 @@ class BlockStream:
         self.documents = 0
         self.epoch_has_tokens = False
         self.source = None
+
+
+class TokenCache:
+    """Tokenized documents of a streamed source on local disk, in stream order, so that re-reads (a resumed run,
+    a new epoch) cost neither the network nor the tokenizer.
+
+    tokens.bin holds the int32 ids of every document back to back and ends.bin each document's end offset (int64).
+    A document counts once its end is written; a run killed mid-append leaves at most a tail that is cut on open.
+    `complete` marks a source read to its end, so later epochs never open it again.
+    One writer at a time: two runs streaming the same source should use different --out (and so caches).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokens, self.ends, self.complete = directory / "tokens.bin", directory / "ends.bin", directory / "complete"
+        for file in (self.tokens, self.ends):
+            file.touch()
+        with open(self.ends, "r+b") as handle:
+            handle.truncate(self.ends.stat().st_size // 8 * 8)
+        ends = np.fromfile(self.ends, dtype=np.int64)
+        with open(self.tokens, "r+b") as handle:
+            handle.truncate(int(ends[-1]) * 4 if len(ends) else 0)
+
+    def __len__(self) -> int:
+        return self.ends.stat().st_size // 8
+
+    def documents(self, source: Callable[[], Iterator[str]], encode: Callable[[str], list[int]]) -> Iterator[list[int]]:
+        """The cached documents, then the source's next ones (its first len(self) are skipped unread by the
+        tokenizer), each encoded and appended as it is yielded."""
+        ends = np.fromfile(self.ends, dtype=np.int64)
+        tokens = np.memmap(self.tokens, dtype=np.int32, mode="r") if len(ends) else np.zeros(0, np.int32)
+        start = 0
+        for end in ends:
+            yield tokens[start:end].tolist()
+            start = int(end)
+        if self.complete.exists():
+            return
+        rest = source()
+        for _ in range(len(ends)):
+            if next(rest, None) is None:
+                return
+        with open(self.tokens, "ab") as token_file, open(self.ends, "ab") as end_file:
+            for text in rest:
+                ids = encode(text)
+                token_file.write(np.asarray(ids, np.int32).tobytes())
+                token_file.flush()
+                start += len(ids)
+                end_file.write(np.int64(start).tobytes())
+                end_file.flush()
+                yield ids
+        self.complete.touch()

@@ -5,11 +5,13 @@ A backend supplies a `Session` (its model, optimizer and random state); everythi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,7 +20,7 @@ import numpy as np
 
 import qstar
 from qstar.core.api import QStarModel
-from qstar.core.data import BlockStream, open_documents
+from qstar.core.data import BlockStream, TokenCache, is_hub_spec, open_documents
 from qstar.core.train_config import TrainConfig
 
 STATE_FILE = "trainer_state.json"
@@ -138,19 +140,26 @@ def save_checkpoint(session: Session, out: Path, step: int, data_state: dict[str
 
 
 def make_streams(cfg: TrainConfig, tokenizer: Any, min_len: int) -> tuple[BlockStream, list[Batch]]:
-    """The training stream and a fixed list of held-out batches (a disjoint part of --data unless --val-data)."""
+    """The training stream and a fixed list of held-out batches (a disjoint part of --data unless --val-data).
+    A streamed hub dataset is tokenized once into OUT/token-cache/, which resumes and later epochs read."""
 
     def encode(text: str) -> list[int]:
         return tokenizer(text)["input_ids"]
 
+    def stream(spec: str, part: str) -> BlockStream:
+        def documents(seed: int) -> Iterator[Any]:
+            return open_documents(spec, cfg.text_field, seed=seed, part=part)
+
+        factory, encoder = documents, encode
+        if is_hub_spec(spec):
+            cache = TokenCache(Path(cfg.out) / "token-cache" / f"{part}-{hashlib.sha1(spec.encode()).hexdigest()[:12]}")
+            factory, encoder = (lambda seed: cache.documents(lambda: documents(seed), encode)), list
+        return BlockStream(factory, encoder, cfg.max_seq_length, cfg.batch_size, cfg.seed, eos, pad, min_len)
+
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    train_part = "all" if cfg.val_data else "train"
-    val_spec, val_part = (cfg.val_data, "all") if cfg.val_data else (cfg.data, "validation")
-    train = BlockStream(lambda seed: open_documents(cfg.data, cfg.text_field, seed=seed, part=train_part), encode,
-                        cfg.max_seq_length, cfg.batch_size, cfg.seed, eos, pad, min_len)
-    val = BlockStream(lambda seed: open_documents(val_spec, cfg.text_field, seed=seed, part=val_part), encode,
-                      cfg.max_seq_length, cfg.batch_size, cfg.seed, eos, pad, min_len)
+    train = stream(cfg.data, "all" if cfg.val_data else "train")
+    val = stream(*((cfg.val_data, "all") if cfg.val_data else (cfg.data, "validation")))
     return train, [Batch(*next(val)) for _ in range(cfg.val_batches)]
 
 
@@ -191,7 +200,6 @@ def run(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) -> P
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
-
 
     out = Path(cfg.out)
     backend = qstar.available_backend(cfg.backend)

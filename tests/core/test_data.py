@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import types
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from helpers import shared_file
 
 from qstar.core import synthetic
-from qstar.core.data import BlockStream, is_held_out, open_documents
+from qstar.core.data import BlockStream, TokenCache, is_held_out, is_hub_spec, open_documents
 
 CHARS = {c: i for i, c in enumerate(synthetic.VOCAB)}
 EOS, PAD = 2, 3
@@ -140,8 +141,12 @@ def test_bad_specs_say_what_to_pass(tmp_path):
     for spec, error, message in expected:
         with pytest.raises(error, match=message):
             open_documents(spec)
-    reading = [("blank.txt", "no usable text"), ("empty.jsonl", "no usable text"), ("bad.jsonl", ":2: not valid JSON"),
-               ("list.jsonl", ":1: expected a JSON object")]
+    reading = [
+        ("blank.txt", "no usable text"),
+        ("empty.jsonl", "no usable text"),
+        ("bad.jsonl", ":2: not valid JSON"),
+        ("list.jsonl", ":1: expected a JSON object"),
+    ]
     for name, message in reading:
         with pytest.raises(ValueError, match=message):
             list(open_documents(str(tmp_path / name)))
@@ -262,3 +267,37 @@ def test_a_source_without_tokens_is_an_error():
     stream = BlockStream(lambda s: ["abc"], lambda t: [], 8, 1, 0, EOS, PAD)
     with pytest.raises(ValueError, match="gave no tokens"):
         next(stream)
+
+
+def test_token_cache_serves_re_reads_without_the_source(tmp_path):
+    texts = [f"document {i} " * (i + 1) for i in range(6)]
+    opened = []
+
+    def source() -> Iterator[str]:
+        opened.append(1)
+        return iter(texts)
+
+    def encode(text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    cache = TokenCache(tmp_path / "cache")
+    first = cache.documents(source, encode)
+    assert [next(first) for _ in range(3)] == [encode(t) for t in texts[:3]]  # a run that stopped after 3
+    first.close()
+    assert len(TokenCache(tmp_path / "cache")) == 3
+    assert list(TokenCache(tmp_path / "cache").documents(source, encode)) == [encode(t) for t in texts]
+    assert len(opened) == 2
+    with open(tmp_path / "cache" / "tokens.bin", "ab") as f:  # a kill mid-append: half a document, half an end
+        f.write(b"\x01\x02\x03")
+    with open(tmp_path / "cache" / "ends.bin", "ab") as f:
+        f.write(b"\x05")
+    again = TokenCache(tmp_path / "cache")
+    assert list(again.documents(source, encode)) == [encode(t) for t in texts]
+    assert len(opened) == 2  # read to its end once: later epochs never open the source
+
+
+def test_only_hub_ids_are_cached(tmp_path):
+    (tmp_path / "a.jsonl").write_text("{}")
+    assert is_hub_spec("open-web-math/open-web-math") and is_hub_spec("allenai/c4:en")
+    assert not is_hub_spec("synthetic") and not is_hub_spec(str(tmp_path / "a.jsonl"))
+    assert not is_hub_spec("missing/file.jsonl")

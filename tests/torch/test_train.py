@@ -50,3 +50,43 @@ def test_killed_run_resumes_exactly(llama_checkpoint, tmp_path):
     wa = qstar.load(str(whole / "model"), backend="torch").parameters()
     wb = qstar.load(str(broken / "model"), backend="torch").parameters()
     assert all(bool((wa[k] == wb[k]).all()) for k in wa)
+
+
+def test_streamed_hub_data_is_tokenized_once(llama_checkpoint, tmp_path, monkeypatch):
+    """A hub dataset (faked: no network here) goes through OUT/token-cache; a resumed run reads it from there."""
+    import sys
+    import types
+
+    opened = []
+
+    def load_dataset(name, config, split, streaming):
+        opened.append(name)
+        return [{"text": f"doc {i}: " + "ab" * (i % 7 + 3)} for i in range(400)]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--backend",
+        "torch",
+        "--model",
+        str(llama_checkpoint),
+        "--data",
+        "someone/corpus",
+        "--out",
+        str(out),
+        "--iters",
+        "4",
+        "--save-every",
+        "2",
+        "--steps-per-eval",
+        "4",
+        *TRAIN_SMALL,
+    ]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert sorted(p.name.split("-")[0] for p in (out / "token-cache").iterdir()) == ["train", "validation"]
+    streamed = len(opened)
+    resumed = CliRunner().invoke(app, ["train", "--resume", "--out", str(out), "--iters", "6"])
+    assert resumed.exit_code == 0, resumed.output
+    assert set(train_records(out)) == set(range(1, 7))
+    assert len(opened) == streamed + 1  # taken documents come from the cache; the source opens once, to go past them
