@@ -240,7 +240,7 @@ class QStarModel(ABC):
         base = {k: v for k, v in params.items() if k not in extras}
         with checkpoint.atomic_directory(path, overwrite) as tmp:
             sizes = {k: self._nbytes(v) for k, v in base.items()}
-            shards = checkpoint.plan_shards(sizes)
+            shards = checkpoint.plan_shards(sizes, checkpoint.MAX_SHARD_BYTES)
             for name, names in zip(checkpoint.shard_file_names(len(shards)), shards, strict=True):
                 self._write_tensors({k: base[k] for k in names}, tmp / name)
             checkpoint.write_index(tmp, shards, sum(sizes.values()))

@@ -97,3 +97,19 @@ def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
     result = runner.invoke(app, ["convert", "nobody-here/no-such-model", str(tmp_path / "out")])
     assert result.exit_code == 1
     assert "pass a local checkpoint directory" in result.output
+
+
+def test_sharded_save_round_trips(llama_checkpoint, tmp_path, monkeypatch):
+    from qstar.core import checkpoint
+
+    monkeypatch.setattr(checkpoint, "MAX_SHARD_BYTES", 40_000)
+    model = qstar.load(str(llama_checkpoint), backend="torch")
+    model.save(tmp_path / "sharded")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    again = qstar.load(str(tmp_path / "sharded"), backend="torch")
+    assert all(torch.equal(v, again.parameters()[k]) for k, v in model.parameters().items())
+    ids = random_ids(1, 8)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded", dtype=torch.float32)
+    with torch.no_grad():
+        assert np.abs(base(torch.from_numpy(ids)).logits.numpy() - again.logits(ids)).max() < 1e-5
