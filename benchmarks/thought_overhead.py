@@ -30,8 +30,11 @@ if __name__ == "__main__":
         base = BenchConfig(backend=backend, steps=args.steps, threads=args.threads)
         rows = [bench(replace(base, seq_len=length)) for length in (64, 128, 256)]
         for r in rows:
-            print(f"{backend} L={r['seq_len']}: ratio {r['ratio']:.2f}, qstar step {r['qstar_step_s']:.3f}s, "
-                  f"LM step {r['lm_step_s']:.3f}s, memory added {r['qstar_memory_added_gb']:.2f} GB", flush=True)
+            print(
+                f"{backend} L={r['seq_len']}: ratio {r['ratio']:.2f}, qstar step {r['qstar_step_s']:.3f}s, "
+                f"LM step {r['lm_step_s']:.3f}s, memory added {r['qstar_memory_added_gb']:.2f} GB",
+                flush=True,
+            )
         report[backend] = {"training": rows, "generation": bench_generation(base)}
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

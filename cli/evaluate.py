@@ -37,18 +37,37 @@ def evaluate(
     from qstar.core.eval.tasks import get_task, load_examples
 
     spec = get_task(task)
-    settings = EvalSettings(votes=votes, thoughts=thoughts, batch_size=batch_size, max_tokens=max_tokens,
-                            temperature=temperature, seed=seed, teacher_forced=teacher_forced)
+    settings = EvalSettings(
+        votes=votes,
+        thoughts=thoughts,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        seed=seed,
+        teacher_forced=teacher_forced,
+    )
     examples = load_examples(spec, data, limit)
     m = qstar.load(model, backend=backend, dtype=dtype)
     console = Console(stderr=True)
-    columns = [TextColumn(f"[bold]{task}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-               TimeRemainingColumn()]
+    columns = [
+        TextColumn(f"[bold]{task}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("", total=len(examples))
         progress.update(bar, completed=0)
-        result = run(m, spec, examples, out, settings, model,
-                     on_record=lambda record, accuracy: progress.update(bar, advance=1, description=str(accuracy)))
+        result = run(
+            m,
+            spec,
+            examples,
+            out,
+            settings,
+            model,
+            on_record=lambda record, accuracy: progress.update(bar, advance=1, description=str(accuracy)),
+        )
     lines = [f"{name} = {value:.4f}" for name, value in result.metrics.items()]
     console.print(f"{task}: n={result.n}, thoughts={'on' if thoughts else 'off'}: " + ", ".join(lines))
     console.print(f"wrote {out / 'results.json'} and {out / 'questions.jsonl'}")

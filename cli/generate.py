@@ -30,8 +30,16 @@ def generate(
     import qstar
 
     m = qstar.load(model, backend=backend, dtype=dtype)
-    result = m.generate(prompt, max_tokens=max_tokens, thoughts=thoughts, temperature=temperature, top_k=top_k,
-                        top_p=top_p, seed=seed, stop=stop or ())[0]
+    result = m.generate(
+        prompt,
+        max_tokens=max_tokens,
+        thoughts=thoughts,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop=stop or (),
+    )[0]
     console = Console(highlight=False)
     if not show_thoughts:
         console.print(escape(prompt + result.text), soft_wrap=True)

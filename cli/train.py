@@ -31,8 +31,10 @@ def setting_parameters() -> list[inspect.Parameter]:
             flag = "--" + f.name.replace("_", "-")
             decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
             option = typer.Option(None, *decls, help=docs.get(f.name, ""), rich_help_panel=panel, show_default=False)
-            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
-                                            annotation=Optional[kind]))  # noqa: UP045 - typer needs Optional here
+            annotation = Optional[kind]  # noqa: UP045 - typer reads typing.Optional from a built signature
+            params.append(
+                inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+            )
     return params
 
 
@@ -62,10 +64,18 @@ def train(config: Optional[Path] = None, resume: bool = False, **settings: Any) 
 
 train.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
     [
-        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],  # noqa: UP045
-                          default=typer.Option(None, "--config", help="YAML, TOML or JSON file of settings")),
-        inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-                          default=typer.Option(False, "--resume", help="Continue from the newest complete checkpoint")),
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Optional[Path],  # noqa: UP045
+            default=typer.Option(None, "--config", help="YAML, TOML or JSON file of settings"),
+        ),
+        inspect.Parameter(
+            "resume",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=bool,
+            default=typer.Option(False, "--resume", help="Continue from the newest complete checkpoint"),
+        ),
         *setting_parameters(),
     ]
 )

@@ -58,9 +58,16 @@ def random_checkpoint(cfg: BenchConfig, directory: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=cfg.hidden, num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-                         num_key_value_heads=cfg.kv_heads, intermediate_size=cfg.intermediate,
-                         vocab_size=cfg.vocab, max_position_embeddings=4096, rope_theta=10000.0)
+    config = LlamaConfig(
+        hidden_size=cfg.hidden,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads,
+        intermediate_size=cfg.intermediate,
+        vocab_size=cfg.vocab,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(directory)
     raw = json.loads((directory / "config.json").read_text())
@@ -95,10 +102,22 @@ def measure(cfg: BenchConfig, mode: str, path: Path) -> dict[str, Any]:
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-    train_cfg = TrainConfig(backend=cfg.backend, model=str(path), dtype=cfg.dtype, batch_size=cfg.batch,
-                            max_seq_length=cfg.seq_len, learning_rate=1e-4, warmup_steps=0, iters=10**6,
-                            recipe_overrides=dict(thought_tokens=cfg.thought_tokens, lookahead=cfg.lookahead,
-                                                  thoughts_per_position=cfg.thoughts_per_position, policy_weight=1.0))
+    train_cfg = TrainConfig(
+        backend=cfg.backend,
+        model=str(path),
+        dtype=cfg.dtype,
+        batch_size=cfg.batch,
+        max_seq_length=cfg.seq_len,
+        learning_rate=1e-4,
+        warmup_steps=0,
+        iters=10**6,
+        recipe_overrides=dict(
+            thought_tokens=cfg.thought_tokens,
+            lookahead=cfg.lookahead,
+            thoughts_per_position=cfg.thoughts_per_position,
+            policy_weight=1.0,
+        ),
+    )
     step = qstar_step(cfg, train_cfg, path) if mode == "qstar" else lm_step(cfg, path)
     sync = device_sync(cfg)
     base_memory = device_memory(cfg) if cfg.device == "cuda" else current_rss_gb()
@@ -135,8 +154,9 @@ def qstar_step(cfg: BenchConfig, train_cfg: Any, path: Path) -> Callable[[], Any
     import qstar
     from qstar.core.trainer import Batch, make_session
 
-    model = qstar.load(str(path), backend=cfg.backend, dtype=cfg.dtype, recipe=train_cfg.make_recipe(),
-                       device=cfg.device)
+    model = qstar.load(
+        str(path), backend=cfg.backend, dtype=cfg.dtype, recipe=train_cfg.make_recipe(), device=cfg.device
+    )
     session = make_session(cfg.backend, model, train_cfg)
     ids = batch(cfg, cfg.batch)
     data = [Batch(ids, np.ones(ids.shape, bool))]
@@ -192,10 +212,13 @@ def lm_step(cfg: BenchConfig, path: Path) -> Callable[[], None]:
 
 def run_one(cfg: BenchConfig, mode: str, path: Path) -> dict[str, Any]:
     """Measure in a fresh interpreter (clean peak memory)."""
-    code = ("import json,sys; from pathlib import Path; from qstar.bench import BenchConfig, measure; "
-            "c=BenchConfig(**json.loads(sys.argv[1])); print(json.dumps(measure(c, sys.argv[2], Path(sys.argv[3]))))")
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(asdict(cfg)), mode, str(path)],
-                          capture_output=True, text=True)
+    code = (
+        "import json,sys; from pathlib import Path; from qstar.bench import BenchConfig, measure; "
+        "c=BenchConfig(**json.loads(sys.argv[1])); print(json.dumps(measure(c, sys.argv[2], Path(sys.argv[3]))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(asdict(cfg)), mode, str(path)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         raise RuntimeError(f"benchmark of {mode} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -206,17 +229,25 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
         path = Path(cfg.model) if cfg.model else random_checkpoint(cfg, Path(tmp))
         q = run_one(cfg, "qstar", path)
         lm = run_one(cfg, "lm", path)
-    return {**asdict(cfg), "W": cfg.tokens, "qstar_step_s": q["step_s"], "lm_step_s": lm["step_s"],
-            "ratio": q["step_s"] / lm["step_s"], "qstar_tokens_per_s": cfg.tokens / q["step_s"],
-            "qstar_memory_added_gb": q["memory_added_gb"], "lm_memory_added_gb": lm["memory_added_gb"]}
+    return {
+        **asdict(cfg),
+        "W": cfg.tokens,
+        "qstar_step_s": q["step_s"],
+        "lm_step_s": lm["step_s"],
+        "ratio": q["step_s"] / lm["step_s"],
+        "qstar_tokens_per_s": cfg.tokens / q["step_s"],
+        "qstar_memory_added_gb": q["memory_added_gb"],
+        "lm_memory_added_gb": lm["memory_added_gb"],
+    }
 
 
 def measure_generation(cfg: BenchConfig, path: Path, batch: int, new_tokens: int = 24) -> dict[str, float]:
     """Emitted tokens/s with and without thoughts (greedy, prompt of 16 tokens), in this process."""
     import qstar
 
-    model = qstar.load(str(path), backend=cfg.backend, dtype=cfg.dtype, device=cfg.device,
-                       thought_tokens=cfg.thought_tokens)
+    model = qstar.load(
+        str(path), backend=cfg.backend, dtype=cfg.dtype, device=cfg.device, thought_tokens=cfg.thought_tokens
+    )
     prompts = np.random.default_rng(0).integers(3, cfg.vocab, size=(batch, 16)).tolist()
     rates = {}
     for thoughts in (False, True):
@@ -235,7 +266,14 @@ def bench_generation(cfg: BenchConfig, batches: tuple[int, ...] = (1, 8)) -> lis
         for batch in batches:
             rates = measure_generation(cfg, path, batch)
             target = 0.7 * rates["plain"] / (cfg.thought_tokens + 3)
-            rows.append({"backend": cfg.backend, "batch": batch, "plain_tokens_per_s": rates["plain"],
-                         "thought_tokens_per_s": rates["thoughts"], "target_tokens_per_s": target,
-                         "meets_target": rates["thoughts"] >= target})
+            rows.append(
+                {
+                    "backend": cfg.backend,
+                    "batch": batch,
+                    "plain_tokens_per_s": rates["plain"],
+                    "thought_tokens_per_s": rates["thoughts"],
+                    "target_tokens_per_s": target,
+                    "meets_target": rates["thoughts"] >= target,
+                }
+            )
     return rows

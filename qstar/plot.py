@@ -1,6 +1,6 @@
 """A dependency-free SVG of a run's curves: training LM loss, held-out NLL without and with thoughts.
 
-    python -m qstar.plot runs/qstar docs/default-run.svg
+python -m qstar.plot runs/qstar docs/default-run.svg
 """
 
 from __future__ import annotations
@@ -27,10 +27,13 @@ def render(records: list[dict]) -> str:
 
     def y(value: float) -> float:
         return HEIGHT - PAD - (HEIGHT - 2 * PAD) * (value - lo) / max(hi - lo, 1e-9)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" font-family="sans-serif" '
-             'font-size="12"><rect width="100%" height="100%" fill="white"/>',
-             f'<text x="{PAD}" y="{HEIGHT - 12}">step (0..{last})</text>',
-             f'<text x="4" y="{PAD - 8}">nats: {lo:.3f} .. {hi:.3f}</text>']
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" font-family="sans-serif" '
+        'font-size="12"><rect width="100%" height="100%" fill="white"/>',
+        f'<text x="{PAD}" y="{HEIGHT - 12}">step (0..{last})</text>',
+        f'<text x="4" y="{PAD - 8}">nats: {lo:.3f} .. {hi:.3f}</text>',
+    ]
     for i, (_, key, colour, label) in enumerate(SERIES):
         line = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points[key])
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{line}"/>')

@@ -23,8 +23,16 @@ from qstar.core.data import BlockStream, open_documents
 from qstar.core.synthetic import VOCAB, char_tokenizer_files
 
 HERE = Path(__file__).resolve().parent
-SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=False)
+SHAPE = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+)
 
 
 def build(out: Path, steps: int, batch_size: int, seq_len: int, lr: float, seed: int) -> None:
@@ -36,12 +44,20 @@ def build(out: Path, steps: int, batch_size: int, seq_len: int, lr: float, seed:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    stream = BlockStream(lambda s: open_documents("synthetic", seed=s, part="train"),
-                         lambda text: tokenizer(text)["input_ids"], seq_len, batch_size, seed, 2, 3)
+    stream = BlockStream(
+        lambda s: open_documents("synthetic", seed=s, part="train"),
+        lambda text: tokenizer(text)["input_ids"],
+        seq_len,
+        batch_size,
+        seed,
+        2,
+        3,
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = steps // 20
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
+        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps)))
+    )
     tic = time.time()
     for step in range(steps):
         ids, mask = next(stream)

@@ -137,8 +137,16 @@ class QStarModel(ABC):
             else self.check_thoughts(thoughts, rows, layout.num_streams)
         )
         valid = None if mask.all() else self.ops.asarray(mask.astype(np.float32))
-        return quietstar_loss(self.backbone, self.recipe, self.ops.asarray(ids), valid, self.ops.asarray(t), layout,
-                              self.banned, self.config.fallback_pad_id)
+        return quietstar_loss(
+            self.backbone,
+            self.recipe,
+            self.ops.asarray(ids),
+            valid,
+            self.ops.asarray(t),
+            layout,
+            self.banned,
+            self.config.fallback_pad_id,
+        )
 
     def loss(
         self, input_ids: Any, attention_mask: Any = None, thoughts: Any = None, seed: int | None = None

@@ -54,14 +54,19 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
     longest = max(len(p) for p in prompts)
     ids = np.full((len(prompts), longest), pad_id, np.int64)
     for row, prompt in enumerate(prompts):
-        ids[row, longest - len(prompt):] = prompt
+        ids[row, longest - len(prompt) :] = prompt
     pads = longest - np.array([len(p) for p in prompts])
     mask = np.arange(longest)[None, :] >= pads[:, None]
     return ids, None if mask.all() else mask, np.maximum(np.arange(longest)[None, :] - pads[:, None], 0)
 
 
 def think_here(
-    model: Backbone, recipe: Recipe, cache: Cache, key_mask: np.ndarray, position: np.ndarray, banned: Array,
+    model: Backbone,
+    recipe: Recipe,
+    cache: Cache,
+    key_mask: np.ndarray,
+    position: np.ndarray,
+    banned: Array,
     noise: NoiseFn | None,
 ) -> tuple[Array, Array]:
     """One thought per row after its last real token (at `position`): the hidden state after <end> (B, D) and the

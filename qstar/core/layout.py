@@ -64,8 +64,11 @@ class ThoughtLayout:
 
     def steps(self, first_step: int, num_steps: int) -> StepGeometry:
         """The geometry of thought steps first_step..first_step+n-1 of every stream, shared by all rows."""
-        return StepGeometry(self.step_positions(first_step, num_steps)[None], self.base_mask()[None],
-                            self.own_mask(first_step, num_steps))
+        return StepGeometry(
+            self.step_positions(first_step, num_steps)[None],
+            self.base_mask()[None],
+            self.own_mask(first_step, num_steps),
+        )
 
     def unrolled(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
         """Dense form, for tests and reading: position ids (T,) and mask (T, T) of the unrolled sequence

@@ -188,8 +188,7 @@ def quietstar_loss(
         base_means.append(losses.masked_mean(ops, ops.stop_gradient(base_j), talk_weight))
         weight_means.append(losses.masked_mean(ops, ops.stop_gradient(w[:, :scored]), talk_weight))
     gains = [
-        columns(ops, nll_base_rows, streams[:rewarded] + j - 1) - nll_talk[j - 1][:, :rewarded]
-        for j in range(1, A + 1)
+        columns(ops, nll_base_rows, streams[:rewarded] + j - 1) - nll_talk[j - 1][:, :rewarded] for j in range(1, A + 1)
     ]
     reward = ops.stop_gradient(sum(gains[1:], gains[0]))
     advantage = losses.group_advantage(ops, reward, P, recipe.clamp_negative_advantage)

@@ -67,8 +67,17 @@ class TrainConfig:
     """Also log to Weights & Biases (needs wandb)."""
 
     def __post_init__(self) -> None:
-        positive = ["iters", "batch_size", "grad_accumulation_steps", "max_seq_length", "steps_per_report",
-                    "steps_per_eval", "val_batches", "save_every", "keep_checkpoints"]
+        positive = [
+            "iters",
+            "batch_size",
+            "grad_accumulation_steps",
+            "max_seq_length",
+            "steps_per_report",
+            "steps_per_eval",
+            "val_batches",
+            "save_every",
+            "keep_checkpoints",
+        ]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

@@ -88,8 +88,9 @@ class MLXSession:
         self.half = self.dtype in HALF
         # Half-precision compute keeps float32 master weights: at lr 1e-6 a bf16 update would round away.
         self.master: Tree = tree_map(lambda p: p.astype(mx.float32), net.trainable_parameters()) if self.half else {}
-        self.optimizer = AdamW(cfg.learning_rate, betas=[0.9, 0.999], eps=1e-8, weight_decay=cfg.weight_decay,
-                               bias_correction=True)
+        self.optimizer = AdamW(
+            cfg.learning_rate, betas=[0.9, 0.999], eps=1e-8, weight_decay=cfg.weight_decay, bias_correction=True
+        )
         # Initialised here, not inside the first compiled call: the state tree has the same structure from the
         # first step on (no retrace at step 2), and read_state has something to fill in place.
         self.optimizer.init(self.masters())
@@ -112,8 +113,9 @@ class MLXSession:
 
     def terms(self, ids: mx.array, valid: mx.array, thoughts: mx.array) -> LossTerms:
         m = self.model
-        return quietstar_loss(m.backbone, m.recipe, ids, valid, thoughts, m.layout(ids.shape[1]), m.banned,
-                              m.config.fallback_pad_id)
+        return quietstar_loss(
+            m.backbone, m.recipe, ids, valid, thoughts, m.layout(ids.shape[1]), m.banned, m.config.fallback_pad_id
+        )
 
     def thoughts(self, ids: mx.array) -> mx.array:
         """Drawn with the global mx.random state (MLXOps.gumbel), i.e. the compiled function's random input."""
@@ -215,8 +217,10 @@ class MLXSession:
     def read_state(self, directory: Path) -> None:
         meta = json.loads((directory / META_FILE).read_text())
         if meta.get("format") != FORMAT or meta.get("dtype") != self.model.dtype:
-            raise ValueError(f"{directory}: training state of dtype {meta.get('dtype')} (format {meta.get('format')}), "
-                             f"this run computes in {self.model.dtype}: resume with the same --dtype")
+            raise ValueError(
+                f"{directory}: training state of dtype {meta.get('dtype')} (format {meta.get('format')}), "
+                f"this run computes in {self.model.dtype}: resume with the same --dtype"
+            )
         saved = read_safetensors(directory / STATE_FILE)
         groups: dict[str, dict[str, mx.array]] = {"optimizer": {}, "master": {}, "random": {}}
         for key, value in saved.items():
@@ -234,8 +238,10 @@ class MLXSession:
                 if value.size == 1 and current[name].ndim == 0:  # the numpy (float64) route reads scalars as (1,)
                     value = groups[group][name] = value.reshape(())
                 if value.shape != current[name].shape or value.dtype != current[name].dtype:
-                    raise ValueError(f"{directory}: saved {group} entry {name} has {value.dtype} {value.shape}, "
-                                     f"expected {current[name].dtype} {current[name].shape}")
+                    raise ValueError(
+                        f"{directory}: saved {group} entry {name} has {value.dtype} {value.shape}, "
+                        f"expected {current[name].dtype} {current[name].shape}"
+                    )
             assign(tree, groups[group])
         if self.half:  # the saved half weights are the rounded masters already; copy to be exact either way
             self.model.backbone.update(tree_map(lambda m: m.astype(self.dtype), self.master))

@@ -20,8 +20,9 @@ from qstar.core.eval.results import (
 
 
 def record(index: int, answers: list[str | None], gold: str = "3") -> QuestionRecord:
-    return QuestionRecord.scored(index, f"Q: {index}?\nA: Let's think step by step.", [f"g{a}" for a in answers],
-                                 answers, gold)
+    return QuestionRecord.scored(
+        index, f"Q: {index}?\nA: Let's think step by step.", [f"g{a}" for a in answers], answers, gold
+    )
 
 
 def test_scored_record_round_trips_through_json():

@@ -129,8 +129,11 @@ def test_hub_ids_go_through_datasets(monkeypatch):
     assert [e.gold for e in load_examples("gsm8k")] == ["4", "5"]
     load_examples("gsm8k", "someone/gsm-copy@train", limit=1)
     load_examples("gsm8k", "openai/gsm8k:socratic")
-    assert calls == [("openai/gsm8k", "main", "test"), ("someone/gsm-copy", None, "train"),
-                     ("openai/gsm8k", "socratic", "test")]
+    assert calls == [
+        ("openai/gsm8k", "main", "test"),
+        ("someone/gsm-copy", None, "train"),
+        ("openai/gsm8k", "socratic", "test"),
+    ]
 
 
 def test_hub_errors_point_to_local_files(monkeypatch):
@@ -150,8 +153,28 @@ def test_hub_errors_point_to_local_files(monkeypatch):
         load_examples("gsm8k")
 
 
-SENTENCEPIECE = ["<unk>", "<s>", "</s>", "<0x0A>", "\u2581", "1", "8", ",", "\u2581A", "\u2581B", "A", "\u2581the",
-                 "0", "\u258112", "Apple", "\u2581C", "\u2581D", "\u2581E", "\u2581F", "\u00b2"]
+SENTENCEPIECE = [
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<0x0A>",
+    "\u2581",
+    "1",
+    "8",
+    ",",
+    "\u2581A",
+    "\u2581B",
+    "A",
+    "\u2581the",
+    "0",
+    "\u258112",
+    "Apple",
+    "\u2581C",
+    "\u2581D",
+    "\u2581E",
+    "\u2581F",
+    "\u00b2",
+]
 
 
 class FakeTokenizer:
@@ -172,9 +195,13 @@ def test_answer_tokens():
 
 def test_teacher_forced_restricts_the_softmax_and_skips_other_tokens():
     allowed = [1, 2, 3]
-    logits = np.array([[9.0, 0.0, 0.0, 0.0],  # gold 0 is not an answer token (the space before a number): skipped
-                       [5.0, np.log(1.0), np.log(2.0), np.log(1.0)],  # gold 2: 2 / (1 + 2 + 1)
-                       [0.0, np.log(3.0), np.log(1.0), 0.0]])  # gold 1: 3 / (3 + 1 + 1)
+    logits = np.array(
+        [
+            [9.0, 0.0, 0.0, 0.0],  # gold 0 is not an answer token (the space before a number): skipped
+            [5.0, np.log(1.0), np.log(2.0), np.log(1.0)],  # gold 2: 2 / (1 + 2 + 1)
+            [0.0, np.log(3.0), np.log(1.0), 0.0],
+        ]
+    )  # gold 1: 3 / (3 + 1 + 1)
     logprobs = teacher_forced_logprobs(logits, [0, 2, 1], allowed)
     np.testing.assert_allclose(np.exp(logprobs), [0.5, 0.6])
     assert teacher_forced_score(logprobs) == pytest.approx(0.3)

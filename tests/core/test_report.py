@@ -17,7 +17,7 @@ TOKENS = ["The", " cat", " <script>document.title='pwned'</script>", "\n", "  sa
 BASE = [math.nan, -2.0, -5.0, -1.0, -3.0, -4.0, -1.0, -6.0]
 THOUGHT = [math.nan, -1.0, -6.0, -1.0, -1.5, -3.5, -0.5, -2.0]
 # gains over the 7 scored tokens: +1, -1, 0, +1.5, +0.5, +0.5, +4 -> mean 6.5 / 7, 5 of 7 helped
-THOUGHTS = ["", "animal", "<b>bold</b> & \"quoted\"", "line", "verb", "and", "where", "rug"]
+THOUGHTS = ["", "animal", '<b>bold</b> & "quoted"', "line", "verb", "and", "where", "rug"]
 
 
 def page() -> str:
@@ -64,9 +64,20 @@ def test_page_in_a_headless_browser(tmp_path):
         pytest.skip(message)
     path = tmp_path / "page.html"
     path.write_text(page(), encoding="utf-8")
-    command = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", path.as_uri()]
+    command = [
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--dump-dom",
+        path.as_uri(),
+    ]
     out = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     dom = out.stdout

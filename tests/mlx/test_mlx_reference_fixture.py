@@ -19,8 +19,15 @@ def test_reference_fixture():
     inputs = load_file(shared_file("fixtures/reference/tiny-mistral-a/inputs.safetensors"))
     expected = load_file(shared_file("fixtures/reference/tiny-mistral-a/expected.safetensors"))
     scalars = json.loads(shared_file("fixtures/reference/tiny-mistral-a/expected.json").read_text())
-    m = qstar.load(str(checkpoint), backend="mlx", dtype="float64", recipe="paper",
-                   thought_tokens=3, lookahead=2, thoughts_per_position=2)
+    m = qstar.load(
+        str(checkpoint),
+        backend="mlx",
+        dtype="float64",
+        recipe="paper",
+        thought_tokens=3,
+        lookahead=2,
+        thoughts_per_position=2,
+    )
     args = (inputs["input_ids"], inputs["attention_mask"], inputs["thought_tokens"])
     out = m.loss(*args)
 
@@ -35,7 +42,7 @@ def test_reference_fixture():
         assert np.abs(got - expected[key]).max() < 1e-5, key
 
     grads = m.gradients(*args)
-    assert sorted(grads) == sorted(k[len("grad."):] for k in expected if k.startswith("grad."))
+    assert sorted(grads) == sorted(k[len("grad.") :] for k in expected if k.startswith("grad."))
     for name, g in grads.items():
         want = expected["grad." + name]
         assert g.shape == want.shape, name

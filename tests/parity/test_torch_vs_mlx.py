@@ -167,8 +167,9 @@ def test_adamw_step(qstar_checkpoint):
     for name, p in params.items():
         p.grad = torch.from_numpy(grads[name])
     torch.optim.AdamW(params.values(), lr=lr, betas=betas, eps=eps, weight_decay=decay).step()
-    optimizer = mlx_optim.AdamW(learning_rate=lr, betas=list(betas), eps=eps, weight_decay=decay,
-                                bias_correction=True)  # torch always corrects the bias
+    optimizer = mlx_optim.AdamW(
+        learning_rate=lr, betas=list(betas), eps=eps, weight_decay=decay, bias_correction=True
+    )  # torch always corrects the bias
     optimizer.update(m.backbone, tree_unflatten([(k, mx.array(v)) for k, v in grads.items()]))
 
     after = m.parameters()

@@ -27,8 +27,10 @@ def test_convert_round_trip(hf_checkpoint, tmp_path):
     config = json.loads((dst / "config.json").read_text())
     assert config["qstar"]["recipe"]["thought_tokens"] == 9
     tok = AutoTokenizer.from_pretrained(dst)
-    assert tok.convert_tokens_to_ids([START_TOKEN, END_TOKEN]) == [config["qstar"]["start_token_id"],
-                                                                   config["qstar"]["end_token_id"]]
+    assert tok.convert_tokens_to_ids([START_TOKEN, END_TOKEN]) == [
+        config["qstar"]["start_token_id"],
+        config["qstar"]["end_token_id"],
+    ]
 
     ids = random_ids(2, 12, seed=5)
     fresh = qstar.load(str(src), backend="torch", recipe="paper", thought_tokens=2, lookahead=2)
@@ -74,8 +76,12 @@ def test_bad_input_is_one_clear_error_and_nothing_written(tmp_path, problem):
     src = make_hf_checkpoint(tmp_path / "src", "llama")
     dst = tmp_path / "out"
     config = json.loads((src / "config.json").read_text())
-    expected = {"shape": "has shape", "model_type": "unsupported model_type", "no_weights": "no model weights",
-                "exists": "already exists"}[problem]
+    expected = {
+        "shape": "has shape",
+        "model_type": "unsupported model_type",
+        "no_weights": "no model weights",
+        "exists": "already exists",
+    }[problem]
     if problem == "shape":
         config["intermediate_size"] = 96
     elif problem == "model_type":

@@ -35,7 +35,7 @@ def slow_generate(m: qstar.QStarModel, prompt: list[int], steps: int) -> tuple[l
         logits = net.logits(hb + w * (ht - hb)).numpy()
         tokens.append(int(np.where(banned, -np.inf, logits).argmax()))
         thoughts.append(thought)
-    return tokens[len(prompt):], thoughts
+    return tokens[len(prompt) :], thoughts
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])  # qwen2: tied embeddings and attention biases

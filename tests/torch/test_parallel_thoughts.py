@@ -16,8 +16,16 @@ from qstar.core.thinker import thought_inputs
 def test_parallel_equals_naive(hf_checkpoint, think_every):
     model_type, path = hf_checkpoint
     k, A, P, B, L = 3, 3, 2, 2, 10
-    m = qstar.load(str(path), backend="torch", dtype="float32", thought_tokens=k, lookahead=A,
-                   thoughts_per_position=P, sample_temperature=0.0, think_every=think_every)
+    m = qstar.load(
+        str(path),
+        backend="torch",
+        dtype="float32",
+        thought_tokens=k,
+        lookahead=A,
+        thoughts_per_position=P,
+        sample_temperature=0.0,
+        think_every=think_every,
+    )
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     ids = random_ids(B, L, seed=3)
     thoughts = m.sample_thoughts(ids)  # greedy

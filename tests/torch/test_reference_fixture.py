@@ -17,8 +17,15 @@ def check_against_fixture(backend: str) -> None:
     expected = load_file(shared_file("fixtures/reference/tiny-mistral-a/expected.safetensors"))
     summary = json.loads(shared_file("fixtures/reference/tiny-mistral-a/expected.json").read_text())
     s = summary["settings"]
-    m = qstar.load(str(root / "checkpoint"), backend=backend, dtype="float64", recipe="paper",
-                   thought_tokens=s["n_ahead"] - 3, lookahead=s["n_ahead_talk"], thoughts_per_position=s["n_passes"])
+    m = qstar.load(
+        str(root / "checkpoint"),
+        backend=backend,
+        dtype="float64",
+        recipe="paper",
+        thought_tokens=s["n_ahead"] - 3,
+        lookahead=s["n_ahead_talk"],
+        thoughts_per_position=s["n_passes"],
+    )
     ids, thoughts = inputs["input_ids"], inputs["thought_tokens"]
     out = m.loss(ids, attention_mask=inputs["attention_mask"], thoughts=thoughts)
 
@@ -35,7 +42,7 @@ def check_against_fixture(backend: str) -> None:
     assert np.abs(m.logits(ids) - expected["logits_base"][:: s["n_passes"]]).max() < 1e-5
 
     grads = m.gradients(ids, attention_mask=inputs["attention_mask"], thoughts=thoughts)
-    names = {k[len("grad."):] for k in expected if k.startswith("grad.")}
+    names = {k[len("grad.") :] for k in expected if k.startswith("grad.")}
     assert set(grads) == names
     for name in names:
         want = expected["grad." + name]
