@@ -152,7 +152,8 @@ def make_streams(cfg: TrainConfig, tokenizer: Any, min_len: int) -> tuple[BlockS
 
         factory, encoder = documents, encode
         if is_hub_spec(spec):
-            cache = TokenCache(Path(cfg.out) / "token-cache" / f"{part}-{hashlib.sha1(spec.encode()).hexdigest()[:12]}")
+            key = hashlib.sha1(f"{spec}\n{cfg.text_field}".encode()).hexdigest()[:12]
+            cache = TokenCache(Path(cfg.out) / "token-cache" / f"{part}-{key}")
             factory, encoder = (lambda seed: cache.documents(lambda: documents(seed), encode)), list
         return BlockStream(factory, encoder, cfg.max_seq_length, cfg.batch_size, cfg.seed, eos, pad, min_len)
 
