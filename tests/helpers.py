@@ -137,6 +137,45 @@ def train_records(out: Path, split: str = "train") -> dict[int, dict]:
     return {r["step"]: r for r in lines if r["split"] == split}
 
 
+def short_training(backend: str, checkpoint: Path, tmp_path: Path) -> Path:
+    """30 CLI training steps at a high learning rate: the LM loss falls, validations and checkpoints land where
+    asked, the resolved config is saved. Returns the run directory."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--backend",
+        backend,
+        "--model",
+        str(checkpoint),
+        "--out",
+        str(out),
+        "--iters",
+        "30",
+        "--learning-rate",
+        "3e-3",
+        "--steps-per-eval",
+        "15",
+        "--save-every",
+        "15",
+        *TRAIN_SMALL,
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    train = train_records(out)
+    first = np.mean([train[s]["lm"] for s in (1, 2, 3)])
+    last = np.mean([train[s]["lm"] for s in (28, 29, 30)])
+    assert last < first - 0.3
+    assert set(train_records(out, "val")) == {15, 30}
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000015", "step-0000030"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["iters"] == 30 and config["backend"] == backend
+    return out
+
+
 def killed_and_uninterrupted(backend: str, checkpoint: Path, tmp_path: Path) -> tuple[Path, Path]:
     """Train 12 steps once uninterrupted, once SIGKILLed after the step-6 checkpoint appeared (wherever it then is,
     even mid-save) and resumed with `--resume`; returns the two run directories."""

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
-import numpy as np
-from helpers import TRAIN_SMALL, killed_and_uninterrupted, train_records
+from helpers import TRAIN_SMALL, killed_and_uninterrupted, short_training, train_records
 from typer.testing import CliRunner
 
 import qstar
@@ -13,36 +10,9 @@ from cli.main import app
 
 
 def test_short_training_lowers_the_loss_and_saves_a_loadable_model(llama_checkpoint, tmp_path):
-    out = tmp_path / "run"
-    args = [
-        "train",
-        "--backend",
-        "torch",
-        "--model",
-        str(llama_checkpoint),
-        "--out",
-        str(out),
-        "--iters",
-        "30",
-        "--learning-rate",
-        "3e-3",
-        "--steps-per-eval",
-        "15",
-        "--save-every",
-        "15",
-        *TRAIN_SMALL,
-    ]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    train = train_records(out)
-    first = np.mean([train[s]["lm"] for s in (1, 2, 3)])
-    last = np.mean([train[s]["lm"] for s in (28, 29, 30)])
-    assert last < first - 0.3
-    assert set(train_records(out, "val")) == {15, 30}
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000015", "step-0000030"]
+    out = short_training("torch", llama_checkpoint, tmp_path)
     model = qstar.load(str(out / "model"), backend="torch")
     assert model.recipe.thought_tokens == 2 and model.recipe.policy_weight == 1
-    assert json.loads((out / "config.json").read_text())["iters"] == 30
 
 
 def test_killed_run_resumes_exactly(llama_checkpoint, tmp_path):
