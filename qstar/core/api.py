@@ -17,7 +17,7 @@ from qstar.core.generate import Sampling, generate
 from qstar.core.hf_config import ModelConfig
 from qstar.core.layout import ThoughtLayout
 from qstar.core.recipe import Recipe
-from qstar.core.sampling import banned_mask, numpy_gumbel
+from qstar.core.sampling import NoiseFn, banned_mask, numpy_gumbel
 from qstar.core.thinker import Backbone, LossTerms, quietstar_loss, sample_thoughts, thoughtful_logits
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -105,9 +105,8 @@ class QStarModel(ABC):
     def sample_thoughts(self, input_ids: Any, seed: int | None = None) -> np.ndarray:
         """(B*P, S, k) thought tokens; with a seed the noise comes from numpy, so every backend draws the same."""
         ids, _ = self.check_ids(input_ids)
-        noise = numpy_gumbel(seed) if seed is not None else self.ops.gumbel
         tokens = sample_thoughts(
-            self.backbone, self.recipe, self.ops.asarray(ids), self.layout(ids.shape[1]), self.banned, noise
+            self.backbone, self.recipe, self.ops.asarray(ids), self.layout(ids.shape[1]), self.banned, self.noise(seed)
         )
         return self.ops.to_numpy(tokens).astype(np.int64)
 
@@ -131,22 +130,24 @@ class QStarModel(ABC):
         ids, mask = self.check_ids(input_ids, attention_mask)
         layout = self.layout(ids.shape[1])
         rows = ids.shape[0] * self.recipe.thoughts_per_position
-        t = (
-            self.sample_thoughts(ids, seed)
-            if thoughts is None
-            else self.check_thoughts(thoughts, rows, layout.num_streams)
-        )
+        given = None if thoughts is None else self.ops.asarray(self.check_thoughts(thoughts, rows, layout.num_streams))
         valid = None if mask.all() else self.ops.asarray(mask.astype(np.float32))
         return quietstar_loss(
             self.backbone,
             self.recipe,
             self.ops.asarray(ids),
             valid,
-            self.ops.asarray(t),
+            given,
             layout,
             self.banned,
             self.config.fallback_pad_id,
+            self.noise(seed),
         )
+
+    def noise(self, seed: int | None) -> NoiseFn:
+        """Gumbel noise for thought sampling: with a seed from numpy (every backend draws the same), else the
+        backend's generator."""
+        return numpy_gumbel(seed) if seed is not None else self.ops.gumbel
 
     def loss(
         self, input_ids: Any, attention_mask: Any = None, thoughts: Any = None, seed: int | None = None
@@ -162,10 +163,9 @@ class QStarModel(ABC):
         ids, _ = self.check_ids(input_ids)
         single = replace(self.recipe, thoughts_per_position=1, think_every=1)
         layout = ThoughtLayout.every(ids.shape[1])
-        noise = numpy_gumbel(seed) if seed is not None else self.ops.gumbel
         with self.ops.no_grad():
             x = self.ops.asarray(ids)
-            thoughts = sample_thoughts(self.backbone, single, x, layout, self.banned, noise)
+            thoughts = sample_thoughts(self.backbone, single, x, layout, self.banned, self.noise(seed))
             plain, mixed = thoughtful_logits(self.backbone, single, x, thoughts, layout, self.config.fallback_pad_id)
             return self.ops.to_numpy(plain), self.ops.to_numpy(mixed), self.ops.to_numpy(thoughts).astype(np.int64)
 
@@ -201,7 +201,7 @@ class QStarModel(ABC):
         def finished(row: int, tokens: list[int]) -> bool:
             return tokens[-1] == eos or any(s in decode(tokens) for s in stop)
 
-        noise = numpy_gumbel(seed) if seed is not None else self.ops.gumbel
+        noise = self.noise(seed)
         pad = eos if eos is not None else self.config.fallback_pad_id
         out = generate(self.backbone, self.recipe, ids, sampling, self.banned, pad, noise, finished)
         results = []
@@ -230,8 +230,6 @@ class QStarModel(ABC):
         self, input_ids: Any, attention_mask: Any = None, thoughts: Any = None, seed: int | None = None
     ) -> dict[str, np.ndarray]:
         """d total / d parameter for every parameter, under the names (and shapes) of the loaded checkpoint."""
-        if thoughts is None:
-            thoughts = self.sample_thoughts(input_ids, seed)
         grads = self._gradients(lambda: self.terms(input_ids, attention_mask, thoughts, seed).total)
         return checkpoint.source_gradients(self.info.kind, grads, self._source_shapes())
 

@@ -1,10 +1,11 @@
 """Quiet-STaR's forward pass (the paper's Algorithm 1), written once for every backend.
 
 1. The base tokens go through the network once (B rows, never copied per thought).
-2. Thoughts are sampled without gradient: each step pushes one token per stream, attending to the
-   base keys/values and the stream's own cached thought keys.
-3. With the thoughts known, all thought steps are re-scored in ONE differentiable pass over
-   (B*P, k+A+1, S) tokens, which gives the policy log-probabilities and the mixed predictions.
+2. Thought steps push one token per stream at a time, attending to the base keys/values and the stream's own
+   cached thought keys. During training the k sampling steps stay in the graph: their hidden states and logits
+   are the ones the policy gradient needs, so no thought step is ever computed twice.
+3. The <end> token and the teacher-forced lookahead (A+1 steps) go through in one pass on top of that cache.
+Given thoughts (tests, fixtures) take a single pass over all k+A+1 steps instead.
 """
 
 from __future__ import annotations
@@ -96,21 +97,38 @@ def start_inputs(model: Backbone, rows: int, streams: int) -> Array:
     return model.ops.broadcast_to(start, (rows, 1, streams, start.shape[-1]))
 
 
+def thought_steps(
+    model: Backbone,
+    recipe: Recipe,
+    base_kv: Cache,
+    rows: int,
+    layout: ThoughtLayout,
+    banned: Array,
+    noise: NoiseFn | None,
+) -> tuple[Array, Array, Array, Cache]:
+    """Sample every stream's thought, k steps of one token each (differentiable unless under no_grad). Returns
+    the hidden states (R, k, S, D) and logits (R, k, S, V) of steps 1..k, the tokens (R, S, k) and the cache."""
+    ops, hidden, logits, tokens = model.ops, [], [], []
+    x, cache = start_inputs(model, rows, layout.num_streams), None
+    for step in range(1, recipe.thought_tokens + 1):
+        h, cache = model.think(x, layout.steps(step, 1), base_kv, cache)
+        z = model.logits(h[:, 0])
+        token = sample_tokens(ops, ops.stop_gradient(z), banned, recipe.sample_temperature, noise)
+        hidden.append(h)
+        logits.append(z)
+        tokens.append(token)
+        x = model.embed(token)[:, None]
+    return ops.concat(hidden, axis=1), ops.stack(logits, axis=1), ops.stack(tokens, axis=-1), cache
+
+
 def sample_thoughts(
     model: Backbone, recipe: Recipe, ids: Array, layout: ThoughtLayout, banned: Array, noise: NoiseFn | None
 ) -> Array:
-    """Draw every stream's thought, k steps of one token each, without gradient. Returns (R, S, k) ids."""
-    ops = model.ops
-    rows = ids.shape[0] * recipe.thoughts_per_position
-    with ops.no_grad():
+    """Draw every stream's thought without gradient. Returns (R, S, k) ids."""
+    with model.ops.no_grad():
         _, base_kv = model.base(ids)
-        x, cache, tokens = start_inputs(model, rows, layout.num_streams), None, []
-        for step in range(1, recipe.thought_tokens + 1):
-            h, cache = model.think(x, layout.steps(step, 1), base_kv, cache)
-            token = sample_tokens(ops, model.logits(h[:, 0]), banned, recipe.sample_temperature, noise)
-            tokens.append(token)
-            x = model.embed(token)[:, None]
-        return ops.stack(tokens, axis=-1)
+        rows = ids.shape[0] * recipe.thoughts_per_position
+        return thought_steps(model, recipe, base_kv, rows, layout, banned, noise)[2]
 
 
 def columns(ops: Ops, x: Array, index: np.ndarray) -> Array:
@@ -149,14 +167,15 @@ def quietstar_loss(
     recipe: Recipe,
     ids: Array,
     valid: Array | None,
-    thoughts: Array,
+    thoughts: Array | None,
     layout: ThoughtLayout,
     banned: Array,
     pad_id: int,
+    noise: NoiseFn | None = None,
 ) -> LossTerms:
-    """The differentiable part: loss terms for (B, L) ids and given thoughts (R, S, k). `valid` (B, L), 1.0 for real
-    tokens of a right-padded batch (None: no padding), keeps padded targets out of every mean. Only device arrays
-    depend on the batch, so a backend can compile this once per shape."""
+    """Loss terms for (B, L) ids, with thoughts (R, S, k) sampled with `noise` (None: greedy) or given. `valid`
+    (B, L), 1.0 for real tokens of a right-padded batch (None: no padding), keeps padded targets out of every mean.
+    Only device arrays depend on the batch, so a backend can compile this once per shape."""
     ops, k, A, P = model.ops, recipe.thought_tokens, recipe.lookahead, recipe.thoughts_per_position
     length, streams = layout.seq_len, layout.streams
 
@@ -167,8 +186,17 @@ def quietstar_loss(
     def weight(index: np.ndarray) -> Array | None:
         return None if valid_rows is None else columns(ops, valid_rows, index)
 
-    x = thought_inputs(model, recipe, ids, thoughts, layout, pad_id)
-    ht, _ = model.think(x, layout.steps(1, recipe.thought_steps), base_kv, None)
+    if thoughts is None:
+        h_think, logits_think, thoughts, cache = thought_steps(
+            model, recipe, base_kv, ids.shape[0] * P, layout, banned, noise
+        )
+        x = thought_inputs(model, recipe, ids, thoughts, layout, pad_id)[:, k:]
+        h_rest, _ = model.think(x, layout.steps(k + 1, A + 1), base_kv, cache)
+        ht = ops.concat([h_think, h_rest], axis=1)
+    else:
+        x = thought_inputs(model, recipe, ids, thoughts, layout, pad_id)
+        ht, _ = model.think(x, layout.steps(1, recipe.thought_steps), base_kv, None)
+        logits_think = model.logits(ht[:, :k])
 
     rewarded = int(np.sum(streams < length - 1 - A))
     nll_base_rows = repeat_rows(ops, nll_base, P)
@@ -192,10 +220,9 @@ def quietstar_loss(
     ]
     reward = ops.stop_gradient(sum(gains[1:], gains[0]))
     advantage = losses.group_advantage(ops, reward, P, recipe.clamp_negative_advantage)
-    logits_think = model.logits(ht[:, :k, :rewarded])
     logprobs = losses.token_logprob(
         ops,
-        logits_think,
+        logits_think[:, :, :rewarded],
         ops.stack([thoughts[:, :rewarded, s] for s in range(k)], axis=1),
         banned,
         recipe.policy_temperature,

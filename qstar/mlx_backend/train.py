@@ -22,7 +22,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from qstar.core.thinker import LossTerms, quietstar_loss, sample_thoughts
+from qstar.core.thinker import LossTerms, quietstar_loss
 from qstar.core.train_config import TrainConfig
 from qstar.core.trainer import Batch
 from qstar.mlx_backend import MLXQStar, read_safetensors
@@ -111,28 +111,23 @@ class MLXSession:
     def masters(self) -> Tree:
         return self.master if self.half else self.model.backbone.trainable_parameters()
 
-    def terms(self, ids: mx.array, valid: mx.array, thoughts: mx.array) -> LossTerms:
+    def terms(self, ids: mx.array, valid: mx.array, thoughts: mx.array | None = None) -> LossTerms:
+        """Thoughts (unless given) are drawn with the global mx.random state (MLXOps.gumbel), i.e. the compiled
+        function's random input."""
         m = self.model
-        return quietstar_loss(
-            m.backbone, m.recipe, ids, valid, thoughts, m.layout(ids.shape[1]), m.banned, m.config.fallback_pad_id
-        )
-
-    def thoughts(self, ids: mx.array) -> mx.array:
-        """Drawn with the global mx.random state (MLXOps.gumbel), i.e. the compiled function's random input."""
-        m = self.model
-        tokens = sample_thoughts(m.backbone, m.recipe, ids, m.layout(ids.shape[1]), m.banned, m.ops.gumbel)
-        return mx.stop_gradient(tokens)
+        layout = m.layout(ids.shape[1])
+        pad = m.config.fallback_pad_id
+        return quietstar_loss(m.backbone, m.recipe, ids, valid, thoughts, layout, m.banned, pad, m.ops.gumbel)
 
     def gradients(self, ids: mx.array, valid: mx.array, acc: Tree | None, count: int) -> tuple[Metrics, Tree]:
         """Metrics of one micro-batch and acc + d(total / count)/d params, `count` micro-batches in the step (torch:
         (total / count).backward() adds to .grad)."""
         net = self.model.backbone
-        thoughts = self.thoughts(ids)
         params = net.trainable_parameters()
 
         def loss(p: Tree) -> tuple[mx.array, Metrics]:
             net.update(p)
-            terms = self.terms(ids, valid, thoughts)
+            terms = self.terms(ids, valid)
             return terms.total / count, scalars(terms)
 
         (_, metrics), grads = mx.value_and_grad(loss)(params)
@@ -165,7 +160,7 @@ class MLXSession:
 
     def evaluate_fn(self, ids: mx.array, valid: mx.array) -> Metrics:
         self.traces["evaluate"] += 1
-        return scalars(self.terms(ids, valid, self.thoughts(ids)))
+        return scalars(self.terms(ids, valid))
 
     # ---- the Session protocol ----
 

@@ -129,7 +129,8 @@ def test_one_step_matches_torch(mixing_checkpoint, thoughts):
         given = tm.sample_thoughts(batch[0].ids, seed=4)
         terms = tm.terms
         tm.terms = lambda ids, mask: terms(ids, mask, thoughts=given)
-        ms.thoughts = lambda ids: mx.array(given)  # replaces the sampler inside the traced step
+        terms_m = ms.terms  # replaces the sampler inside the traced step
+        ms.terms = lambda ids, valid: terms_m(ids, valid, mx.array(given))
     before = {k: v.detach().numpy().copy() for k, v in tm.parameters().items()}
 
     want, got = ts.step(batch, 1e-3), ms.step(batch, 1e-3)
