@@ -32,6 +32,9 @@ class Ops(Protocol):
 
     def broadcast_to(self, x: Array, shape: Sequence[int]) -> Array: ...
 
+    def transpose(self, x: Array, axes: Sequence[int]) -> Array:
+        """Permute the axes (numpy `transpose`)."""
+
     def take(self, x: Array, index: Array, axis: int) -> Array:
         """Select entries of `axis` by an integer index array (numpy `take` semantics)."""
 
@@ -40,6 +43,8 @@ class Ops(Protocol):
     def where(self, cond: Array, x: Array, y: Array | float) -> Array: ...
 
     def logsumexp(self, x: Array, axis: int) -> Array: ...
+
+    def softmax(self, x: Array, axis: int) -> Array: ...
 
     def sigmoid(self, x: Array) -> Array: ...
 
@@ -57,6 +62,11 @@ class Ops(Protocol):
     def cumsum(self, x: Array, axis: int) -> Array: ...
 
     def exp(self, x: Array) -> Array: ...
+
+    def einsum(self, subscripts: str, *operands: Array) -> Array: ...
+
+    def astype(self, x: Array, dtype: Any) -> Array:
+        """x in a backend dtype (a no-op when it has it already)."""
 
     def upcast(self, x: Array) -> Array:
         """x in float32 when it is a half-precision float, else unchanged (losses accumulate in >= fp32)."""

@@ -106,19 +106,20 @@ def thought_steps(
     banned: Array,
     noise: NoiseFn | None,
 ) -> tuple[Array, Array, Array, Cache]:
-    """Sample every stream's thought, k steps of one token each (differentiable unless under no_grad). Returns
-    the hidden states (R, k, S, D) and logits (R, k, S, V) of steps 1..k, the tokens (R, S, k) and the cache."""
-    ops, hidden, logits, tokens = model.ops, [], [], []
+    """Sample every stream's thought, k steps of one token each (differentiable unless under no_grad). Returns the
+    hidden states (R, k, S, D) of steps 1..k, the policy's log-probabilities (R, k, S) of the drawn tokens (R, S, k),
+    and the cache. Each step's (R, S, V) logits live only until its log-probability is taken."""
+    ops, hidden, logprobs, tokens = model.ops, [], [], []
     x, cache = start_inputs(model, rows, layout.num_streams), None
     for step in range(1, recipe.thought_tokens + 1):
         h, cache = model.think(x, layout.steps(step, 1), base_kv, cache)
         z = model.logits(h[:, 0])
         token = sample_tokens(ops, ops.stop_gradient(z), banned, recipe.sample_temperature, noise)
         hidden.append(h)
-        logits.append(z)
+        logprobs.append(losses.token_logprob(ops, z, token, banned, recipe.policy_temperature))
         tokens.append(token)
         x = model.embed(token)[:, None]
-    return ops.concat(hidden, axis=1), ops.stack(logits, axis=1), ops.stack(tokens, axis=-1), cache
+    return ops.concat(hidden, axis=1), ops.stack(logprobs, axis=1), ops.stack(tokens, axis=-1), cache
 
 
 def sample_thoughts(
@@ -187,7 +188,7 @@ def quietstar_loss(
         return None if valid_rows is None else columns(ops, valid_rows, index)
 
     if thoughts is None:
-        h_think, logits_think, thoughts, cache = thought_steps(
+        h_think, logprobs, thoughts, cache = thought_steps(
             model, recipe, base_kv, ids.shape[0] * P, layout, banned, noise
         )
         x = thought_inputs(model, recipe, ids, thoughts, layout, pad_id)[:, k:]
@@ -196,7 +197,8 @@ def quietstar_loss(
     else:
         x = thought_inputs(model, recipe, ids, thoughts, layout, pad_id)
         ht, _ = model.think(x, layout.steps(1, recipe.thought_steps), base_kv, None)
-        logits_think = model.logits(ht[:, :k])
+        drawn = ops.stack([thoughts[:, :, s] for s in range(k)], axis=1)
+        logprobs = losses.token_logprob(ops, model.logits(ht[:, :k]), drawn, banned, recipe.policy_temperature)
 
     rewarded = int(np.sum(streams < length - 1 - A))
     nll_base_rows = repeat_rows(ops, nll_base, P)
@@ -220,15 +222,8 @@ def quietstar_loss(
     ]
     reward = ops.stop_gradient(sum(gains[1:], gains[0]))
     advantage = losses.group_advantage(ops, reward, P, recipe.clamp_negative_advantage)
-    logprobs = losses.token_logprob(
-        ops,
-        logits_think[:, :, :rewarded],
-        ops.stack([thoughts[:, :rewarded, s] for s in range(k)], axis=1),
-        banned,
-        recipe.policy_temperature,
-    )
     reward_weight = weight(streams[:rewarded] + A)
-    policy = losses.policy_loss(ops, advantage, logprobs, reward_weight)
+    policy = losses.policy_loss(ops, advantage, logprobs[:, :, :rewarded], reward_weight)
     base_weight = None if valid is None else valid[:, 1:] * valid[:, :-1]
     lm = losses.lm_loss(recipe, losses.masked_mean(ops, nll_base, base_weight), talk_means)
     metrics = {

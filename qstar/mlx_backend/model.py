@@ -1,9 +1,9 @@
 """The Llama family (llama, mistral, qwen2, qwen3) in MLX, with thought-aware attention.
 
 Parameter names are Hugging Face's (and mlx-lm's), so checkpoints load without renaming. `base` is the
-ordinary causal pass; `think` runs thought steps of every stream at once with split attention: scores
-against the L base keys (masked to the stream's prefix) and against the stream's own thought keys, one
-softmax over both. No stream ever holds a copy of the prefix keys/values.
+ordinary causal pass; `think` runs thought steps of every stream at once
+with the core's split attention (qstar/core/attention.py): no stream ever holds a copy of the prefix
+keys/values.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from qstar.core import attention
 from qstar.core.hf_config import ModelConfig, rope_angles
 from qstar.core.layout import StepGeometry, extend_mask
-from qstar.mlx_backend.ops import HALF, MLXOps, sigmoid, softmax
+from qstar.mlx_backend.ops import MLXOps, sigmoid, softmax
 
 KV = list[tuple[mx.array, mx.array]]
+OPS = MLXOps()
 T = TypeVar("T")
 
 
@@ -42,7 +44,7 @@ def rotate(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     return x * cos + mx.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None) -> mx.array:
+def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None) -> mx.array:
     """softmax(q k^T * scale, masked) v for q (B, H, n, d) and grouped k, v (B, h, T, d); mask (B|1, 1, n, T) bool,
     None = causal. float64 avoids mx.fast, whose softmax is only float32-accurate (see ops.py)."""
     if q.dtype != mx.float64:
@@ -86,7 +88,7 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(0, 2, 1, 3) for t in self.project(x, cos, sin))
         if past is not None:
             k, v = mx.concatenate([past[0], k], axis=2), mx.concatenate([past[1], v], axis=2)
-        out = attention(q, k, v, 1 / math.sqrt(self.head_dim), mask)
+        out = causal_attention(q, k, v, 1 / math.sqrt(self.head_dim), mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(*x.shape[:-1], -1)), k, v
 
     def think(
@@ -100,23 +102,11 @@ class Attention(nn.Module):
         own_mask: mx.array,
     ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
         """Thought steps x (R, n, S, D) -> output, and the stream keys/values (R, m, S, h, d) incl. these steps."""
-        kb, vb = base_kv
-        batch, rows, n, streams = kb.shape[0], x.shape[0], x.shape[1], x.shape[2]
-        group = self.heads // self.kv_heads
         q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = mx.concatenate([cache[0], k], axis=1), mx.concatenate([cache[1], v], axis=1)
-        q = q.reshape(batch, rows // batch, n, streams, self.kv_heads, group, self.head_dim) / math.sqrt(self.head_dim)
-        kt = k.reshape(batch, rows // batch, *k.shape[1:])
-        vt = v.reshape(batch, rows // batch, *v.shape[1:])
-        s_base = mx.where(base_mask, mx.einsum("bpnshgd,bhld->bpnshgl", q, kb), float("-inf"))
-        s_own = mx.where(own_mask, mx.einsum("bpnshgd,bpmshd->bpnshgm", q, kt), float("-inf"))
-        scores = mx.concatenate([s_base, s_own], axis=-1)
-        probs = softmax(scores.astype(mx.float32) if scores.dtype in HALF else scores).astype(x.dtype)
-        length = kb.shape[2]
-        p_base, p_own = probs[..., :length], probs[..., length:]
-        out = mx.einsum("bpnshgl,bhld->bpnshgd", p_base, vb) + mx.einsum("bpnshgm,bpmshd->bpnshgd", p_own, vt)
-        return self.o_proj(out.reshape(rows, n, streams, -1)), (k, v)
+        out = attention.thought_attention(OPS, q, k, v, *base_kv, base_mask, own_mask)
+        return self.o_proj(out), (k, v)
 
 
 class MLP(nn.Module):
@@ -226,8 +216,7 @@ class Model(nn.Module):
     def think(self, x: mx.array, geometry: StepGeometry, base_kv: KV, cache: KV | None) -> tuple[mx.array, KV]:
         cos, sin = self.rope(geometry.positions)
         cos, sin = cos[..., None, :], sin[..., None, :]
-        base_mask = self.ops.asarray(geometry.base_mask)[:, None, None, :, None, None, :]
-        own_mask = self.ops.asarray(geometry.own_mask)[:, None, None, None, :]
+        base_mask, own_mask = (self.ops.asarray(m) for m in attention.masks(geometry))
         new_cache = []
         for i, layer in enumerate(self.model.layers):
             x, k, v = self.run(

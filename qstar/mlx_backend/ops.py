@@ -73,6 +73,9 @@ class MLXOps:
     def broadcast_to(self, x: mx.array, shape: Sequence[int]) -> mx.array:
         return mx.broadcast_to(x, tuple(shape))
 
+    def transpose(self, x: mx.array, axes: Sequence[int]) -> mx.array:
+        return x.transpose(*axes)
+
     def take(self, x: mx.array, index: mx.array, axis: int) -> mx.array:
         return mx.take(x, index, axis=axis)
 
@@ -84,6 +87,9 @@ class MLXOps:
 
     def logsumexp(self, x: mx.array, axis: int) -> mx.array:
         return logsumexp(x, axis)
+
+    def softmax(self, x: mx.array, axis: int) -> mx.array:
+        return softmax(x, axis)
 
     def sigmoid(self, x: mx.array) -> mx.array:
         return sigmoid(x)
@@ -108,6 +114,12 @@ class MLXOps:
 
     def exp(self, x: mx.array) -> mx.array:
         return exp(x)
+
+    def einsum(self, subscripts: str, *operands: mx.array) -> mx.array:
+        return mx.einsum(subscripts, *operands)
+
+    def astype(self, x: mx.array, dtype: mx.Dtype) -> mx.array:
+        return x.astype(dtype)
 
     def upcast(self, x: mx.array) -> mx.array:
         return x.astype(mx.float32) if x.dtype in HALF else x

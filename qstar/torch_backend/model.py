@@ -1,14 +1,13 @@
 """The Llama family (llama, mistral, qwen2, qwen3) in PyTorch, with thought-aware attention.
 
 Parameter names are Hugging Face's, so checkpoints load without renaming. `base` is the ordinary
-causal pass; `think` runs thought steps of every stream at once with split attention: scores against
-the L base keys (masked to the stream's prefix) and against the stream's own thought keys, one softmax
-over both. No stream ever holds a copy of the prefix keys/values.
+causal pass; `think` runs thought steps of every stream at once
+with the core's split attention (qstar/core/attention.py): no stream ever holds a copy of the prefix
+keys/values.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -18,12 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from qstar.core import attention
 from qstar.core.hf_config import ModelConfig, rope_angles
 from qstar.core.layout import StepGeometry, extend_mask
-from qstar.torch_backend.ops import HALF, TorchOps
+from qstar.torch_backend.ops import TorchOps
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 T = TypeVar("T")
+OPS = TorchOps()
+"""For the split attention, whose ops (einsum, softmax, ...) follow their inputs' device."""
 
 
 class RMSNorm(nn.Module):
@@ -92,22 +94,11 @@ class Attention(nn.Module):
         own_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Thought steps x (R, n, S, D) -> output, and the stream keys/values (R, m, S, h, d) incl. these steps."""
-        kb, vb = base_kv
-        batch, rows, n, streams = kb.shape[0], x.shape[0], x.shape[1], x.shape[2]
-        group = self.heads // self.kv_heads
         q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = torch.cat([cache[0], k], dim=1), torch.cat([cache[1], v], dim=1)
-        q = q.reshape(batch, rows // batch, n, streams, self.kv_heads, group, self.head_dim) / math.sqrt(self.head_dim)
-        kt = k.reshape(batch, rows // batch, *k.shape[1:])
-        vt = v.reshape(batch, rows // batch, *v.shape[1:])
-        s_base = torch.einsum("bpnshgd,bhld->bpnshgl", q, kb).masked_fill(~base_mask, float("-inf"))
-        s_own = torch.einsum("bpnshgd,bpmshd->bpnshgm", q, kt).masked_fill(~own_mask, float("-inf"))
-        scores = torch.cat([s_base, s_own], dim=-1)
-        probs = torch.softmax(scores.float() if scores.dtype in HALF else scores, dim=-1).to(x.dtype)
-        p_base, p_own = probs.split([kb.shape[2], kt.shape[2]], dim=-1)
-        out = torch.einsum("bpnshgl,bhld->bpnshgd", p_base, vb) + torch.einsum("bpnshgm,bpmshd->bpnshgd", p_own, vt)
-        return self.o_proj(out.reshape(rows, n, streams, -1)), (k, v)
+        out = attention.thought_attention(OPS, q, k, v, *base_kv, base_mask, own_mask)
+        return self.o_proj(out), (k, v)
 
 
 class MLP(nn.Module):
@@ -225,8 +216,7 @@ class Model(nn.Module):
     def think(self, x: torch.Tensor, geometry: StepGeometry, base_kv: KV, cache: KV | None) -> tuple[torch.Tensor, KV]:
         cos, sin = self.rope(geometry.positions)
         cos, sin = cos[..., None, :], sin[..., None, :]
-        base_mask = self.ops.asarray(geometry.base_mask)[:, None, None, :, None, None, :]
-        own_mask = self.ops.asarray(geometry.own_mask)[:, None, None, None, :]
+        base_mask, own_mask = (self.ops.asarray(m) for m in attention.masks(geometry))
         new_cache = []
         for i, layer in enumerate(self.model.layers):
             x, k, v = self.run(

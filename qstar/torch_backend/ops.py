@@ -40,6 +40,9 @@ class TorchOps:
     def broadcast_to(self, x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         return x.expand(*shape)
 
+    def transpose(self, x: torch.Tensor, axes: Sequence[int]) -> torch.Tensor:
+        return x.permute(*axes)
+
     def take(self, x: torch.Tensor, index: torch.Tensor, axis: int) -> torch.Tensor:
         return torch.index_select(x, axis, index)
 
@@ -51,6 +54,9 @@ class TorchOps:
 
     def logsumexp(self, x: torch.Tensor, axis: int) -> torch.Tensor:
         return torch.logsumexp(x, dim=axis)
+
+    def softmax(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        return torch.softmax(x, dim=axis)
 
     def sigmoid(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(x)
@@ -75,6 +81,12 @@ class TorchOps:
 
     def exp(self, x: torch.Tensor) -> torch.Tensor:
         return torch.exp(x)
+
+    def einsum(self, subscripts: str, *operands: torch.Tensor) -> torch.Tensor:
+        return torch.einsum(subscripts, *operands)
+
+    def astype(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return x.to(dtype)
 
     def upcast(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() if x.dtype in HALF else x
