@@ -1,9 +1,8 @@
 """The Llama family (llama, mistral, qwen2, qwen3) in MLX, with thought-aware attention.
 
 Parameter names are Hugging Face's (and mlx-lm's), so checkpoints load without renaming. `base` is the
-ordinary causal pass; `think` runs thought steps of every stream at once
-with the core's split attention (qstar/core/attention.py): no stream ever holds a copy of the prefix
-keys/values.
+ordinary causal pass; `think` runs thought steps of every stream at once with the core's split attention
+(qstar/core/attention.py): no stream ever holds a copy of the prefix keys/values.
 """
 
 from __future__ import annotations
