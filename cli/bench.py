@@ -33,7 +33,9 @@ def bench(
     vocab: Annotated[int, typer.Option(help="Vocabulary size")] = 4096,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16")] = "float32",
     device: Annotated[str | None, typer.Option(help="cpu or cuda (torch); default: cuda when available")] = None,
-    steps: Annotated[int, typer.Option(help="Measured steps (median) after 2 warm-up steps")] = 5,
+    steps: Annotated[
+        int, typer.Option(help="Measured steps of each kind (qstar and LM alternate; median) after 2 warm-up steps")
+    ] = 5,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch")] = None,
     generation: Annotated[bool, typer.Option(help="Also measure thoughtful vs plain decoding")] = True,
     out: Annotated[Path | None, typer.Option(help="Write the results as JSON here")] = None,

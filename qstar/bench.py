@@ -3,7 +3,8 @@
 W = B*P*L*(k+2+A) + B*L tokens is what one Quiet-STaR step must at least process (every position's
 <start>, thought, <end> and lookahead, plus the base pass). The baseline is the framework's own LM
 (transformers for torch, mlx-lm for mlx) trained on W tokens in sequences of length L, with AdamW too.
-Each measurement runs in a fresh process so peak memory is its own.
+Times come from one process that alternates a qstar step and an LM step (a busy machine slows both alike);
+memory from a fresh process per side, so each peak is its own.
 """
 
 from __future__ import annotations
@@ -93,8 +94,8 @@ def current_rss_gb() -> float:
         return peak_rss_gb()
 
 
-def measure(cfg: BenchConfig, mode: str, path: Path) -> dict[str, Any]:
-    """Run `mode` ("qstar" or "lm") steps in this process; returns median step time and memory added."""
+def make_step(cfg: BenchConfig, mode: str, path: Path) -> Callable[[], Any]:
+    """One training step of `mode` ("qstar" or "lm"), set up in this process."""
     from qstar.core.train_config import TrainConfig
 
     if cfg.backend == "torch":
@@ -102,6 +103,8 @@ def measure(cfg: BenchConfig, mode: str, path: Path) -> dict[str, Any]:
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+    if mode == "lm":
+        return lm_step(cfg, path)
     train_cfg = TrainConfig(
         backend=cfg.backend,
         model=str(path),
@@ -118,18 +121,31 @@ def measure(cfg: BenchConfig, mode: str, path: Path) -> dict[str, Any]:
             policy_weight=1.0,
         ),
     )
-    step = qstar_step(cfg, train_cfg, path) if mode == "qstar" else lm_step(cfg, path)
+    return qstar_step(cfg, train_cfg, path)
+
+
+def measure(cfg: BenchConfig, mode: str, path: Path) -> dict[str, Any]:
+    """In this process: mode "time" alternates qstar and LM steps and returns their median step times; mode
+    "qstar" or "lm" runs warm-up steps and one more of that kind and returns the memory it added."""
     sync = device_sync(cfg)
+    if mode == "time":
+        steps = {kind: make_step(cfg, kind, path) for kind in ("qstar", "lm")}
+        times: dict[str, list[float]] = {kind: [] for kind in steps}
+        for i in range(cfg.warmup + cfg.steps):
+            for kind, step in steps.items():
+                tic = time.perf_counter()
+                step()
+                sync()
+                if i >= cfg.warmup:
+                    times[kind].append(time.perf_counter() - tic)
+        return {f"{kind}_step_s": statistics.median(t) for kind, t in times.items()}
+    step = make_step(cfg, mode, path)
     base_memory = device_memory(cfg) if cfg.device == "cuda" else current_rss_gb()
-    times = []
-    for i in range(cfg.warmup + cfg.steps):
-        tic = time.perf_counter()
+    for _ in range(cfg.warmup + 1):
         step()
         sync()
-        if i >= cfg.warmup:
-            times.append(time.perf_counter() - tic)
     peak = device_memory(cfg, peak=True) if cfg.device == "cuda" else peak_rss_gb()
-    return {"step_s": statistics.median(times), "memory_added_gb": max(peak - base_memory, 0.0)}
+    return {"memory_added_gb": max(peak - base_memory, 0.0)}
 
 
 def device_sync(cfg: BenchConfig) -> Callable[[], None]:
@@ -227,17 +243,16 @@ def run_one(cfg: BenchConfig, mode: str, path: Path) -> dict[str, Any]:
 def bench(cfg: BenchConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(cfg.model) if cfg.model else random_checkpoint(cfg, Path(tmp))
-        q = run_one(cfg, "qstar", path)
-        lm = run_one(cfg, "lm", path)
+        times = run_one(cfg, "time", path)
+        memory = {mode: run_one(cfg, mode, path)["memory_added_gb"] for mode in ("qstar", "lm")}
     return {
         **asdict(cfg),
         "W": cfg.tokens,
-        "qstar_step_s": q["step_s"],
-        "lm_step_s": lm["step_s"],
-        "ratio": q["step_s"] / lm["step_s"],
-        "qstar_tokens_per_s": cfg.tokens / q["step_s"],
-        "qstar_memory_added_gb": q["memory_added_gb"],
-        "lm_memory_added_gb": lm["memory_added_gb"],
+        **times,
+        "ratio": times["qstar_step_s"] / times["lm_step_s"],
+        "qstar_tokens_per_s": cfg.tokens / times["qstar_step_s"],
+        "qstar_memory_added_gb": memory["qstar"],
+        "lm_memory_added_gb": memory["lm"],
     }
 
 

@@ -93,4 +93,4 @@ class TorchOps:
 
     def gumbel(self, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
         u = torch.rand(tuple(shape), device=self.device, dtype=like.dtype, generator=self.generator)
-        return -torch.log(-torch.log(u.clamp_min(torch.finfo(like.dtype).tiny)))
+        return u.clamp_min_(torch.finfo(like.dtype).tiny).log_().neg_().log_().neg_()  # -log(-log u), in place

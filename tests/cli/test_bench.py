@@ -1,0 +1,31 @@
+"""`qstar bench` end to end on a tiny shape, both backends: it measures, in its own processes, what it reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+
+runner = CliRunner()
+TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--intermediate", "64"]
+TINY += ["--vocab", "64", "--thought-tokens", "2", "--lookahead", "2", "--seq-len", "8", "--steps", "1"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_bench_reports_ratio_memory_and_generation(tmp_path, backend):
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, ["bench", "--backend", backend, *TINY, "--threads", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    (row,) = report["training"]
+    assert row["W"] == 1 * 2 * 8 * (2 + 2 + 2) + 1 * 8  # B*P*L*(k+2+A) + B*L
+    assert row["qstar_step_s"] > 0 and row["lm_step_s"] > 0
+    assert row["ratio"] == pytest.approx(row["qstar_step_s"] / row["lm_step_s"])
+    assert row["qstar_memory_added_gb"] >= 0 and row["lm_memory_added_gb"] >= 0
+    for gen in report["generation"]:
+        assert gen["plain_tokens_per_s"] > 0 and gen["thought_tokens_per_s"] > 0
+        assert gen["target_tokens_per_s"] == pytest.approx(0.7 * gen["plain_tokens_per_s"] / (2 + 3))
+    assert "thought overhead" in result.output
