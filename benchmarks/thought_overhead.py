@@ -28,8 +28,9 @@ if __name__ == "__main__":
         if importlib.util.find_spec(backend) is None:
             continue
         base = BenchConfig(backend=backend, steps=args.steps, threads=args.threads)
-        rows = [bench(replace(base, seq_len=length)) for length in (64, 128, 256)]
-        for r in rows:
+        rows = []
+        for length in (64, 128, 256):
+            rows.append(r := bench(replace(base, seq_len=length)))
             print(
                 f"{backend} L={r['seq_len']}: ratio {r['ratio']:.2f}, qstar step {r['qstar_step_s']:.3f}s, "
                 f"LM step {r['lm_step_s']:.3f}s, memory added {r['qstar_memory_added_gb']:.2f} GB",

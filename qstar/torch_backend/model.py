@@ -27,6 +27,28 @@ OPS = TorchOps()
 """For the split attention, whose ops (einsum, softmax, ...) follow their inputs' device."""
 
 
+class RMSNormFunction(torch.autograd.Function):
+    """weight * (x * rsqrt(mean(x^2) + eps)) with float32 internals for every dtype, float64 included (what
+    transformers and the reference compute), as one autograd node that keeps x and 1/rms instead of four
+    full-size intermediates: thought steps run it k + 1 times per layer, so node count and memory add up."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.float()
+        inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, inv_rms)
+        return weight * (x32 * inv_rms).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, d_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, inv_rms = ctx.saved_tensors
+        normed = x.float() * inv_rms
+        d_weight = (d_out * normed.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0)
+        g = (d_out * weight).float()
+        d_x = inv_rms * (g - normed * (g * normed).mean(-1, keepdim=True))
+        return d_x.to(x.dtype), d_weight.to(weight.dtype), None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -34,9 +56,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 internals for every dtype, float64 included: what transformers (and the reference) compute.
-        x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
