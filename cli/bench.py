@@ -18,41 +18,45 @@ from cli.errors import user_errors
 def bench(
     backend: Annotated[str, typer.Option(help="torch or mlx")] = "torch",
     model: Annotated[
-        str | None, typer.Option(help="Checkpoint to measure (default: a random Llama of the shape)")
+        str | None, typer.Option(help="Checkpoint to measure (default: a random model of --shape)")
     ] = None,
     seq_len: Annotated[list[int] | None, typer.Option(help="Sequence length L (repeatable)")] = None,
     thought_tokens: Annotated[int, typer.Option(help="k")] = 8,
     lookahead: Annotated[int, typer.Option(help="A")] = 4,
     thoughts_per_position: Annotated[int, typer.Option(help="P")] = 2,
     batch: Annotated[int, typer.Option(help="Sequences per step")] = 1,
-    hidden: Annotated[int, typer.Option(help="Hidden size of the random model")] = 256,
-    layers: Annotated[int, typer.Option(help="Layers of the random model")] = 4,
-    heads: Annotated[int, typer.Option(help="Attention heads")] = 4,
-    kv_heads: Annotated[int, typer.Option(help="Key/value heads")] = 2,
-    intermediate: Annotated[int, typer.Option(help="MLP size")] = 704,
-    vocab: Annotated[int, typer.Option(help="Vocabulary size")] = 4096,
+    shape: Annotated[
+        str, typer.Option(help="Random model shape: issue (Llama, hidden 256, 4 layers) or qwen2-0.5b")
+    ] = "issue",
+    hidden: Annotated[int | None, typer.Option(help="Hidden size (overrides the shape)")] = None,
+    layers: Annotated[int | None, typer.Option(help="Layers (overrides the shape)")] = None,
+    heads: Annotated[int | None, typer.Option(help="Attention heads (overrides the shape)")] = None,
+    kv_heads: Annotated[int | None, typer.Option(help="Key/value heads (overrides the shape)")] = None,
+    intermediate: Annotated[int | None, typer.Option(help="MLP size (overrides the shape)")] = None,
+    vocab: Annotated[int | None, typer.Option(help="Vocabulary size (overrides the shape)")] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16")] = "float32",
     device: Annotated[str | None, typer.Option(help="cpu or cuda (torch); default: cuda when available")] = None,
     steps: Annotated[
         int, typer.Option(help="Measured steps of each kind (qstar and LM alternate; median) after 2 warm-up steps")
     ] = 5,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch")] = None,
+    peak_tflops: Annotated[
+        float | None, typer.Option(help="Device peak TFLOP/s for MFU (default: known CUDA GPUs in bf16/fp16)")
+    ] = None,
     generation: Annotated[bool, typer.Option(help="Also measure thoughtful vs plain decoding")] = True,
     out: Annotated[Path | None, typer.Option(help="Write the results as JSON here")] = None,
 ) -> None:
     """Measure, side by side in one run, a Quiet-STaR step against an ordinary LM step over the same W tokens."""
-    from qstar.bench import BenchConfig, bench_generation
+    from qstar.bench import SHAPES, BenchConfig, bench_generation
     from qstar.bench import bench as run
 
+    if shape not in SHAPES:
+        raise ValueError(f"unknown --shape {shape!r}: choose one of {', '.join(SHAPES)}")
+    dims = dict(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=intermediate, vocab=vocab)
     base = BenchConfig(
         backend=backend,
         model=model,
-        hidden=hidden,
-        layers=layers,
-        heads=heads,
-        kv_heads=kv_heads,
-        intermediate=intermediate,
-        vocab=vocab,
+        **{**SHAPES[shape], **{k: v for k, v in dims.items() if v is not None}},
         thought_tokens=thought_tokens,
         lookahead=lookahead,
         thoughts_per_position=thoughts_per_position,
@@ -61,13 +65,15 @@ def bench(
         device=device,
         steps=steps,
         threads=threads,
+        peak_tflops=peak_tflops,
     )
     console = Console()
     table = Table(
         title=f"thought overhead ({backend}, {dtype}, k={thought_tokens}, A={lookahead}, "
-        f"P={thoughts_per_position}, B={batch})"
+        f"P={thoughts_per_position}, B={batch}, {shape if model is None else model})"
     )
-    for column in ("L", "W", "qstar step s", "LM step s", "ratio", "qstar tok/s", "memory added GB (qstar / LM)"):
+    columns = ("L", "W", "qstar step s", "LM step s", "ratio", "qstar tok/s", "memory added GB (qstar / LM)", "MFU")
+    for column in columns:
         table.add_column(column, justify="right")
     results = []
     for length in seq_len or [64, 128, 256]:
@@ -81,6 +87,7 @@ def bench(
             f"{r['ratio']:.2f}",
             f"{r['qstar_tokens_per_s']:.0f}",
             f"{r['qstar_memory_added_gb']:.2f} / {r['lm_memory_added_gb']:.2f}",
+            "-" if r["mfu"] is None else f"{r['mfu']:.1%}",
         )
     console.print(table)
     report = {"training": results}

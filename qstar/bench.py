@@ -4,32 +4,39 @@ W = B*P*L*(k+2+A) + B*L tokens is what one Quiet-STaR step must at least process
 <start>, thought, <end> and lookahead, plus the base pass). The baseline is the framework's own LM
 (transformers for torch, mlx-lm for mlx) trained on W tokens in sequences of length L, with AdamW too.
 Times come from one process that alternates a qstar step and an LM step (a busy machine slows both alike);
-memory from a fresh process per side, so each peak is its own.
+memory from a fresh process per side, so each peak is its own. Model FLOPs utilisation counts 6 x (parameters a token
+multiplies through) x W FLOPs per step, the yardstick's tokens, attention not included.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from qstar.core.hf_config import ModelConfig, read_config
+
 
 @dataclass
 class BenchConfig:
     backend: str = "torch"
     model: str | None = None
-    """A checkpoint directory; None builds a random Llama of the shape below."""
+    """A checkpoint directory; None builds a random model of the shape below."""
+    arch: str = "llama"
+    """llama, or qwen2 (q/k/v biases)."""
+    tie_embeddings: bool = False
     hidden: int = 256
     layers: int = 4
     heads: int = 4
@@ -46,6 +53,9 @@ class BenchConfig:
     steps: int = 5
     warmup: int = 2
     threads: int | None = None
+    peak_tflops: float | None = None
+    """The device's peak FLOP/s for the dtype, for model FLOPs utilisation; None: known CUDA GPUs in 16-bit, else
+    no MFU."""
 
     @property
     def tokens(self) -> int:
@@ -54,12 +64,26 @@ class BenchConfig:
         return self.batch * self.thoughts_per_position * self.seq_len * per_thought + self.batch * self.seq_len
 
 
-def random_checkpoint(cfg: BenchConfig, directory: Path) -> Path:
-    """A random Llama of the benchmark shape written by transformers (no tokenizer: ids after the vocabulary)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+SHAPES: dict[str, dict[str, Any]] = {
+    "issue": {},
+    "qwen2-0.5b": dict(
+        arch="qwen2", tie_embeddings=True, hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936
+    ),
+}
+"""Named model shapes: the performance issue's CPU shape (the BenchConfig defaults) and Qwen2-0.5B's."""
 
-    config = LlamaConfig(
+PEAK_TFLOPS_16BIT = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+"""Dense bf16/fp16 tensor-core peaks (SXM parts)."""
+
+
+def random_checkpoint(cfg: BenchConfig, directory: Path) -> Path:
+    """A random model of the benchmark shape written by transformers (no tokenizer: ids after the vocabulary)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[cfg.arch]
+    config = config_class(
+        tie_word_embeddings=cfg.tie_embeddings,
         hidden_size=cfg.hidden,
         num_hidden_layers=cfg.layers,
         num_attention_heads=cfg.heads,
@@ -70,7 +94,7 @@ def random_checkpoint(cfg: BenchConfig, directory: Path) -> Path:
         rope_theta=10000.0,
     )
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     raw = json.loads((directory / "config.json").read_text())
     raw["rope_theta"] = 10000.0  # mlx-lm reads only the top-level key
     (directory / "config.json").write_text(json.dumps(raw))
@@ -138,7 +162,7 @@ def measure(cfg: BenchConfig, mode: str, path: Path) -> dict[str, Any]:
                 sync()
                 if i >= cfg.warmup:
                     times[kind].append(time.perf_counter() - tic)
-        return {f"{kind}_step_s": statistics.median(t) for kind, t in times.items()}
+        return {f"{kind}_step_s": statistics.median(t) for kind, t in times.items()} | {"device": device_name(cfg)}
     step = make_step(cfg, mode, path)
     base_memory = device_memory(cfg) if cfg.device == "cuda" else current_rss_gb()
     for _ in range(cfg.warmup + 1):
@@ -146,6 +170,28 @@ def measure(cfg: BenchConfig, mode: str, path: Path) -> dict[str, Any]:
         sync()
     peak = device_memory(cfg, peak=True) if cfg.device == "cuda" else peak_rss_gb()
     return {"memory_added_gb": max(peak - base_memory, 0.0)}
+
+
+def device_name(cfg: BenchConfig) -> str:
+    if cfg.backend == "torch" and cfg.device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine()
+
+
+def matmul_params(c: ModelConfig) -> int:
+    """Parameters every token multiplies through: all but the input embedding lookup (a tied LM head counts)."""
+    attention = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+    return c.num_layers * (attention + 3 * c.hidden_size * c.intermediate_size) + c.hidden_size * c.vocab_size
+
+
+def peak_tflops(cfg: BenchConfig, device: str) -> float | None:
+    if cfg.peak_tflops is not None:
+        return cfg.peak_tflops
+    if cfg.dtype not in ("bfloat16", "float16"):
+        return None
+    return next((peak for name, peak in PEAK_TFLOPS_16BIT.items() if name in device), None)
 
 
 def device_sync(cfg: BenchConfig) -> Callable[[], None]:
@@ -240,11 +286,23 @@ def run_one(cfg: BenchConfig, mode: str, path: Path) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def resolve_device(cfg: BenchConfig) -> BenchConfig:
+    """torch's default device made explicit, so that every process syncs and counts memory on the right one."""
+    if cfg.backend != "torch" or cfg.device is not None:
+        return cfg
+    from qstar.torch_backend import default_device
+
+    return replace(cfg, device=default_device())
+
+
 def bench(cfg: BenchConfig) -> dict[str, Any]:
+    cfg = resolve_device(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(cfg.model) if cfg.model else random_checkpoint(cfg, Path(tmp))
         times = run_one(cfg, "time", path)
         memory = {mode: run_one(cfg, mode, path)["memory_added_gb"] for mode in ("qstar", "lm")}
+        model_flops = 6 * matmul_params(read_config(path)[0]) * cfg.tokens
+    peak = peak_tflops(cfg, times["device"])
     return {
         **asdict(cfg),
         "W": cfg.tokens,
@@ -253,6 +311,8 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
         "qstar_tokens_per_s": cfg.tokens / times["qstar_step_s"],
         "qstar_memory_added_gb": memory["qstar"],
         "lm_memory_added_gb": memory["lm"],
+        "model_tflops_per_step": model_flops / 1e12,
+        "mfu": None if peak is None else model_flops / times["qstar_step_s"] / (peak * 1e12),
     }
 
 

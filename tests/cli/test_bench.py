@@ -14,10 +14,12 @@ TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "-
 TINY += ["--vocab", "64", "--thought-tokens", "2", "--lookahead", "2", "--seq-len", "8", "--steps", "1"]
 
 
-@pytest.mark.parametrize("backend", ["torch", "mlx"])
-def test_bench_reports_ratio_memory_and_generation(tmp_path, backend):
+@pytest.mark.parametrize(("backend", "shape"), [("torch", "qwen2-0.5b"), ("mlx", "issue")])
+def test_bench_reports_ratio_memory_and_generation(tmp_path, backend, shape):
+    """The qwen2-0.5b shape's architecture (q/k/v biases, tied embeddings) at tiny dimensions, with an MFU."""
     out = tmp_path / "bench.json"
-    result = runner.invoke(app, ["bench", "--backend", backend, *TINY, "--threads", "1", "--out", str(out)])
+    args = ["bench", "--backend", backend, "--shape", shape, *TINY, "--threads", "1", "--peak-tflops", "1"]
+    result = runner.invoke(app, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     (row,) = report["training"]
@@ -25,6 +27,10 @@ def test_bench_reports_ratio_memory_and_generation(tmp_path, backend):
     assert row["qstar_step_s"] > 0 and row["lm_step_s"] > 0
     assert row["ratio"] == pytest.approx(row["qstar_step_s"] / row["lm_step_s"])
     assert row["qstar_memory_added_gb"] >= 0 and row["lm_memory_added_gb"] >= 0
+    assert (row["arch"], row["tie_embeddings"]) == (("qwen2", True) if shape == "qwen2-0.5b" else ("llama", False))
+    params = 1 * (32 * 16 * (2 * 2 + 2 * 1) + 3 * 32 * 64) + 32 * 64  # layers * (attention + MLP) + LM head
+    assert row["model_tflops_per_step"] == pytest.approx(6 * params * row["W"] / 1e12)
+    assert row["mfu"] == pytest.approx(row["model_tflops_per_step"] / row["qstar_step_s"] / 1.0)
     for gen in report["generation"]:
         assert gen["plain_tokens_per_s"] > 0 and gen["thought_tokens_per_s"] > 0
         assert gen["target_tokens_per_s"] == pytest.approx(0.7 * gen["plain_tokens_per_s"] / (2 + 3))
