@@ -19,3 +19,18 @@ def hf_checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
 @pytest.fixture(scope="session")
 def llama_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_hf_checkpoint(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def mixing_checkpoint(llama_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A qstar checkpoint with a non-zero mixing head, so that thoughts matter and every parameter receives gradient."""
+    import numpy as np
+    import torch
+
+    import qstar
+
+    m = qstar.load(str(llama_checkpoint), backend="torch", thought_tokens=2, lookahead=2, policy_weight=1.0)
+    with torch.no_grad():
+        head = m.parameters()["mixing_head.4.weight"]
+        head.copy_(torch.from_numpy(np.random.default_rng(5).normal(0, 0.3, tuple(head.shape))))
+    return m.save(tmp_path_factory.mktemp("mixing") / "ckpt")

@@ -98,16 +98,6 @@ def test_step_compiles_once_and_evaluation_leaves_the_training_random_state(llam
         assert checked.step(batches(10 * i, 1), 1e-3) == want[i]
 
 
-@pytest.fixture(scope="module")
-def mixing_checkpoint(llama_checkpoint, tmp_path_factory) -> Path:
-    """A qstar checkpoint with a non-zero mixing head, so that every parameter receives gradient."""
-    m = qstar.load(str(llama_checkpoint), backend="torch", **RECIPE)
-    with torch.no_grad():
-        head = m.parameters()["mixing_head.4.weight"]
-        head.copy_(torch.from_numpy(np.random.default_rng(5).normal(0, 0.3, tuple(head.shape))))
-    return m.save(tmp_path_factory.mktemp("mixing") / "ckpt")
-
-
 @pytest.mark.parametrize("thoughts", ["greedy", "given"])
 def test_one_step_matches_torch(mixing_checkpoint, thoughts):
     """float32, same checkpoint and batch. "greedy" (sample_temperature 0) runs MLX's in-graph sampler, which then
