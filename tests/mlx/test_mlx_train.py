@@ -14,7 +14,6 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
 from helpers import killed_and_uninterrupted, random_ids, short_training, train_records
 from mlx.utils import tree_flatten
 
