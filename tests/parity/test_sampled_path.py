@@ -1,5 +1,6 @@
 """Training samples thoughts inside the differentiable pass; that must compute exactly what scoring the same thoughts,
-given, in one pass computes: same loss terms, same gradients, same draws as `sample_thoughts`."""
+given, in one pass computes: same loss terms, same gradients, same draws as `sample_thoughts`; and with gradient
+checkpointing (every layer call recomputed in backward, sampling steps included) the same gradients again."""
 
 from __future__ import annotations
 
@@ -35,3 +36,16 @@ def test_sampled_path_equals_given_thoughts(mixing_checkpoint, backend):
     grads_sampled, grads_given = m.gradients(ids, seed=3), m.gradients(ids, thoughts=sampled.thoughts)
     for name, g in grads_given.items():
         assert rel(grads_sampled[name], g) < 1e-12, name
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_grad_checkpoint_same_gradients(mixing_checkpoint, backend):
+    """Recomputing each layer in backward (thought sampling steps included) changes nothing: float64, checked at
+    1e-12."""
+    m = qstar.load(str(mixing_checkpoint), backend=backend, dtype="float64", **RECIPE)
+    ids = random_ids(2, 9, seed=4)
+    plain = m.gradients(ids, seed=5)
+    m.backbone.grad_checkpoint = True
+    recomputed = m.gradients(ids, seed=5)
+    for name, g in plain.items():
+        assert rel(recomputed[name], g) < 1e-12, name
