@@ -2,8 +2,8 @@
 
 1. The base tokens go through the network once (B rows, never copied per thought).
 2. Thought steps push one token per stream at a time, attending to the base keys/values and the stream's own
-   cached thought keys. During training the k sampling steps stay in the graph: their hidden states and logits
-   are the ones the policy gradient needs, so no thought step is ever computed twice.
+   cached thought keys. During training the k sampling steps stay in the graph: their hidden states and the
+   log-probabilities of the drawn tokens are what the policy gradient needs, so no thought step is computed twice.
 3. The <end> token and the teacher-forced lookahead (A+1 steps) go through in one pass on top of that cache.
 Given thoughts (tests, fixtures) take a single pass over all k+A+1 steps instead.
 """
@@ -197,7 +197,7 @@ def quietstar_loss(
     else:
         x = thought_inputs(model, recipe, ids, thoughts, layout, pad_id)
         ht, _ = model.think(x, layout.steps(1, recipe.thought_steps), base_kv, None)
-        drawn = ops.stack([thoughts[:, :, s] for s in range(k)], axis=1)
+        drawn = ops.transpose(thoughts, (0, 2, 1))
         logprobs = losses.token_logprob(ops, model.logits(ht[:, :k]), drawn, banned, recipe.policy_temperature)
 
     rewarded = int(np.sum(streams < length - 1 - A))
