@@ -145,17 +145,25 @@ def lookahead_ids(ops: Ops, ids: Array, layout: ThoughtLayout, lookahead: int, p
 
 
 def thought_inputs(
-    model: Backbone, recipe: Recipe, ids: Array, thoughts: Array, layout: ThoughtLayout, pad_id: int
+    model: Backbone,
+    recipe: Recipe,
+    ids: Array,
+    thoughts: Array,
+    layout: ThoughtLayout,
+    pad_id: int,
+    first_step: int = 1,
 ) -> Array:
-    """(R, k+A+1, S, D) inputs of thought steps 1..: <start>, t_1..t_k, <end>, x_(p+1)..x_(p+A-1)."""
+    """(R, n, S, D) inputs of thought steps first_step..k+A+1: <start>, t_1..t_k, <end>, x_(p+1)..x_(p+A-1), for
+    first_step <= k+1. One embedding lookup for all thought tokens: each lookup's backward is a dense (V, D) array."""
     ops, P = model.ops, recipe.thoughts_per_position
     rows = ids.shape[0] * P
     _, end = model.thought_vectors()
     future = lookahead_ids(ops, ids, layout, recipe.lookahead, pad_id)
+    drawn = ops.transpose(thoughts[:, :, max(first_step - 2, 0) :], (0, 2, 1))  # step s >= 2 feeds t_(s-1)
     return ops.concat(
-        [
-            start_inputs(model, rows, layout.num_streams),
-            ops.stack([model.embed(thoughts[:, :, s]) for s in range(recipe.thought_tokens)], axis=1),
+        ([start_inputs(model, rows, layout.num_streams)] if first_step == 1 else [])
+        + [
+            model.embed(drawn),
             ops.broadcast_to(end, (rows, 1, layout.num_streams, end.shape[-1])),
             repeat_rows(ops, model.embed(future), P),
         ],
@@ -191,7 +199,7 @@ def quietstar_loss(
         h_think, logprobs, thoughts, cache = thought_steps(
             model, recipe, base_kv, ids.shape[0] * P, layout, banned, noise
         )
-        x = thought_inputs(model, recipe, ids, thoughts, layout, pad_id)[:, k:]
+        x = thought_inputs(model, recipe, ids, thoughts, layout, pad_id, first_step=k + 1)
         h_rest, _ = model.think(x, layout.steps(k + 1, A + 1), base_kv, cache)
         ht = ops.concat([h_think, h_rest], axis=1)
     else:
