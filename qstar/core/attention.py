@@ -20,8 +20,9 @@ import numpy as np
 from qstar.core.layout import StepGeometry
 from qstar.core.ops import Array, Ops
 
-HEAD_MAJOR, HEAD_MAJOR_INVERSE = (0, 4, 1, 2, 3, 5, 6), (0, 2, 3, 4, 1, 5, 6)
-"""(B, P, n, S, h, g, d) <-> (B, h, P, n, S, g, d)."""
+HEAD_MAJOR = (0, 4, 1, 2, 3, 5, 6)
+"""(B, P, n, S, h, g, d) -> (B, h, P, n, S, g, d)."""
+HEAD_MAJOR_INVERSE = tuple(int(i) for i in np.argsort(HEAD_MAJOR))
 
 
 def masks(geometry: StepGeometry) -> tuple[np.ndarray, np.ndarray]:
