@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
 # What a lent CUDA GPU runs, from the repository root: the CUDA test subset, then the performance issue's GPU report
-# (bfloat16, a random Qwen2-0.5B-shaped model, L=256, k=12, A=4, P=2: step time, ratio, tokens/s, memory, MFU).
-# Results go to $OUT (default: the current directory).
-set -euo pipefail
+# (bfloat16, a random Qwen2-0.5B-shaped model, L=256, k=12, A=4, P=2: step time, ratio, tokens/s, memory, MFU), eager
+# and with the thought steps compiled, and a profile of where an eager step's time goes.
+# Results go to $OUT (default: the current directory); a failing part does not stop the others.
+set -uo pipefail
 out="${OUT:-.}"
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
-pytest -q tests/torch/test_cuda.py
-qstar bench --backend torch --device cuda --dtype bfloat16 --shape qwen2-0.5b --seq-len 256 --thought-tokens 12 \
-  --lookahead 4 --thoughts-per-position 2 --steps 5 --no-generation --out "$out/gpu-bench.json"
+status=0
+python3 -c "import torch, transformers; assert torch.cuda.is_available(), 'no CUDA device'; \
+print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'transformers', transformers.__version__)" || exit 1
+python3 -m pytest -q tests/torch/test_cuda.py || status=1
+report=(--backend torch --device cuda --dtype bfloat16 --shape qwen2-0.5b --seq-len 256 --thought-tokens 12
+  --lookahead 4 --thoughts-per-position 2 --steps 5 --no-generation)
+qstar bench "${report[@]}" --out "$out/gpu-bench.json" || status=1
+python3 benchmarks/profile_step.py --device cuda --shape qwen2-0.5b --dtype bfloat16 --seq-len 256 \
+  --thought-tokens 12 --rows 30 >"$out/gpu-profile.txt" 2>&1 || status=1
+grep -E "^== " "$out/gpu-profile.txt"
+qstar bench "${report[@]}" --compile --out "$out/gpu-bench-compiled.json" || status=1
+exit $status

@@ -40,6 +40,7 @@ def bench(
         int, typer.Option(help="Measured steps of each kind (qstar and LM alternate; median) after 2 warm-up steps")
     ] = 5,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch")] = None,
+    compile: Annotated[bool, typer.Option(help="torch: compile the thought steps (TrainConfig.compile)")] = False,
     peak_tflops: Annotated[
         float | None, typer.Option(help="Device peak TFLOP/s for MFU (default: known CUDA GPUs in bf16/fp16)")
     ] = None,
@@ -65,6 +66,7 @@ def bench(
         device=device,
         steps=steps,
         threads=threads,
+        compile=compile,
         peak_tflops=peak_tflops,
     )
     console = Console()

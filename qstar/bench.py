@@ -53,6 +53,8 @@ class BenchConfig:
     steps: int = 5
     warmup: int = 2
     threads: int | None = None
+    compile: bool = False
+    """torch: compile the thought steps (TrainConfig.compile)."""
     peak_tflops: float | None = None
     """The device's peak FLOP/s for the dtype, for model FLOPs utilisation; None: known CUDA GPUs in 16-bit, else
     no MFU."""
@@ -138,6 +140,7 @@ def make_step(cfg: BenchConfig, mode: str, path: Path) -> Callable[[], Any]:
         learning_rate=1e-4,
         warmup_steps=0,
         iters=10**6,
+        compile=cfg.compile,
         recipe_overrides=dict(
             thought_tokens=cfg.thought_tokens,
             lookahead=cfg.lookahead,

@@ -58,6 +58,9 @@ class TrainConfig:
     """Seed of the data order and the thought sampling."""
     grad_checkpoint: bool = False
     """Recompute layer activations in backward instead of storing them (less memory, more time)."""
+    compile: bool = False
+    """torch: compile the layers' thought steps with torch.compile (pays on a GPU, where those steps are bound by
+    kernel launches; the first step spends a minute or more compiling). mlx always compiles its whole step."""
     recipe: str = "default"
     """Recipe preset (default or paper); recipe fields given as flags override it."""
     recipe_overrides: dict[str, Any] = field(default_factory=dict)

@@ -97,14 +97,13 @@ class Attention(nn.Module):
         sin: mx.array,
         base_kv: tuple[mx.array, mx.array],
         cache: tuple[mx.array, mx.array] | None,
-        base_mask: mx.array,
-        own_mask: mx.array,
+        mask_bias: mx.array,
     ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
         """Thought steps x (R, n, S, D) -> output, and the stream keys/values (R, m, S, h, d) incl. these steps."""
         q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = mx.concatenate([cache[0], k], axis=1), mx.concatenate([cache[1], v], axis=1)
-        out = attention.thought_attention(OPS, q, k, v, *base_kv, base_mask, own_mask)
+        out = attention.thought_attention(OPS, q, k, v, *base_kv, mask_bias)
         return self.o_proj(out), (k, v)
 
 
@@ -215,12 +214,11 @@ class Model(nn.Module):
     def think(self, x: mx.array, geometry: StepGeometry, base_kv: KV, cache: KV | None) -> tuple[mx.array, KV]:
         cos, sin = self.rope(geometry.positions)
         cos, sin = cos[..., None, :], sin[..., None, :]
-        base_mask, own_mask = (self.ops.asarray(m) for m in attention.masks(geometry))
+        mask_bias = self.ops.asarray(attention.mask_bias(geometry))
         new_cache = []
         for i, layer in enumerate(self.model.layers):
-            x, k, v = self.run(
-                layer, layer.think, x, cos, sin, base_kv[i], None if cache is None else cache[i], base_mask, own_mask
-            )
+            past = None if cache is None else cache[i]
+            x, k, v = self.run(layer, layer.think, x, cos, sin, base_kv[i], past, mask_bias)
             new_cache.append((k, v))
         return self.model.norm(x), new_cache
 

@@ -109,14 +109,13 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         base_kv: tuple[torch.Tensor, torch.Tensor],
         cache: tuple[torch.Tensor, torch.Tensor] | None,
-        base_mask: torch.Tensor,
-        own_mask: torch.Tensor,
+        mask_bias: torch.Tensor,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Thought steps x (R, n, S, D) -> output, and the stream keys/values (R, m, S, h, d) incl. these steps."""
         q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = torch.cat([cache[0], k], dim=1), torch.cat([cache[1], v], dim=1)
-        out = attention.thought_attention(OPS, q, k, v, *base_kv, base_mask, own_mask)
+        out = attention.thought_attention(OPS, q, k, v, *base_kv, mask_bias)
         return self.o_proj(out), (k, v)
 
 
@@ -185,6 +184,14 @@ class Model(nn.Module):
         )
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.grad_checkpoint = False
+        self.think_layer: Callable[..., tuple[torch.Tensor, ...]] = Block.think
+
+    def compile_thought_steps(self) -> None:
+        """torch.compile the thought step of a layer (one graph for every layer, the cache length dynamic): a
+        thought step pushes few tokens through many small kernels, so on a GPU it is bound by kernel launches."""
+        # Variants: with and without grad, cache absent / one step / longer, single step / tail.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+        self.think_layer = torch.compile(Block.think, dynamic=True)
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Call a layer; with grad_checkpoint its activations are recomputed in backward instead of stored."""
@@ -235,12 +242,11 @@ class Model(nn.Module):
     def think(self, x: torch.Tensor, geometry: StepGeometry, base_kv: KV, cache: KV | None) -> tuple[torch.Tensor, KV]:
         cos, sin = self.rope(geometry.positions)
         cos, sin = cos[..., None, :], sin[..., None, :]
-        base_mask, own_mask = (self.ops.asarray(m) for m in attention.masks(geometry))
-        new_cache = []
+        mask_bias = self.ops.asarray(attention.mask_bias(geometry))
+        x, new_cache = x.contiguous(), []  # one memory layout for every layer's input (a compiled graph guards on it)
         for i, layer in enumerate(self.model.layers):
-            x, k, v = self.run(
-                layer.think, x, cos, sin, base_kv[i], None if cache is None else cache[i], base_mask, own_mask
-            )
+            past = None if cache is None else cache[i]
+            x, k, v = self.run(self.think_layer, layer, x, cos, sin, base_kv[i], past, mask_bias)
             new_cache.append((k, v))
         return self.model.norm(x), new_cache
 

@@ -28,6 +28,8 @@ class TorchSession:
         self.model, self.cfg = model, cfg
         net = model.backbone
         net.grad_checkpoint = cfg.grad_checkpoint
+        if cfg.compile:
+            net.compile_thought_steps()
         self.params = list(net.parameters())
         # Half-precision compute keeps float32 master weights: at lr 1e-6 a bf16 update would round away.
         self.master = [p.detach().float().clone() if p.dtype in HALF else p for p in self.params]
