@@ -2,8 +2,9 @@
 
     python benchmarks/profile_step.py --shape qwen2-0.5b --dtype bfloat16 --seq-len 256 --thought-tokens 12
 
-Prints, per kind, the wall time, the kernels launched and their summed device time (on a GPU, wall time far above
-kernel time means the step is bound by launching kernels, not by computing them), then the top operators.
+Prints, per kind, each warm-up step's time (the first includes any compiling), the kernels launched and their
+summed device time (on a GPU, wall time far above kernel time means the step is bound by launching kernels, not by
+computing them), then the top operators.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ from qstar.bench import SHAPES, BenchConfig, device_sync, make_step, random_chec
 
 def profile_kind(cfg: BenchConfig, kind: str, path: Path, rows: int) -> None:
     step, sync = make_step(cfg, kind, path), device_sync(cfg)
-    for _ in range(cfg.warmup):
+    for i in range(cfg.warmup + 1):
+        tic = time.perf_counter()
         step()
         sync()
-    tic = time.perf_counter()
-    step()
-    sync()
-    wall = time.perf_counter() - tic
+        wall = time.perf_counter() - tic
+        print(f"{kind} step {i + 1}: {wall:.3f} s", flush=True)
     cuda = cfg.device == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
@@ -56,6 +56,7 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--compile", action="store_true", help="compile the thought steps (TrainConfig.compile)")
     parser.add_argument("--rows", type=int, default=25, help="operators listed per kind")
+    parser.add_argument("--kind", choices=["qstar", "lm", "both"], default="both", help="which step to profile")
     args = parser.parse_args()
     cfg = resolve_device(
         BenchConfig(
@@ -73,5 +74,5 @@ if __name__ == "__main__":
     )
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = random_checkpoint(cfg, Path(tmp))
-        for kind in ("qstar", "lm"):
+        for kind in ("qstar", "lm") if args.kind == "both" else (args.kind,):
             profile_kind(cfg, kind, checkpoint, args.rows)
