@@ -186,12 +186,12 @@ class Model(nn.Module):
         self.grad_checkpoint = False
         self.think_layer: Callable[..., tuple[torch.Tensor, ...]] = Block.think
 
-    def compile_thought_steps(self) -> None:
-        """torch.compile the thought step of a layer (one graph for every layer, the cache length dynamic): a
-        thought step pushes few tokens through many small kernels, so on a GPU it is bound by kernel launches."""
-        # Variants: with and without grad, cache absent / one step / longer, single step / tail.
+    def compile_thought_steps(self, backend: str = "inductor") -> None:
+        """torch.compile the thought step of a layer (one graph serves every layer; sizes are dynamic): a thought step
+        pushes few tokens through a couple of hundred small kernels, so on a GPU it is bound by kernel launches."""
+        # Graphs: with and without grad x (no cache, a one-step cache, a longer one, the multi-step tail).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
-        self.think_layer = torch.compile(Block.think, dynamic=True)
+        self.think_layer = torch.compile(Block.think, dynamic=True, backend=backend)
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Call a layer; with grad_checkpoint its activations are recomputed in backward instead of stored."""
