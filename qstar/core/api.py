@@ -58,8 +58,10 @@ class QStarModel(ABC):
     def __init__(self, backbone: Backbone, recipe: Recipe, info: CheckpointInfo, dtype: str) -> None:
         self.backbone, self.recipe, self.info, self.dtype = backbone, recipe, info, dtype
         self.ops = backbone.ops
-        banned = banned_mask(info.config.vocab_size, [info.start_id, info.end_id])
-        self.banned = self.ops.asarray(banned)
+        self.banned = banned_mask(info.config.vocab_size, [info.start_id, info.end_id])
+        """(V,) bool: ids a thought never draws (the delimiters, where the vocabulary holds them)."""
+        self.device_banned = self.ops.asarray(self.banned) if self.banned.any() else None
+        """The same on the device; None when nothing is banned, which spares a pass over every (..., V) logits."""
 
     @property
     def config(self) -> ModelConfig:
@@ -105,9 +107,8 @@ class QStarModel(ABC):
     def sample_thoughts(self, input_ids: Any, seed: int | None = None) -> np.ndarray:
         """(B*P, S, k) thought tokens; with a seed the noise comes from numpy, so every backend draws the same."""
         ids, _ = self.check_ids(input_ids)
-        tokens = sample_thoughts(
-            self.backbone, self.recipe, self.ops.asarray(ids), self.layout(ids.shape[1]), self.banned, self.noise(seed)
-        )
+        layout, noise = self.layout(ids.shape[1]), self.noise(seed)
+        tokens = sample_thoughts(self.backbone, self.recipe, self.ops.asarray(ids), layout, self.device_banned, noise)
         return self.ops.to_numpy(tokens).astype(np.int64)
 
     def check_thoughts(self, thoughts: Any, rows: int, streams: int) -> np.ndarray:
@@ -139,7 +140,7 @@ class QStarModel(ABC):
             valid,
             given,
             layout,
-            self.banned,
+            self.device_banned,
             self.config.fallback_pad_id,
             self.noise(seed),
         )
@@ -165,7 +166,7 @@ class QStarModel(ABC):
         layout = ThoughtLayout.every(ids.shape[1])
         with self.ops.no_grad():
             x = self.ops.asarray(ids)
-            thoughts = sample_thoughts(self.backbone, single, x, layout, self.banned, self.noise(seed))
+            thoughts = sample_thoughts(self.backbone, single, x, layout, self.device_banned, self.noise(seed))
             plain, mixed = thoughtful_logits(self.backbone, single, x, thoughts, layout, self.config.fallback_pad_id)
             return self.ops.to_numpy(plain), self.ops.to_numpy(mixed), self.ops.to_numpy(thoughts).astype(np.int64)
 
@@ -203,7 +204,7 @@ class QStarModel(ABC):
 
         noise = self.noise(seed)
         pad = eos if eos is not None else self.config.fallback_pad_id
-        out = generate(self.backbone, self.recipe, ids, sampling, self.banned, pad, noise, finished)
+        out = generate(self.backbone, self.recipe, ids, sampling, self.device_banned, pad, noise, finished)
         results = []
         for tokens, thought_ids in zip(out.tokens, out.thoughts, strict=True):
             text = decode(tokens)

@@ -16,7 +16,7 @@ from qstar.core.layout import StepGeometry, ThoughtLayout
 from qstar.core.losses import mix
 from qstar.core.ops import Array
 from qstar.core.recipe import Recipe
-from qstar.core.sampling import NoiseFn, nucleus, sample_tokens
+from qstar.core.sampling import NoiseFn, allowed, nucleus, sample_tokens
 from qstar.core.thinker import Backbone, Cache
 
 
@@ -66,7 +66,7 @@ def think_here(
     cache: Cache,
     key_mask: np.ndarray,
     position: np.ndarray,
-    banned: Array,
+    banned: Array | None,
     noise: NoiseFn | None,
 ) -> tuple[Array, Array]:
     """One thought per row after its last real token (at `position`): the hidden state after <end> (B, D) and the
@@ -94,7 +94,7 @@ def generate(
     recipe: Recipe,
     prompts: list[list[int]],
     sampling: Sampling,
-    banned: Array,
+    banned: Array | None,
     pad_id: int,
     noise: NoiseFn | None,
     finished: Callable[[int, list[int]], bool],
@@ -115,7 +115,7 @@ def generate(
                 logits, thought_ids = model.logits(hb + w * (ht - hb)), ops.to_numpy(thought).tolist()
             else:
                 logits, thought_ids = model.logits(hb), [[] for _ in prompts]
-            z = nucleus(ops, ops.where(banned, float("-inf"), ops.upcast(logits)), sampling.top_k, sampling.top_p)
+            z = nucleus(ops, allowed(ops, logits, banned), sampling.top_k, sampling.top_p)
             token = sample_tokens(ops, z, banned, sampling.temperature, noise)
             for row, value in enumerate(ops.to_numpy(token).tolist()):
                 if not done[row]:

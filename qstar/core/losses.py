@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from qstar.core.ops import Array, Ops
 from qstar.core.recipe import Recipe
+from qstar.core.sampling import allowed, scaled
 
 
 def token_nll(ops: Ops, logits: Array, targets: Array) -> Array:
@@ -12,9 +13,9 @@ def token_nll(ops: Ops, logits: Array, targets: Array) -> Array:
     return ops.logsumexp(z, axis=-1) - ops.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
 
 
-def token_logprob(ops: Ops, logits: Array, targets: Array, banned: Array, temperature: float) -> Array:
+def token_logprob(ops: Ops, logits: Array, targets: Array, banned: Array | None, temperature: float) -> Array:
     """log softmax(logits / T)[target] with banned ids excluded (the policy's log-probability of a draw)."""
-    z = ops.where(banned, float("-inf"), ops.upcast(logits)) / temperature
+    z = scaled(allowed(ops, logits, banned), temperature)
     return ops.take_along_axis(z, targets[..., None], axis=-1)[..., 0] - ops.logsumexp(z, axis=-1)
 
 

@@ -43,12 +43,23 @@ def nucleus(ops: Ops, logits: Array, top_k: int | None, top_p: float | None) -> 
     return z
 
 
-def sample_tokens(ops: Ops, logits: Array, banned: Array, temperature: float, noise: NoiseFn | None) -> Array:
+def allowed(ops: Ops, logits: Array, banned: Array | None) -> Array:
+    """Logits in at least float32 with the banned ids at -inf (banned None: nothing is banned)."""
+    z = ops.upcast(logits)
+    return z if banned is None else ops.where(banned, float("-inf"), z)
+
+
+def scaled(z: Array, temperature: float) -> Array:
+    """z / T, skipping the pass over z at T = 1."""
+    return z if temperature == 1 else z / temperature
+
+
+def sample_tokens(ops: Ops, logits: Array, banned: Array | None, temperature: float, noise: NoiseFn | None) -> Array:
     """argmax(logits / T + Gumbel) over allowed ids = one draw from softmax(logits / T); T = 0 is greedy."""
-    z = ops.where(banned, float("-inf"), ops.upcast(logits))
+    z = allowed(ops, logits, banned)
     if temperature == 0 or noise is None:
         return ops.argmax(z, axis=-1)
     g = noise(tuple(z.shape), z)
     if isinstance(g, np.ndarray):
         g = ops.asarray(g, like=z)
-    return ops.argmax(z / temperature + g, axis=-1)
+    return ops.argmax(scaled(z, temperature) + g, axis=-1)

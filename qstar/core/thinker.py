@@ -103,7 +103,7 @@ def thought_steps(
     base_kv: Cache,
     rows: int,
     layout: ThoughtLayout,
-    banned: Array,
+    banned: Array | None,
     noise: NoiseFn | None,
 ) -> tuple[Array, Array, Array, Cache]:
     """Sample every stream's thought, k steps of one token each (differentiable unless under no_grad). Returns the
@@ -123,7 +123,7 @@ def thought_steps(
 
 
 def sample_thoughts(
-    model: Backbone, recipe: Recipe, ids: Array, layout: ThoughtLayout, banned: Array, noise: NoiseFn | None
+    model: Backbone, recipe: Recipe, ids: Array, layout: ThoughtLayout, banned: Array | None, noise: NoiseFn | None
 ) -> Array:
     """Draw every stream's thought without gradient. Returns (R, S, k) ids."""
     with model.ops.no_grad():
@@ -178,7 +178,7 @@ def quietstar_loss(
     valid: Array | None,
     thoughts: Array | None,
     layout: ThoughtLayout,
-    banned: Array,
+    banned: Array | None,
     pad_id: int,
     noise: NoiseFn | None = None,
 ) -> LossTerms:

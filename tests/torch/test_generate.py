@@ -14,7 +14,7 @@ from qstar.core.losses import mix
 
 def slow_generate(m: qstar.QStarModel, prompt: list[int], steps: int) -> tuple[list[int], list[list[int]]]:
     """Greedy decoding with greedy thoughts, recomputing the whole sequence and the whole thought every time."""
-    net, k, banned = m.backbone, m.recipe.thought_tokens, m.ops.to_numpy(m.banned)
+    net, k, banned = m.backbone, m.recipe.thought_tokens, m.banned
     start, end = net.thought_vectors()
     tokens, thoughts = list(prompt), []
     for _ in range(steps):

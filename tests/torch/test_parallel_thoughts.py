@@ -40,7 +40,7 @@ def test_parallel_equals_naive(hf_checkpoint, think_every):
         h, _ = net.think(x, layout.steps(1, k + A + 1), base_kv, None)
         parallel = net.logits(h).numpy()  # (R, k+A+1, S, V)
 
-        banned = m.ops.to_numpy(m.banned)
+        banned = m.banned
         for r in range(rows):
             b = r // P
             for n, i in enumerate(layout.streams):
