@@ -59,9 +59,22 @@ class RMSNorm(nn.Module):
         return RMSNormFunction.apply(x, self.weight, self.eps)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+class RotaryFunction(torch.autograd.Function):
+    """RoPE, x * cos + rotate_half(x) * sin, as one autograd node: its backward, g * cos + rotate_half^T(g * sin), needs
+    only cos and sin, where autograd would run the slices, negation and concatenation backwards (q and k pass through
+    it once per layer and thought step)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        cos, sin = ctx.saved_tensors
+        gs, half = g * sin, g.shape[-1] // 2
+        return g * cos + torch.cat([gs[..., half:], -gs[..., :half]], dim=-1), None, None
 
 
 class Attention(nn.Module):
@@ -83,7 +96,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).unflatten(-1, (self.kv_heads, self.head_dim))
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        return rotate(q, cos, sin), rotate(k, cos, sin), v
+        return RotaryFunction.apply(q, cos, sin), RotaryFunction.apply(k, cos, sin), v
 
     def extend(
         self,
