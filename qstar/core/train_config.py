@@ -59,8 +59,9 @@ class TrainConfig:
     grad_checkpoint: bool = False
     """Recompute layer activations in backward instead of storing them (less memory, more time)."""
     compile: bool = False
-    """torch: compile the layers' thought steps with torch.compile (pays on a GPU, where those steps are bound by
-    kernel launches; the first step spends a minute or more compiling). mlx always compiles its whole step."""
+    """torch: compile the layers' thought steps with torch.compile, to be measured on a GPU, where those steps are
+    bound by kernel launches (not yet shown to pay; the first step compiles for minutes). mlx compiles its whole step
+    always."""
     recipe: str = "default"
     """Recipe preset (default or paper); recipe fields given as flags override it."""
     recipe_overrides: dict[str, Any] = field(default_factory=dict)
