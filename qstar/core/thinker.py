@@ -105,21 +105,25 @@ def thought_steps(
     layout: ThoughtLayout,
     banned: Array | None,
     noise: NoiseFn | None,
-) -> tuple[Array, Array, Array, Cache]:
+    score: bool = True,
+) -> tuple[Array, Array | None, Array, Cache]:
     """Sample every stream's thought, k steps of one token each (differentiable unless under no_grad). Returns the
-    hidden states (R, k, S, D) of steps 1..k, the policy's log-probabilities (R, k, S) of the drawn tokens (R, S, k),
-    and the cache. Each step's (R, S, V) logits live only until its log-probability is taken."""
+    hidden states (R, k, S, D) of steps 1..k, the policy's log-probabilities (R, k, S) of the drawn tokens (R, S, k)
+    (None unless `score`: sampling alone needs no pass over the logits for them), and the cache. Each step's
+    (R, S, V) logits live only until its log-probability is taken."""
     ops, hidden, logprobs, tokens = model.ops, [], [], []
     x, cache = start_inputs(model, rows, layout.num_streams), None
     for step in range(1, recipe.thought_tokens + 1):
+        if step > 1:
+            x = model.embed(tokens[-1])[:, None]
         h, cache = model.think(x, layout.steps(step, 1), base_kv, cache)
         z = model.logits(h[:, 0])
-        token = sample_tokens(ops, ops.stop_gradient(z), banned, recipe.sample_temperature, noise)
+        tokens.append(sample_tokens(ops, ops.stop_gradient(z), banned, recipe.sample_temperature, noise))
         hidden.append(h)
-        logprobs.append(losses.token_logprob(ops, z, token, banned, recipe.policy_temperature))
-        tokens.append(token)
-        x = model.embed(token)[:, None]
-    return ops.concat(hidden, axis=1), ops.stack(logprobs, axis=1), ops.stack(tokens, axis=-1), cache
+        if score:
+            logprobs.append(losses.token_logprob(ops, z, tokens[-1], banned, recipe.policy_temperature))
+    scored = ops.stack(logprobs, axis=1) if score else None
+    return ops.concat(hidden, axis=1), scored, ops.stack(tokens, axis=-1), cache
 
 
 def sample_thoughts(
@@ -129,7 +133,7 @@ def sample_thoughts(
     with model.ops.no_grad():
         _, base_kv = model.base(ids)
         rows = ids.shape[0] * recipe.thoughts_per_position
-        return thought_steps(model, recipe, base_kv, rows, layout, banned, noise)[2]
+        return thought_steps(model, recipe, base_kv, rows, layout, banned, noise, score=False)[2]
 
 
 def columns(ops: Ops, x: Array, index: np.ndarray) -> Array:
