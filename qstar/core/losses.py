@@ -7,16 +7,20 @@ from qstar.core.recipe import Recipe
 from qstar.core.sampling import allowed, scaled
 
 
+def picked(ops: Ops, z: Array, targets: Array) -> Array:
+    """log softmax(z)[target] over the last axis. A fused log-softmax: z[target] - logsumexp(z) would make the
+    backward three more passes over the (..., V) logits, per thought step."""
+    return ops.take_along_axis(ops.log_softmax(z, axis=-1), targets[..., None], axis=-1)[..., 0]
+
+
 def token_nll(ops: Ops, logits: Array, targets: Array) -> Array:
     """-log softmax(logits)[target], accumulated in at least float32."""
-    z = ops.upcast(logits)
-    return ops.logsumexp(z, axis=-1) - ops.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+    return -picked(ops, ops.upcast(logits), targets)
 
 
 def token_logprob(ops: Ops, logits: Array, targets: Array, banned: Array | None, temperature: float) -> Array:
     """log softmax(logits / T)[target] with banned ids excluded (the policy's log-probability of a draw)."""
-    z = scaled(allowed(ops, logits, banned), temperature)
-    return ops.take_along_axis(z, targets[..., None], axis=-1)[..., 0] - ops.logsumexp(z, axis=-1)
+    return picked(ops, scaled(allowed(ops, logits, banned), temperature), targets)
 
 
 def mix(ops: Ops, recipe: Recipe, head_out: Array) -> Array:

@@ -44,6 +44,9 @@ class Ops(Protocol):
 
     def logsumexp(self, x: Array, axis: int) -> Array: ...
 
+    def log_softmax(self, x: Array, axis: int) -> Array:
+        """x - logsumexp(x) (one fused pass where the backend has it, forward and backward)."""
+
     def softmax(self, x: Array, axis: int) -> Array: ...
 
     def sigmoid(self, x: Array) -> Array: ...

@@ -88,6 +88,9 @@ class MLXOps:
     def logsumexp(self, x: mx.array, axis: int) -> mx.array:
         return logsumexp(x, axis)
 
+    def log_softmax(self, x: mx.array, axis: int) -> mx.array:
+        return x - mx.expand_dims(logsumexp(x, axis), axis)
+
     def softmax(self, x: mx.array, axis: int) -> mx.array:
         return softmax(x, axis)
 

@@ -55,6 +55,9 @@ class TorchOps:
     def logsumexp(self, x: torch.Tensor, axis: int) -> torch.Tensor:
         return torch.logsumexp(x, dim=axis)
 
+    def log_softmax(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        return torch.log_softmax(x, dim=axis)
+
     def softmax(self, x: torch.Tensor, axis: int) -> torch.Tensor:
         return torch.softmax(x, dim=axis)
 
