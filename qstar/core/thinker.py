@@ -141,10 +141,10 @@ def columns(ops: Ops, x: Array, index: np.ndarray) -> Array:
     return ops.take(x, ops.asarray(index.reshape(-1)), axis=1).reshape(x.shape[0], *index.shape, *x.shape[2:])
 
 
-def lookahead_ids(ops: Ops, ids: Array, layout: ThoughtLayout, lookahead: int, pad_id: int) -> Array:
-    """(B, A-1, S) true tokens x_(p+m), m = 1..A-1, teacher-forced after <end>; pad past the end."""
-    pad = ops.asarray(np.full((ids.shape[0], lookahead), pad_id, np.int64), like=ids)
-    index = layout.streams[None, :] + np.arange(1, lookahead)[:, None]
+def future_ids(ops: Ops, ids: Array, layout: ThoughtLayout, count: int, pad_id: int) -> Array:
+    """(B, count, S) true tokens x_(p+m), m = 1..count, of every stream p; pad past the end."""
+    pad = ops.asarray(np.full((ids.shape[0], count), pad_id, np.int64), like=ids)
+    index = layout.streams[None, :] + np.arange(1, count + 1)[:, None]
     return columns(ops, ops.concat([ids, pad], axis=1), index)
 
 
@@ -162,7 +162,7 @@ def thought_inputs(
     ops, P = model.ops, recipe.thoughts_per_position
     rows = ids.shape[0] * P
     _, end = model.thought_vectors()
-    future = lookahead_ids(ops, ids, layout, recipe.lookahead, pad_id)
+    future = future_ids(ops, ids, layout, recipe.lookahead - 1, pad_id)  # teacher-forced after <end>
     drawn = ops.transpose(thoughts[:, :, max(first_step - 2, 0) :], (0, 2, 1))  # step s >= 2 feeds t_(s-1)
     return ops.concat(
         ([start_inputs(model, rows, layout.num_streams)] if first_step == 1 else [])
@@ -214,21 +214,25 @@ def quietstar_loss(
 
     rewarded = int(np.sum(streams < length - 1 - A))
     nll_base_rows = repeat_rows(ops, nll_base, P)
+    # All A lookahead predictions in one pass (one mixing-head call, one logits matmul): x_(p+j), j = 1..A, mixes the
+    # base hidden state at p+j-1 with the thought's after step k+j. Streams with p + j >= L get a pad target and are
+    # sliced off below, so they take no part in any loss.
+    ahead = np.arange(1, A + 1)[:, None]
+    hb = repeat_rows(ops, columns(ops, h0, (streams[None, :] + ahead - 1) % length), P)  # (R, A, S, D)
+    w = losses.mix(ops, recipe, model.mixing(hb, ht[:, k + 1 :]))  # (R, A, S)
+    mixed = hb + w[..., None] * (ht[:, k + 1 :] - hb)
+    nll_ahead = losses.token_nll(ops, model.logits(mixed), repeat_rows(ops, future_ids(ops, ids, layout, A, pad_id), P))
     nll_talk, mixing_weight, talk_means, base_means, weight_means = [], [], [], [], []
     for j in range(1, A + 1):
-        hb = repeat_rows(ops, columns(ops, h0, (streams + j - 1) % length), P)
-        w = losses.mix(ops, recipe, model.mixing(hb, ht[:, k + j]))
-        mixing_weight.append(w)
+        mixing_weight.append(w[:, j - 1])
         scored = int(np.sum(streams + j < length))
-        hb_j, ht_j, w_j = hb[:, :scored], ht[:, k + j, :scored], w[:, :scored, None]
-        targets = repeat_rows(ops, columns(ops, ids, streams[:scored] + j), P)
-        nll = losses.token_nll(ops, model.logits(hb_j + w_j * (ht_j - hb_j)), targets)
+        nll = nll_ahead[:, j - 1, :scored]
         nll_talk.append(nll)
         talk_weight = weight(streams[:scored] + j)
         talk_means.append(losses.masked_mean(ops, nll, talk_weight))
         base_j = columns(ops, nll_base_rows, streams[:scored] + j - 1)
         base_means.append(losses.masked_mean(ops, ops.stop_gradient(base_j), talk_weight))
-        weight_means.append(losses.masked_mean(ops, ops.stop_gradient(w[:, :scored]), talk_weight))
+        weight_means.append(losses.masked_mean(ops, ops.stop_gradient(w[:, j - 1, :scored]), talk_weight))
     gains = [
         columns(ops, nll_base_rows, streams[:rewarded] + j - 1) - nll_talk[j - 1][:, :rewarded] for j in range(1, A + 1)
     ]
