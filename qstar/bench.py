@@ -235,10 +235,14 @@ def lm_step(cfg: BenchConfig, path: Path) -> Callable[[], None]:
         import torch
         from transformers import AutoModelForCausalLM
 
+        from qstar.torch_backend.train import FUSED_ADAMW_DEVICES
+
         dtype = getattr(torch, cfg.dtype)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
         model.to(cfg.device or "cpu")
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        # The same AdamW as the qstar session's, so that the ratio compares the steps, not the optimizers.
+        fused = torch.device(cfg.device or "cpu").type in FUSED_ADAMW_DEVICES
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
         x = torch.from_numpy(ids).to(cfg.device or "cpu")
 
         def step() -> None:
