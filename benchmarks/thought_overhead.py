@@ -1,6 +1,7 @@
 """The README's benchmark table: `qstar bench` for L = 64, 128, 256 on each installed backend.
 
     python benchmarks/thought_overhead.py --out benchmarks/results.json
+    python benchmarks/thought_overhead.py --backend torch --compile --out benchmarks/results-compiled.json
 
 Same shape as the performance issue: Llama, hidden 256, 4 layers, 4 heads, 2 KV heads, intermediate 704, vocab 4096,
 thought_tokens=8, lookahead=4, P=2, batch 1, float32, 2 CPU threads.
@@ -22,12 +23,13 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backend", action="append", choices=["torch", "mlx"], help="default: every installed one")
+    parser.add_argument("--compile", action="store_true", help="torch: compile the thought steps (TrainConfig.compile)")
     args = parser.parse_args()
     report = {}
     for backend in args.backend or ("torch", "mlx"):
         if importlib.util.find_spec(backend) is None:
             continue
-        base = BenchConfig(backend=backend, steps=args.steps, threads=args.threads)
+        base = BenchConfig(backend=backend, steps=args.steps, threads=args.threads, compile=args.compile)
         rows = []
         for length in (64, 128, 256):
             rows.append(r := bench(replace(base, seq_len=length)))
