@@ -17,7 +17,7 @@ from qstar.torch_backend.ops import HALF
 
 STATE_FILE = "optimizer_state.pt"
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
-"""Where torch has a fused AdamW (one kernel per tensor instead of about ten; the same update to the last bit or two)."""
+"""Where torch has a fused AdamW: one kernel per tensor instead of about ten, the same update to the last bit or two."""
 
 
 def scalars(terms: LossTerms) -> dict[str, float]:
