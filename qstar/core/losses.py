@@ -8,8 +8,8 @@ from qstar.core.sampling import allowed, scaled
 
 
 def picked(ops: Ops, z: Array, targets: Array) -> Array:
-    """log softmax(z)[target] over the last axis. A fused log-softmax: z[target] - logsumexp(z) would make the
-    backward three more passes over the (..., V) logits, per thought step."""
+    """log softmax(z)[target] over the last axis, through a fused log-softmax: z[target] - logsumexp(z) would run
+    several more passes over the (..., V) logits, forward and backward, every thought step."""
     return ops.take_along_axis(ops.log_softmax(z, axis=-1), targets[..., None], axis=-1)[..., 0]
 
 

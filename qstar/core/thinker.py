@@ -219,8 +219,9 @@ def quietstar_loss(
     # sliced off below, so they take no part in any loss.
     ahead = np.arange(1, A + 1)[:, None]
     hb = repeat_rows(ops, columns(ops, h0, (streams[None, :] + ahead - 1) % length), P)  # (R, A, S, D)
-    w = losses.mix(ops, recipe, model.mixing(hb, ht[:, k + 1 :]))  # (R, A, S)
-    mixed = hb + w[..., None] * (ht[:, k + 1 :] - hb)
+    hf = ht[:, k + 1 :]  # (R, A, S, D)
+    w = losses.mix(ops, recipe, model.mixing(hb, hf))  # (R, A, S)
+    mixed = hb + w[..., None] * (hf - hb)
     nll_ahead = losses.token_nll(ops, model.logits(mixed), repeat_rows(ops, future_ids(ops, ids, layout, A, pad_id), P))
     nll_talk, mixing_weight, talk_means, base_means, weight_means = [], [], [], [], []
     for j in range(1, A + 1):
