@@ -116,7 +116,7 @@ def generate(
             else:
                 logits, thought_ids = model.logits(hb), [[] for _ in prompts]
             z = nucleus(ops, allowed(ops, logits, banned), sampling.top_k, sampling.top_p)
-            token = sample_tokens(ops, z, banned, sampling.temperature, noise)
+            token = sample_tokens(ops, z, None, sampling.temperature, noise)  # z has the banned ids at -inf already
             for row, value in enumerate(ops.to_numpy(token).tolist()):
                 if not done[row]:
                     out.tokens[row].append(int(value))
