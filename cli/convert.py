@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from cli.errors import user_errors
+from qstar.cli.errors import user_errors
 
 
 @user_errors

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from cli.errors import user_errors
+from qstar.cli.errors import user_errors
 
 
 @user_errors

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from cli.errors import user_errors
+from qstar.cli.errors import user_errors
 
 
 @user_errors

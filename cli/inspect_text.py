@@ -9,7 +9,7 @@ import numpy as np
 import typer
 from rich.console import Console
 
-from cli.errors import user_errors
+from qstar.cli.errors import user_errors
 
 
 @user_errors

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import bench, convert, evaluate, generate, inspect_text, train
+from qstar.cli import bench, convert, evaluate, generate, inspect_text, train
 
 app = typer.Typer(
     name="qstar",

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from cli.errors import user_errors
+from qstar.cli.errors import user_errors
 from qstar.core.fields import field_docs
 from qstar.core.recipe import Recipe
 from qstar.core.train_config import TrainConfig, read_config_file, resolve_config
@@ -41,6 +41,7 @@ def setting_parameters() -> list[inspect.Parameter]:
 @user_errors
 def train(config: Optional[Path] = None, resume: bool = False, **settings: Any) -> None:  # noqa: UP045
     """Train Quiet-STaR. With no arguments: the shipped arithmetic model on fresh synthetic data, minutes on a CPU."""
+    from qstar import backends
     from qstar.core import trainer
 
     file_settings = read_config_file(config) if config is not None else {}
@@ -58,7 +59,8 @@ def train(config: Optional[Path] = None, resume: bool = False, **settings: Any) 
                     )
             file_settings = {**previous, **file_settings}
     cfg = resolve_config(file_settings, given)
-    out = trainer.run(cfg, resume=resume)
+    cfg = replace(cfg, backend=backends.available(cfg.backend))  # the resolved name is saved with the run
+    out = trainer.run(cfg, backends.get(cfg.backend), resume=resume)
     typer.echo(f"done: {out / 'model'}")
 
 

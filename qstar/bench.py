@@ -217,12 +217,13 @@ def batch(cfg: BenchConfig, rows: int, seed: int = 0) -> np.ndarray:
 
 def qstar_step(cfg: BenchConfig, train_cfg: Any, path: Path) -> Callable[[], Any]:
     import qstar
-    from qstar.core.trainer import Batch, make_session
+    from qstar import backends
+    from qstar.core.session import Batch
 
     model = qstar.load(
         str(path), backend=cfg.backend, dtype=cfg.dtype, recipe=train_cfg.make_recipe(), device=cfg.device
     )
-    session = make_session(cfg.backend, model, train_cfg)
+    session = backends.get(cfg.backend).Session(model, train_cfg)
     ids = batch(cfg, cfg.batch)
     data = [Batch(ids, np.ones(ids.shape, bool))]
     return lambda: session.step(data, 1e-4)
@@ -297,7 +298,7 @@ def resolve_device(cfg: BenchConfig) -> BenchConfig:
     """torch's default device made explicit, so that every process syncs and counts memory on the right one."""
     if cfg.backend != "torch" or cfg.device is not None:
         return cfg
-    from qstar.torch_backend import default_device
+    from qstar.torch_backend.api import default_device
 
     return replace(cfg, device=default_device())
 

@@ -12,8 +12,8 @@ from pathlib import Path
 WIDTH, HEIGHT, PAD = 640, 320, 48
 SERIES = [
     ("train", "lm", "#888", "train LM loss"),
-    ("val", "nll_base_lookahead", "#1f77b4", "held-out NLL, no thought"),
-    ("val", "nll_thought_lookahead", "#d62728", "held-out NLL, with thought"),
+    ("val", "nll_base", "#1f77b4", "held-out NLL, no thought"),
+    ("val", "nll_talk", "#d62728", "held-out NLL, with thought"),
 ]
 
 

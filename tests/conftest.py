@@ -1,13 +1,9 @@
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from helpers import TINY, make_hf_checkpoint  # noqa: E402
+from helpers import TINY, make_hf_checkpoint
 
 
 @pytest.fixture(scope="session", params=sorted(TINY))

@@ -142,7 +142,7 @@ def short_training(backend: str, checkpoint: Path, tmp_path: Path) -> Path:
     asked, the resolved config is saved. Returns the run directory."""
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from qstar.cli.main import app
 
     out = tmp_path / "run"
     args = [
@@ -186,7 +186,7 @@ def killed_and_uninterrupted(backend: str, checkpoint: Path, tmp_path: Path) -> 
 
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from qstar.cli.main import app
 
     common = [
         "train",
@@ -206,7 +206,7 @@ def killed_and_uninterrupted(backend: str, checkpoint: Path, tmp_path: Path) -> 
     ]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert CliRunner().invoke(app, [*common, "--out", str(whole)]).exit_code == 0
-    code = "import sys; from cli.main import app; sys.argv = ['qstar', *sys.argv[1:]]; app()"
+    code = "import sys; from qstar.cli.main import app; sys.argv = ['qstar', *sys.argv[1:]]; app()"
     process = subprocess.Popen(
         [sys.executable, "-c", code, *common, "--out", str(broken)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )

@@ -16,9 +16,10 @@ from qstar.core.checkpoint import CheckpointInfo
 from qstar.core.generate import Sampling, generate
 from qstar.core.hf_config import ModelConfig
 from qstar.core.layout import ThoughtLayout
+from qstar.core.llama import Model
 from qstar.core.recipe import Recipe
 from qstar.core.sampling import NoiseFn, banned_mask, numpy_gumbel
-from qstar.core.thinker import Backbone, LossTerms, quietstar_loss, sample_thoughts, thoughtful_logits
+from qstar.core.thinker import LossTerms, quietstar_loss, sample_thoughts, thoughtful_logits
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -55,7 +56,7 @@ def check_dtype(dtype: str) -> str:
 class QStarModel(ABC):
     """A loaded Quiet-STaR model. Backends supply the network, gradients and tensor files."""
 
-    def __init__(self, backbone: Backbone, recipe: Recipe, info: CheckpointInfo, dtype: str) -> None:
+    def __init__(self, backbone: Model, recipe: Recipe, info: CheckpointInfo, dtype: str) -> None:
         self.backbone, self.recipe, self.info, self.dtype = backbone, recipe, info, dtype
         self.ops = backbone.ops
         self.banned = banned_mask(info.config.vocab_size, [info.start_id, info.end_id])

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from qstar.core.hf_config import ModelConfig, read_config
+from qstar.core.recipe import Recipe
 
 START_TOKEN = "<|startthought|>"
 END_TOKEN = "<|endthought|>"
@@ -39,6 +40,8 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 MAX_SHARD_BYTES = 4 << 30
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+"""Buffers some checkpoints carry that the model recomputes."""
 
 
 @dataclass
@@ -210,6 +213,36 @@ def source_gradients(
             full[row] = grad
             out[src] = full
     return out
+
+
+def model_tensors(
+    info: CheckpointInfo,
+    recipe: Recipe,
+    read_file: Callable[[Path], dict[str, Any]],
+    embedding_rows: Callable[[Any, list[int]], np.ndarray],
+    from_numpy: Callable[[np.ndarray], Any],
+    expected: dict[str, tuple[int, ...]],
+) -> dict[str, Any]:
+    """Every tensor the model of `info` loads, under qstar's names, checked against the `expected` shapes: the base
+    weights, plus the thought extras (read from a qstar or authors' checkpoint, created for a plain HF one).
+
+    The backend supplies its safetensors reader, `embedding_rows(embedding, ids)` (those rows as float64 numpy; all
+    rows when ids is empty) and `from_numpy`."""
+    tensors: dict[str, Any] = {}
+    for file in info.weight_files:
+        tensors.update(read_file(file))
+    if info.kind == "qstar":
+        tensors.update(read_file(info.path / EXTRAS_FILE))
+    tensors = {k: v for k, v in tensors.items() if not k.endswith(IGNORED_SUFFIXES)}
+    if info.config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    tensors = internal_weights(info.kind, tensors)
+    if info.kind == "hf":
+        rows = embedding_rows(tensors["model.embed_tokens.weight"], info.token_ids(recipe.init_token))
+        extras = init_extras(rows, info.config.hidden_size, recipe.embedding_scale)
+        tensors.update({k: from_numpy(v) for k, v in extras.items()})
+    check_weights(info, expected, {k: tuple(v.shape) for k, v in tensors.items()})
+    return tensors
 
 
 def init_extras(embed_rows: np.ndarray, hidden: int, embedding_scale: float, seed: int = 0) -> dict[str, np.ndarray]:

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qstar.core.layout import StepGeometry, ThoughtLayout
-from qstar.core.losses import mix
+from qstar.core.llama import Cache, Model
 from qstar.core.ops import Array
 from qstar.core.recipe import Recipe
 from qstar.core.sampling import NoiseFn, allowed, nucleus, sample_tokens
-from qstar.core.thinker import Backbone, Cache
+from qstar.core.thinker import talk
 
 
 @dataclass
@@ -61,7 +61,7 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
 
 
 def think_here(
-    model: Backbone,
+    model: Model,
     recipe: Recipe,
     cache: Cache,
     key_mask: np.ndarray,
@@ -90,7 +90,7 @@ def think_here(
 
 
 def generate(
-    model: Backbone,
+    model: Model,
     recipe: Recipe,
     prompts: list[list[int]],
     sampling: Sampling,
@@ -111,8 +111,7 @@ def generate(
         for _ in range(sampling.max_tokens):
             if sampling.thoughts:
                 ht, thought = think_here(model, recipe, cache, key_mask, position, banned, noise)
-                w = mix(ops, recipe, model.mixing(hb, ht))[:, None]
-                logits, thought_ids = model.logits(hb + w * (ht - hb)), ops.to_numpy(thought).tolist()
+                logits, thought_ids = model.logits(talk(model, recipe, hb, ht)[1]), ops.to_numpy(thought).tolist()
             else:
                 logits, thought_ids = model.logits(hb), [[] for _ in prompts]
             z = nucleus(ops, allowed(ops, logits, banned), sampling.top_k, sampling.top_p)

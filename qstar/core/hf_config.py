@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ import numpy as np
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+Power = Callable[[float, np.ndarray], np.ndarray]
+"""base ** exponents (float32 in and out)."""
 
 
 @dataclass(frozen=True)
@@ -113,12 +116,18 @@ def read_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     return parse_config(raw), raw
 
 
-def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
-    """RoPE inverse frequencies in float32, computed as transformers does (scaling included)."""
+def float32_power(base: float, exponents: np.ndarray) -> np.ndarray:
+    """base ** exponents in float32, as numpy computes it."""
+    return (np.float32(base) ** exponents.astype(np.float32)).astype(np.float32)
+
+
+def inverse_frequencies(cfg: ModelConfig, power: Power = float32_power) -> np.ndarray:
+    """RoPE inverse frequencies in float32, computed as transformers does (scaling included). `power` is the float32
+    pow of the framework whose reference to follow: torch's and numpy's differ in the last bit for some head sizes
+    (head_dim 12 at rope_theta 1e6, say), and transformers computes it with torch's."""
     dim = cfg.head_dim
-    inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)))).astype(
-        np.float32
-    )
+    exponents = (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)).astype(np.float32)
+    inv = (1.0 / power(cfg.rope_theta, exponents)).astype(np.float32)
     kind = cfg.rope_scaling["rope_type"]
     if kind == "linear":
         inv = (inv / np.float32(cfg.rope_scaling["factor"])).astype(np.float32)
@@ -136,7 +145,7 @@ def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
     return inv
 
 
-def rope_angles(cfg: ModelConfig, positions: np.ndarray) -> np.ndarray:
+def rope_angles(cfg: ModelConfig, positions: np.ndarray, power: Power = float32_power) -> np.ndarray:
     """Angles (..., head_dim) in float32 for integer positions, halves duplicated (rotate-half convention)."""
-    freqs = positions.astype(np.float32)[..., None] * inverse_frequencies(cfg)
+    freqs = positions.astype(np.float32)[..., None] * inverse_frequencies(cfg, power)
     return np.concatenate([freqs, freqs], axis=-1)

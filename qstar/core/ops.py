@@ -66,6 +66,14 @@ class Ops(Protocol):
 
     def exp(self, x: Array) -> Array: ...
 
+    def cos(self, x: Array) -> Array: ...
+
+    def sin(self, x: Array) -> Array: ...
+
+    def power(self, base: float, exponents: np.ndarray) -> np.ndarray:
+        """base ** exponents in float32, as the framework computes it on the CPU (its reference models' RoPE
+        frequencies come from this pow, which differs from numpy's in the last bit for some sizes)."""
+
     def einsum(self, subscripts: str, *operands: Array) -> Array: ...
 
     def astype(self, x: Array, dtype: Any) -> Array:

@@ -1,62 +1,34 @@
 """Quiet-STaR's forward pass (the paper's Algorithm 1), written once for every backend.
 
-1. The base tokens go through the network once (B rows, never copied per thought).
-2. Thought steps push one token per stream at a time, attending to the base keys/values and the stream's own
-   cached thought keys. During training the k sampling steps stay in the graph: their hidden states and the
-   log-probabilities of the drawn tokens are what the policy gradient needs, so no thought step is computed twice.
-3. The <end> token and the teacher-forced lookahead (A+1 steps) go through in one pass on top of that cache.
-Given thoughts (tests, fixtures) take a single pass over all k+A+1 steps instead.
+`quietstar_loss` reads as the algorithm, one named step each:
+1. `model.base`: the text goes through the network once (B rows, never copied per thought);
+2. `think`: every position p (a "stream") thinks `<start> t_1..t_k <end>`, then reads the true tokens
+   x_(p+1)..x_(p+A-1) (teacher forcing). The k sampling steps push one token per stream at a time on top of the
+   base keys/values and the stream's own cache; during training they stay in the graph, since their hidden states
+   and the log-probabilities of the drawn tokens are what the policy gradient needs, so no step is computed twice.
+   Given thoughts (tests, fixtures) take one pass over all k+A+1 steps instead;
+3. `talk`: the mixing head blends the base prediction with the post-thought one, for each lookahead token j;
+4. `lookahead_nll`: the NLL of the true tokens x_(p+j) under the mixed predictions;
+5. `reward_and_advantage`: reward = the NLL the thought saved over the A lookahead tokens; advantage = reward minus
+   the mean over the P thoughts of the same sequence and position;
+6. the losses: LM loss on base and mixed predictions, REINFORCE on the thought tokens, and the report metrics.
+
+Shapes: B rows, L tokens, P thoughts per position, R = B*P thought rows (ordered b0p0, b0p1, b1p0, ...), S streams,
+k thought tokens, A lookahead tokens, D hidden, V vocabulary.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
 
 import numpy as np
 
 from qstar.core import losses
-from qstar.core.layout import StepGeometry, ThoughtLayout
+from qstar.core.layout import ThoughtLayout
+from qstar.core.llama import Cache, Model
 from qstar.core.ops import Array, Ops
 from qstar.core.recipe import Recipe
 from qstar.core.sampling import NoiseFn, sample_tokens
-
-Cache = Any
-"""Per-layer keys/values, opaque to the core."""
-
-
-class Backbone(Protocol):
-    """What a backend model offers the algorithm. Shapes: B rows, L tokens, R = B*P thought rows,
-    S streams, n steps, D hidden, V vocabulary."""
-
-    ops: Ops
-
-    def embed(self, ids: Array) -> Array:
-        """Token embeddings (..., D)."""
-
-    def thought_vectors(self) -> tuple[Array, Array]:
-        """Input vectors (D,) of <start> and <end>, embedding_scale already applied."""
-
-    def base(self, ids: Array) -> tuple[Array, Cache]:
-        """Causal pass over (B, L) ids: final-norm hidden (B, L, D) and every layer's keys/values (= extend from
-        nothing)."""
-
-    def think(self, x: Array, geometry: StepGeometry, base_kv: Cache, cache: Cache | None) -> tuple[Array, Cache]:
-        """Thought steps for inputs x (R, n, S, D) placed by `geometry`: final-norm hidden (R, n, S, D) and the
-        stream cache extended by these steps."""
-
-    def extend(
-        self, ids: Array, positions: np.ndarray | None, key_mask: np.ndarray | None, cache: Cache | None
-    ) -> tuple[Array, Cache]:
-        """Causal pass of (B, n) new tokens on top of `cache` (None: a fresh sequence): final-norm hidden (B, n, D)
-        and the cache extended by them. positions (B|1, n) default to continuing the cache; key_mask (B, T_total)
-        hides left padding."""
-
-    def logits(self, h: Array) -> Array:
-        """Logits (..., V)."""
-
-    def mixing(self, base: Array, thought: Array) -> Array:
-        """Raw mixing-head output (...) from concat[base, thought] hidden states (..., 2D)."""
 
 
 @dataclass
@@ -68,9 +40,10 @@ class LossTerms:
     policy: Array
     """Before policy_weight."""
     nll_base: Array
-    """(R, L-1)."""
+    """(R, L-1): NLL of x_(i+1) without thought."""
     nll_talk: list[Array]
-    """j = 1..A: (R, S_j), streams whose target p + j lies inside the sequence."""
+    """j = 1..A: (R, S_j), NLL of x_(p+j) after the thought of stream p, for the streams whose target lies inside
+    the sequence."""
     reward: Array
     """(R, S_r): raw reward of the rewarded streams (p < L - 1 - A)."""
     advantage: Array
@@ -80,8 +53,19 @@ class LossTerms:
     thoughts: Array
     """(R, S, k) the thought tokens used."""
     metrics: dict[str, Array]
-    """Scalars for reports: NLL of the lookahead tokens without/with thought, mean mixing weight,
-    share of positive advantages."""
+    """Scalars for reports: mean NLL of the lookahead tokens without (nll_base) and with (nll_talk) the thought,
+    mean mixing weight, share of positive advantages."""
+
+
+@dataclass
+class Padding:
+    """Which entries of a right-padded batch are real: (R, L) 1.0/0.0 per thought row, None without padding."""
+
+    rows: Array | None
+
+    def at(self, ops: Ops, index: np.ndarray) -> Array | None:
+        """Validity (R, *index.shape) of the tokens at positions `index` (None: all valid)."""
+        return None if self.rows is None else columns(ops, self.rows, index)
 
 
 def repeat_rows(ops: Ops, x: Array, times: int) -> Array:
@@ -92,13 +76,28 @@ def repeat_rows(ops: Ops, x: Array, times: int) -> Array:
     return ops.broadcast_to(x[:, None], (shape[0], times, *shape[1:])).reshape(shape[0] * times, *shape[1:])
 
 
-def start_inputs(model: Backbone, rows: int, streams: int) -> Array:
+def columns(ops: Ops, x: Array, index: np.ndarray) -> Array:
+    """x[:, index] for a (B, L, ...) array and a numpy index array of any shape."""
+    return ops.take(x, ops.asarray(index.reshape(-1)), axis=1).reshape(x.shape[0], *index.shape, *x.shape[2:])
+
+
+def mean_over(terms: list[Array]) -> Array:
+    """The mean of a list of scalars, summed in order."""
+    return sum(terms[1:], terms[0]) / len(terms)
+
+
+def start_inputs(model: Model, rows: int, streams: int) -> Array:
     start, _ = model.thought_vectors()
     return model.ops.broadcast_to(start, (rows, 1, streams, start.shape[-1]))
 
 
+def policy_logprobs(model: Model, recipe: Recipe, h: Array, tokens: Array, banned: Array | None) -> Array:
+    """The policy's log-probabilities of drawn tokens (...) from the hidden states (..., D) that drew them."""
+    return losses.token_logprob(model.ops, model.logits(h), tokens, banned, recipe.policy_temperature)
+
+
 def thought_steps(
-    model: Backbone,
+    model: Model,
     recipe: Recipe,
     base_kv: Cache,
     rows: int,
@@ -127,18 +126,13 @@ def thought_steps(
 
 
 def sample_thoughts(
-    model: Backbone, recipe: Recipe, ids: Array, layout: ThoughtLayout, banned: Array | None, noise: NoiseFn | None
+    model: Model, recipe: Recipe, ids: Array, layout: ThoughtLayout, banned: Array | None, noise: NoiseFn | None
 ) -> Array:
     """Draw every stream's thought without gradient. Returns (R, S, k) ids."""
     with model.ops.no_grad():
         _, base_kv = model.base(ids)
         rows = ids.shape[0] * recipe.thoughts_per_position
         return thought_steps(model, recipe, base_kv, rows, layout, banned, noise, score=False)[2]
-
-
-def columns(ops: Ops, x: Array, index: np.ndarray) -> Array:
-    """x[:, index] for a (B, L, ...) array and a numpy index array of any shape."""
-    return ops.take(x, ops.asarray(index.reshape(-1)), axis=1).reshape(x.shape[0], *index.shape, *x.shape[2:])
 
 
 def future_ids(ops: Ops, ids: Array, layout: ThoughtLayout, count: int, pad_id: int) -> Array:
@@ -149,7 +143,7 @@ def future_ids(ops: Ops, ids: Array, layout: ThoughtLayout, count: int, pad_id: 
 
 
 def thought_inputs(
-    model: Backbone,
+    model: Model,
     recipe: Recipe,
     ids: Array,
     thoughts: Array,
@@ -175,8 +169,72 @@ def thought_inputs(
     )
 
 
+def think(
+    model: Model,
+    recipe: Recipe,
+    ids: Array,
+    base_kv: Cache,
+    thoughts: Array | None,
+    layout: ThoughtLayout,
+    banned: Array | None,
+    pad_id: int,
+    noise: NoiseFn | None,
+) -> tuple[Array, Array, Array]:
+    """Thought steps 1..k+A+1 of every stream. Returns their hidden states (R, k+A+1, S, D), the policy's
+    log-probabilities (R, k, S) of the thought tokens and the thoughts (R, S, k), sampled with `noise` (None:
+    greedy) unless given."""
+    ops, k, A = model.ops, recipe.thought_tokens, recipe.lookahead
+    if thoughts is None:
+        rows = ids.shape[0] * recipe.thoughts_per_position
+        h_sampled, logprobs, thoughts, cache = thought_steps(model, recipe, base_kv, rows, layout, banned, noise)
+        x = thought_inputs(model, recipe, ids, thoughts, layout, pad_id, first_step=k + 1)
+        h_rest, _ = model.think(x, layout.steps(k + 1, A + 1), base_kv, cache)
+        return ops.concat([h_sampled, h_rest], axis=1), logprobs, thoughts
+    x = thought_inputs(model, recipe, ids, thoughts, layout, pad_id)
+    h_thought, _ = model.think(x, layout.steps(1, recipe.thought_steps), base_kv, None)
+    drawn = ops.transpose(thoughts, (0, 2, 1))
+    return h_thought, policy_logprobs(model, recipe, h_thought[:, :k], drawn, banned), thoughts
+
+
+def talk(model: Model, recipe: Recipe, h_base: Array, h_thought: Array) -> tuple[Array, Array]:
+    """The mixing head: weight w (...) of the thought side and the mixed hidden state (..., D),
+    (1 - w) h_base + w h_thought. The LM head is linear, so this mixes the two predictions' logits too."""
+    w = losses.mix(model.ops, recipe, model.mixing(h_base, h_thought))
+    return w, h_base + w[..., None] * (h_thought - h_base)
+
+
+def lookahead_nll(
+    model: Model, recipe: Recipe, ids: Array, h_base: Array, h_thought: Array, layout: ThoughtLayout, pad_id: int
+) -> tuple[Array, Array]:
+    """All A lookahead predictions at once (one mixing-head call, one logits matmul): x_(p+j), j = 1..A, mixes the base
+    hidden state at p+j-1 with the thought's after step k+j. Returns the mixing weights and the NLLs of x_(p+j), both
+    (R, A, S); streams with p + j >= L get a pad target, to be sliced off."""
+    ops, A, P, length = model.ops, recipe.lookahead, recipe.thoughts_per_position, layout.seq_len
+    ahead = np.arange(1, A + 1)[:, None]
+    h_base_ahead = repeat_rows(ops, columns(ops, h_base, (layout.streams[None, :] + ahead - 1) % length), P)
+    w, h_talk = talk(model, recipe, h_base_ahead, h_thought[:, recipe.thought_tokens + 1 :])
+    targets = repeat_rows(ops, future_ids(ops, ids, layout, A, pad_id), P)
+    return w, losses.token_nll(ops, model.logits(h_talk), targets)
+
+
+def reward_and_advantage(
+    ops: Ops, recipe: Recipe, nll_base: Array, nll_talk: list[Array], layout: ThoughtLayout
+) -> tuple[Array, Array]:
+    """The reward of a thought is the NLL it saved over the A lookahead tokens (no gradient); its advantage subtracts
+    the mean reward of the P thoughts of the same sequence and position. Both (R, S_r), the rewarded streams
+    p < L - 1 - A. nll_base (R, L-1) per thought row, nll_talk per j (R, S_j)."""
+    streams, A = layout.streams, recipe.lookahead
+    rewarded = int(np.sum(streams < layout.seq_len - 1 - A))
+    gains = [
+        columns(ops, nll_base, streams[:rewarded] + j - 1) - nll_talk[j - 1][:, :rewarded] for j in range(1, A + 1)
+    ]
+    reward = ops.stop_gradient(sum(gains[1:], gains[0]))
+    advantage = losses.group_advantage(ops, reward, recipe.thoughts_per_position, recipe.clamp_negative_advantage)
+    return reward, advantage
+
+
 def quietstar_loss(
-    model: Backbone,
+    model: Model,
     recipe: Recipe,
     ids: Array,
     valid: Array | None,
@@ -189,65 +247,42 @@ def quietstar_loss(
     """Loss terms for (B, L) ids, with thoughts (R, S, k) sampled with `noise` (None: greedy) or given. `valid`
     (B, L), 1.0 for real tokens of a right-padded batch (None: no padding), keeps padded targets out of every mean.
     Only device arrays depend on the batch, so a backend can compile this once per shape."""
-    ops, k, A, P = model.ops, recipe.thought_tokens, recipe.lookahead, recipe.thoughts_per_position
-    length, streams = layout.seq_len, layout.streams
+    ops, A, P = model.ops, recipe.lookahead, recipe.thoughts_per_position
+    streams = layout.streams
+    padding = Padding(None if valid is None else repeat_rows(ops, valid, P))
 
-    h0, base_kv = model.base(ids)
-    nll_base = losses.token_nll(ops, model.logits(h0[:, :-1]), ids[:, 1:])
-    valid_rows = None if valid is None else repeat_rows(ops, valid, P)
-
-    def weight(index: np.ndarray) -> Array | None:
-        return None if valid_rows is None else columns(ops, valid_rows, index)
-
-    if thoughts is None:
-        h_think, logprobs, thoughts, cache = thought_steps(
-            model, recipe, base_kv, ids.shape[0] * P, layout, banned, noise
-        )
-        x = thought_inputs(model, recipe, ids, thoughts, layout, pad_id, first_step=k + 1)
-        h_rest, _ = model.think(x, layout.steps(k + 1, A + 1), base_kv, cache)
-        ht = ops.concat([h_think, h_rest], axis=1)
-    else:
-        x = thought_inputs(model, recipe, ids, thoughts, layout, pad_id)
-        ht, _ = model.think(x, layout.steps(1, recipe.thought_steps), base_kv, None)
-        drawn = ops.transpose(thoughts, (0, 2, 1))
-        logprobs = losses.token_logprob(ops, model.logits(ht[:, :k]), drawn, banned, recipe.policy_temperature)
-
-    rewarded = int(np.sum(streams < length - 1 - A))
-    nll_base_rows = repeat_rows(ops, nll_base, P)
-    # All A lookahead predictions in one pass (one mixing-head call, one logits matmul): x_(p+j), j = 1..A, mixes the
-    # base hidden state at p+j-1 with the thought's after step k+j. Streams with p + j >= L get a pad target and are
-    # sliced off below, so they take no part in any loss.
-    ahead = np.arange(1, A + 1)[:, None]
-    hb = repeat_rows(ops, columns(ops, h0, (streams[None, :] + ahead - 1) % length), P)  # (R, A, S, D)
-    hf = ht[:, k + 1 :]  # (R, A, S, D)
-    w = losses.mix(ops, recipe, model.mixing(hb, hf))  # (R, A, S)
-    mixed = hb + w[..., None] * (hf - hb)
-    nll_ahead = losses.token_nll(ops, model.logits(mixed), repeat_rows(ops, future_ids(ops, ids, layout, A, pad_id), P))
-    nll_talk, mixing_weight, talk_means, base_means, weight_means = [], [], [], [], []
-    for j in range(1, A + 1):
-        mixing_weight.append(w[:, j - 1])
-        scored = int(np.sum(streams + j < length))
-        nll = nll_ahead[:, j - 1, :scored]
-        nll_talk.append(nll)
-        talk_weight = weight(streams[:scored] + j)
-        talk_means.append(losses.masked_mean(ops, nll, talk_weight))
-        base_j = columns(ops, nll_base_rows, streams[:scored] + j - 1)
-        base_means.append(losses.masked_mean(ops, ops.stop_gradient(base_j), talk_weight))
-        weight_means.append(losses.masked_mean(ops, ops.stop_gradient(w[:, j - 1, :scored]), talk_weight))
-    gains = [
-        columns(ops, nll_base_rows, streams[:rewarded] + j - 1) - nll_talk[j - 1][:, :rewarded] for j in range(1, A + 1)
+    # 1. The text, once.
+    h_base, base_kv = model.base(ids)
+    nll_base = losses.token_nll(ops, model.logits(h_base[:, :-1]), ids[:, 1:])  # (B, L-1)
+    nll_base_rows = repeat_rows(ops, nll_base, P)  # (R, L-1)
+    # 2. Think (and read the teacher-forced lookahead tokens after <end>).
+    h_thought, logprobs, thoughts = think(model, recipe, ids, base_kv, thoughts, layout, banned, pad_id, noise)
+    # 3-4. Talk: mix, and score the A true next tokens.
+    w, nll_ahead = lookahead_nll(model, recipe, ids, h_base, h_thought, layout, pad_id)
+    scored = [int(np.sum(streams + j < layout.seq_len)) for j in range(1, A + 1)]  # streams whose x_(p+j) exists
+    nll_talk = [nll_ahead[:, j - 1, : scored[j - 1]] for j in range(1, A + 1)]
+    talk_valid = [padding.at(ops, streams[: scored[j - 1]] + j) for j in range(1, A + 1)]
+    # 5. Reward and advantage.
+    reward, advantage = reward_and_advantage(ops, recipe, nll_base_rows, nll_talk, layout)
+    rewarded_valid = padding.at(ops, streams[: reward.shape[1]] + A)
+    # 6. Losses and metrics.
+    policy = losses.policy_loss(ops, advantage, logprobs[:, :, : reward.shape[1]], rewarded_valid)
+    nll_talk_means = [losses.masked_mean(ops, nll, v) for nll, v in zip(nll_talk, talk_valid, strict=True)]
+    base_valid = None if valid is None else valid[:, 1:] * valid[:, :-1]
+    lm = losses.lm_loss(recipe, losses.masked_mean(ops, nll_base, base_valid), nll_talk_means)
+    nll_base_means = [
+        losses.masked_mean(ops, ops.stop_gradient(columns(ops, nll_base_rows, streams[:n] + j - 1)), v)
+        for j, (n, v) in enumerate(zip(scored, talk_valid, strict=True), 1)
     ]
-    reward = ops.stop_gradient(sum(gains[1:], gains[0]))
-    advantage = losses.group_advantage(ops, reward, P, recipe.clamp_negative_advantage)
-    reward_weight = weight(streams[:rewarded] + A)
-    policy = losses.policy_loss(ops, advantage, logprobs[:, :, :rewarded], reward_weight)
-    base_weight = None if valid is None else valid[:, 1:] * valid[:, :-1]
-    lm = losses.lm_loss(recipe, losses.masked_mean(ops, nll_base, base_weight), talk_means)
+    weight_means = [
+        losses.masked_mean(ops, ops.stop_gradient(w[:, j - 1, :n]), v)
+        for j, (n, v) in enumerate(zip(scored, talk_valid, strict=True), 1)
+    ]
     metrics = {
-        "nll_base_lookahead": sum(base_means[1:], base_means[0]) / A,
-        "nll_thought_lookahead": ops.stop_gradient(sum(talk_means[1:], talk_means[0]) / A),
-        "mixing_weight": sum(weight_means[1:], weight_means[0]) / A,
-        "positive_advantage": losses.masked_mean(ops, ops.where(advantage > 0, 1.0, 0.0), reward_weight),
+        "nll_base": mean_over(nll_base_means),
+        "nll_talk": ops.stop_gradient(mean_over(nll_talk_means)),
+        "mixing_weight": mean_over(weight_means),
+        "positive_advantage": losses.masked_mean(ops, ops.where(advantage > 0, 1.0, 0.0), rewarded_valid),
     }
     return LossTerms(
         total=lm + recipe.policy_weight * policy,
@@ -257,21 +292,21 @@ def quietstar_loss(
         nll_talk=nll_talk,
         reward=reward,
         advantage=advantage,
-        mixing_weight=mixing_weight,
+        mixing_weight=[w[:, j] for j in range(A)],
         thoughts=thoughts,
         metrics=metrics,
     )
 
 
 def thoughtful_logits(
-    model: Backbone, recipe: Recipe, ids: Array, thoughts: Array, layout: ThoughtLayout, pad_id: int
+    model: Model, recipe: Recipe, ids: Array, thoughts: Array, layout: ThoughtLayout, pad_id: int
 ) -> tuple[Array, Array]:
     """Next-token logits (B, S, V) at every stream without and after its thought (B, S, k): the predictions of
     x_(p+1) that inference mixes (one thought per position)."""
     ops, single = model.ops, replace(recipe, lookahead=1, thoughts_per_position=1)
-    h0, base_kv = model.base(ids)
+    h_base, base_kv = model.base(ids)
     x = thought_inputs(model, single, ids, thoughts, layout, pad_id)
-    ht = model.think(x, layout.steps(1, single.thought_steps), base_kv, None)[0][:, -1]
-    hb = columns(ops, h0, layout.streams)
-    w = losses.mix(ops, recipe, model.mixing(hb, ht))[..., None]
-    return model.logits(hb), model.logits(hb + w * (ht - hb))
+    h_end = model.think(x, layout.steps(1, single.thought_steps), base_kv, None)[0][:, -1]
+    h_base_streams = columns(ops, h_base, layout.streams)
+    _, h_talk = talk(model, recipe, h_base_streams, h_end)
+    return model.logits(h_base_streams), model.logits(h_talk)

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from qstar.core.recipe import Recipe, make_recipe
-
-DEFAULT_MODEL = str(Path(__file__).resolve().parents[2] / "weights" / "arith-llama")
+from qstar.weights import DEFAULT_MODEL
 
 
 @dataclass

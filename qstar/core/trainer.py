@@ -1,6 +1,7 @@
 """The training loop, written once: data, schedule, reports, validation, atomic checkpoints, resume.
 
-A backend supplies a `Session` (its model, optimizer and random state); everything else lives here.
+A backend supplies a `Session` (its model, optimizer and random state, qstar/core/session.py); everything else lives
+here.
 """
 
 from __future__ import annotations
@@ -12,45 +13,16 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
-
-import qstar
-from qstar.core.api import QStarModel
+from qstar.core.backend import Backend, load
 from qstar.core.data import BlockStream, TokenCache, is_hub_spec, open_documents
+from qstar.core.session import Batch, Session, mean_metrics
 from qstar.core.train_config import TrainConfig
 
 STATE_FILE = "trainer_state.json"
 CHECKPOINT_DIR = re.compile(r"^step-(\d{7})$")
-
-
-@dataclass
-class Batch:
-    ids: np.ndarray
-    """(B, L) int64."""
-    mask: np.ndarray
-    """(B, L) bool, right-padded."""
-
-
-class Session(Protocol):
-    model: QStarModel
-
-    def step(self, batches: list[Batch], lr: float) -> dict[str, float]:
-        """One optimizer step over grad-accumulation micro-batches; returns the mean metrics and grad_norm."""
-
-    def evaluate(self, batches: list[Batch], seed: int) -> dict[str, float]:
-        """Mean metrics without gradient, thoughts drawn from a generator seeded with `seed`."""
-
-    def write_state(self, directory: Path) -> None:
-        """Optimizer state, master weights and random state into `directory`."""
-
-    def read_state(self, directory: Path) -> None: ...
-
-    def peak_memory(self) -> float:
-        """Peak memory in GB (device memory on accelerators, else resident set)."""
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -83,9 +55,9 @@ class MetricLog:
         self.tb = self.wandb = None
         if cfg.tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from tensorboardX import SummaryWriter
             except ImportError:
-                raise RuntimeError("--tensorboard needs torch and tensorboard: pip install tensorboard") from None
+                raise RuntimeError("--tensorboard needs tensorboardX: pip install 'qstar[tensorboard]'") from None
             self.tb = SummaryWriter(str(out / "tensorboard"))
         if cfg.wandb:
             try:
@@ -113,10 +85,6 @@ class MetricLog:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
-
-
-def mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
-    return {k: float(np.mean([r[k] for r in records])) for k in records[0]}
 
 
 def save_checkpoint(session: Session, out: Path, step: int, data_state: dict[str, Any], cfg: TrainConfig) -> Path:
@@ -164,16 +132,6 @@ def make_streams(cfg: TrainConfig, tokenizer: Any, min_len: int) -> tuple[BlockS
     return train, [Batch(*next(val)) for _ in range(cfg.val_batches)]
 
 
-def make_session(backend: str, model: QStarModel, cfg: TrainConfig) -> Session:
-    if backend == "torch":
-        from qstar.torch_backend.train import TorchSession
-
-        return TorchSession(model, cfg)
-    from qstar.mlx_backend.train import MLXSession
-
-    return MLXSession(model, cfg)
-
-
 def prepare_out(out: Path, resume: bool) -> Path | None:
     """Check the run directory before any work; returns the checkpoint to resume from, if any."""
     existing = checkpoints(out)
@@ -190,8 +148,9 @@ def prepare_out(out: Path, resume: bool) -> Path | None:
     return existing[-1] if resume and existing else None
 
 
-def run(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) -> Path:
-    """Train; returns the run directory (its `model` link points at the newest checkpoint)."""
+def run(cfg: TrainConfig, backend: Backend, resume: bool = False, show_progress: bool = True) -> Path:
+    """Train on `backend` (cfg.backend names it); returns the run directory (its `model` link points at the newest
+    checkpoint)."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -203,20 +162,19 @@ def run(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) -> P
     )
 
     out = Path(cfg.out)
-    backend = qstar.available_backend(cfg.backend)
     latest = prepare_out(out, resume)
-    model = qstar.load(str(latest or cfg.model), backend=backend, dtype=cfg.dtype, recipe=cfg.make_recipe())
+    model = load(backend, latest or cfg.model, cfg.dtype, cfg.make_recipe())
     if model.tokenizer is None:
         raise ValueError(f"{cfg.model} has no tokenizer files: qstar train needs them to tokenize --data")
     train_stream, val_batches = make_streams(cfg, model.tokenizer, model.recipe.min_seq_len())
-    session = make_session(backend, model, cfg)
+    session: Session = backend.Session(model, cfg)
     start = 0
     if latest is not None:
         state = json.loads((latest / STATE_FILE).read_text())
         session.read_state(latest)
         train_stream.restore(state["data"])
         start = state["step"]
-    write_json_atomic(out / "config.json", {**cfg.to_dict(), "backend": backend})
+    write_json_atomic(out / "config.json", cfg.to_dict())
 
     console = Console(stderr=True)
     log = MetricLog(out, cfg)
@@ -270,8 +228,8 @@ def format_record(record: dict[str, Any]) -> str:
         "loss",
         "lm",
         "policy",
-        "nll_base_lookahead",
-        "nll_thought_lookahead",
+        "nll_base",
+        "nll_talk",
         "mixing_weight",
         "positive_advantage",
         "grad_norm",

@@ -118,6 +118,15 @@ class MLXOps:
     def exp(self, x: mx.array) -> mx.array:
         return exp(x)
 
+    def cos(self, x: mx.array) -> mx.array:
+        return mx.cos(x)
+
+    def sin(self, x: mx.array) -> mx.array:
+        return mx.sin(x)
+
+    def power(self, base: float, exponents: np.ndarray) -> np.ndarray:
+        return np.array(mx.power(mx.array(base, mx.float32), mx.array(exponents.astype(np.float32)), stream=mx.cpu))
+
     def einsum(self, subscripts: str, *operands: mx.array) -> mx.array:
         return mx.einsum(subscripts, *operands)
 

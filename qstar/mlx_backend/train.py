@@ -11,8 +11,6 @@ That key is MLX's one global (per-thread) key: a process trains one session at a
 from __future__ import annotations
 
 import json
-import resource
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -22,10 +20,10 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from qstar.core.session import Batch, mean_metrics, peak_rss_gb
 from qstar.core.thinker import LossTerms, quietstar_loss
 from qstar.core.train_config import TrainConfig
-from qstar.core.trainer import Batch
-from qstar.mlx_backend import MLXQStar, read_safetensors
+from qstar.mlx_backend.api import MLXQStar, read_safetensors
 from qstar.mlx_backend.ops import HALF
 
 STATE_FILE = "optimizer_state.safetensors"
@@ -79,7 +77,7 @@ def scalars(terms: LossTerms) -> Metrics:
     return {"loss": terms.total, "lm": terms.lm, "policy": terms.policy, **terms.metrics}
 
 
-class MLXSession:
+class Session:
     def __init__(self, model: MLXQStar, cfg: TrainConfig) -> None:
         self.model, self.cfg = model, cfg
         net = model.backbone
@@ -185,8 +183,7 @@ class MLXSession:
         metrics, norm = self._step(*self.inputs(batches[-1]), acc, count)
         mx.eval(metrics, norm, self.model.backbone.state, self.optimizer.state, self.master, mx.random.state[0])
         records.append(metrics)
-        means = {k: sum(float(r[k]) for r in records) / len(records) for k in records[0]}
-        return {**means, "grad_norm": float(norm)}
+        return {**mean_metrics([{k: float(v) for k, v in r.items()} for r in records]), "grad_norm": float(norm)}
 
     def evaluate(self, batches: list[Batch], seed: int) -> dict[str, float]:
         training_key = random_key()
@@ -199,7 +196,7 @@ class MLXSession:
                 records.append({k: float(v) for k, v in metrics.items()})
         finally:
             set_random_key(training_key)
-        return {k: sum(r[k] for r in records) / len(records) for k in records[0]}
+        return mean_metrics(records)
 
     def write_state(self, directory: Path) -> None:
         tensors = {f"optimizer.{k}": v for k, v in flat(self.optimizer.state).items()}
@@ -246,5 +243,4 @@ class MLXSession:
     def peak_memory(self) -> float:
         if mx.default_device().type == mx.gpu:
             return mx.get_peak_memory() / 1e9
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss / (1e9 if sys.platform == "darwin" else 1e6)
+        return peak_rss_gb()

@@ -1,14 +1,14 @@
-"""The Llama family (llama, mistral, qwen2, qwen3) in PyTorch, with thought-aware attention.
+"""The Llama family in PyTorch: the core's model (qstar/core/llama.py) on torch modules.
 
-Parameter names are Hugging Face's, so checkpoints load without renaming. `base` is the
-ordinary causal pass; `think` runs thought steps of every stream at once with the core's split attention
-(qstar/core/attention.py): no stream ever holds a copy of the prefix keys/values.
+Parameter names are Hugging Face's, so checkpoints load without renaming. What is PyTorch's own: RMSNorm and RoPE
+as one autograd node each, SDPA for the causal pass, activation checkpointing and the opt-in torch.compile of a
+layer's thought step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,13 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from qstar.core import attention
-from qstar.core.hf_config import ModelConfig, rope_angles
-from qstar.core.layout import StepGeometry, extend_mask
+from qstar.core import llama
+from qstar.core.hf_config import ModelConfig
 from qstar.torch_backend.ops import TorchOps
 
-KV = list[tuple[torch.Tensor, torch.Tensor]]
-T = TypeVar("T")
+ROPE_TABLE_MIN = 256
 OPS = TorchOps()
 """For the split attention, whose ops (einsum, softmax, ...) follow their inputs' device."""
 
@@ -77,10 +75,17 @@ class RotaryFunction(torch.autograd.Function):
         return g * cos + torch.cat([gs[..., half:], -gs[..., :half]], dim=-1), None, None
 
 
-class Attention(nn.Module):
+class Attention(nn.Module, llama.Attention):
+    ops = OPS
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.heads, self.kv_heads, self.head_dim, self.qk_norm = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.qk_norm,
+        )
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
@@ -89,47 +94,12 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(..., D) -> rotated q (..., H, d), k (..., h, d) and v (..., h, d)."""
-        q = self.q_proj(x).unflatten(-1, (self.heads, self.head_dim))
-        k = self.k_proj(x).unflatten(-1, (self.kv_heads, self.head_dim))
-        v = self.v_proj(x).unflatten(-1, (self.kv_heads, self.head_dim))
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        return RotaryFunction.apply(q, cos, sin), RotaryFunction.apply(k, cos, sin), v
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return RotaryFunction.apply(x, cos, sin)
 
-    def extend(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        past: tuple[torch.Tensor, torch.Tensor] | None,
-        mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Causal attention of (B, n, D) after `past` keys/values; returns the output and the keys/values
-        (B, h, T, d) including the new tokens. mask None: plain causal attention without a past."""
-        q, k, v = (t.transpose(1, 2) for t in self.project(x, cos, sin))
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+    def causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         gqa = self.heads != self.kv_heads
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
-        return self.o_proj(out.transpose(1, 2).flatten(-2)), k, v
-
-    def think(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        base_kv: tuple[torch.Tensor, torch.Tensor],
-        cache: tuple[torch.Tensor, torch.Tensor] | None,
-        mask_bias: torch.Tensor,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Thought steps x (R, n, S, D) -> output, and the stream keys/values (R, m, S, h, d) incl. these steps."""
-        q, k, v = self.project(x, cos, sin)
-        if cache is not None:
-            k, v = torch.cat([cache[0], k], dim=1), torch.cat([cache[1], v], dim=1)
-        out = attention.thought_attention(OPS, q, k, v, *base_kv, mask_bias)
-        return self.o_proj(out), (k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
 
 
 class MLP(nn.Module):
@@ -143,25 +113,13 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Block(nn.Module):
+class Block(nn.Module, llama.Block):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
-
-    def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-    def extend(self, x: torch.Tensor, *args: torch.Tensor | tuple | None) -> tuple[torch.Tensor, ...]:
-        attn, k, v = self.self_attn.extend(self.input_layernorm(x), *args)
-        return self.finish(x, attn), k, v
-
-    def think(self, x: torch.Tensor, *args: torch.Tensor | tuple | None) -> tuple[torch.Tensor, ...]:
-        attn, (k, v) = self.self_attn.think(self.input_layernorm(x), *args)
-        return self.finish(x, attn), k, v
 
 
 class Decoder(nn.Module):
@@ -181,9 +139,7 @@ class Thought(nn.Module):
         self.end = nn.Parameter(torch.zeros(hidden))
 
 
-class Model(nn.Module):
-    """A Llama-family causal LM plus the Quiet-STaR extras, implementing the core's `Backbone`."""
-
+class Model(nn.Module, llama.Model):
     def __init__(self, cfg: ModelConfig, embedding_scale: float, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.cfg, self.embedding_scale, self.ops = cfg, embedding_scale, TorchOps(device)
@@ -195,77 +151,33 @@ class Model(nn.Module):
         self.mixing_head = nn.Sequential(
             nn.Linear(2 * h, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1, bias=False)
         )
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
         self.grad_checkpoint = False
-        self.think_layer: Callable[..., tuple[torch.Tensor, ...]] = Block.think
+        self.compiled_think: Callable[..., tuple[torch.Tensor, ...]] | None = None
 
     def compile_thought_steps(self, backend: str = "inductor") -> None:
         """torch.compile the thought step of a layer (one graph serves every layer; sizes are dynamic): a thought step
         pushes few tokens through a couple of hundred small kernels, so on a GPU it is bound by kernel launches."""
         # Graphs: with and without grad x (no cache, a one-step cache, a longer one, the multi-step tail).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
-        self.think_layer = torch.compile(Block.think, dynamic=True, backend=backend)
+        compiled = torch.compile(llama.Block.think, dynamic=True, backend=backend)
 
-    def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Call a layer; with grad_checkpoint its activations are recomputed in backward instead of stored."""
-        if self.grad_checkpoint and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+        def think(layer: Block, x: torch.Tensor, *args: Any) -> tuple[torch.Tensor, ...]:
+            return compiled(layer, x.contiguous(), *args)  # one memory layout for every input: the graph guards on it
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.norm.weight.dtype
+        self.compiled_think = think
 
     def rope(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin (..., d) of integer positions: float32 angles from the core, evaluated in float32 as transformers
-        does, kept as one table per position that grows on demand."""
-        have = 0 if self._rope is None else self._rope[0].shape[0]
-        if have <= positions.max() or self._rope[0].dtype != self.dtype:
-            angles = self.ops.asarray(rope_angles(self.cfg, np.arange(max(2 * have, int(positions.max()) + 1, 256))))
-            self._rope = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        """From one cos/sin table per model kept on the device and grown on demand, so that a call gathers rows
+        instead of copying angles to the device."""
+        have = 0 if self.rope_table is None else self.rope_table[0].shape[0]
+        if have <= positions.max() or self.rope_table[0].dtype != self.dtype:
+            self.rope_table = super().rope(np.arange(max(2 * have, int(positions.max()) + 1, ROPE_TABLE_MIN)))
         index = self.ops.asarray(positions)
-        return self._rope[0][index], self._rope[1][index]
+        return self.rope_table[0][index], self.rope_table[1][index]
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(ids)
-
-    def thought_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.embedding_scale * self.thought.start, self.embedding_scale * self.thought.end
-
-    def base(self, ids: torch.Tensor) -> tuple[torch.Tensor, KV]:
-        return self.extend(ids, None, None, None)
-
-    def extend(
-        self, ids: torch.Tensor, positions: np.ndarray | None, key_mask: np.ndarray | None, cache: KV | None
-    ) -> tuple[torch.Tensor, KV]:
-        past, n = (0 if cache is None else cache[0][0].shape[2]), ids.shape[1]
-        if positions is None:
-            positions = np.arange(past, past + n)[None]
-        self.cfg.check_length(past + n)
-        cos, sin = self.rope(positions)
-        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-        visible = extend_mask(past, n, key_mask)
-        mask = None if visible is None else self.ops.asarray(visible)[:, None]
-        x, kv = self.embed(ids), []
-        for i, layer in enumerate(self.model.layers):
-            x, k, v = self.run(layer.extend, x, cos, sin, None if cache is None else cache[i], mask)
-            kv.append((k, v))
-        return self.model.norm(x), kv
-
-    def think(self, x: torch.Tensor, geometry: StepGeometry, base_kv: KV, cache: KV | None) -> tuple[torch.Tensor, KV]:
-        cos, sin = self.rope(geometry.positions)
-        cos, sin = cos[..., None, :], sin[..., None, :]
-        mask_bias = self.ops.asarray(attention.mask_bias(geometry))
-        x, new_cache = x.contiguous(), []  # one memory layout for every layer's input (a compiled graph guards on it)
-        for i, layer in enumerate(self.model.layers):
-            past = None if cache is None else cache[i]
-            x, k, v = self.run(self.think_layer, layer, x, cos, sin, base_kv[i], past, mask_bias)
-            new_cache.append((k, v))
-        return self.model.norm(x), new_cache
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
-        return h @ weight.T
-
-    def mixing(self, base: torch.Tensor, thought: torch.Tensor) -> torch.Tensor:
-        return self.mixing_head(torch.cat([base, thought], dim=-1))[..., 0]
+    def call_layer(self, layer: llama.Block, method: str, *args: Any) -> tuple[torch.Tensor, ...]:
+        fn = self.compiled_think if method == "think" and self.compiled_think else getattr(llama.Block, method)
+        if self.grad_checkpoint and torch.is_grad_enabled():
+            return checkpoint(fn, layer, *args, use_reentrant=False)
+        return fn(layer, *args)

@@ -85,6 +85,15 @@ class TorchOps:
     def exp(self, x: torch.Tensor) -> torch.Tensor:
         return torch.exp(x)
 
+    def cos(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cos(x)
+
+    def sin(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(x)
+
+    def power(self, base: float, exponents: np.ndarray) -> np.ndarray:
+        return (float(base) ** torch.from_numpy(exponents.astype(np.float32))).numpy()
+
     def einsum(self, subscripts: str, *operands: torch.Tensor) -> torch.Tensor:
         return torch.einsum(subscripts, *operands)
 

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import math
-import resource
-import sys
 from pathlib import Path
 
 import torch
 
+from qstar.core.session import Batch, mean_metrics, peak_rss_gb
 from qstar.core.thinker import LossTerms
 from qstar.core.train_config import TrainConfig
-from qstar.core.trainer import Batch
-from qstar.torch_backend import TorchQStar
+from qstar.torch_backend.api import TorchQStar
 from qstar.torch_backend.ops import HALF
 
 STATE_FILE = "optimizer_state.pt"
@@ -25,7 +23,7 @@ def scalars(terms: LossTerms) -> dict[str, float]:
     return {k: float(v.detach()) for k, v in values.items()}
 
 
-class TorchSession:
+class Session:
     def __init__(self, model: TorchQStar, cfg: TrainConfig) -> None:
         self.model, self.cfg = model, cfg
         net = model.backbone
@@ -66,8 +64,7 @@ class TorchSession:
             for m, p in zip(self.master, self.params, strict=True):
                 if m is not p:
                     p.copy_(m)
-        means = {k: sum(r[k] for r in records) / len(records) for k in records[0]}
-        return {**means, "grad_norm": float(norm)}
+        return {**mean_metrics(records), "grad_norm": float(norm)}
 
     def evaluate(self, batches: list[Batch], seed: int) -> dict[str, float]:
         ops = self.model.ops
@@ -77,7 +74,7 @@ class TorchSession:
                 records = [scalars(self.model.terms(b.ids, b.mask)) for b in batches]
         finally:
             ops.generator = self.generator
-        return {k: sum(r[k] for r in records) / len(records) for k in records[0]}
+        return mean_metrics(records)
 
     def write_state(self, directory: Path) -> None:
         masters = [m.detach().cpu() for m, p in zip(self.master, self.params, strict=True) if m is not p]
@@ -96,5 +93,4 @@ class TorchSession:
     def peak_memory(self) -> float:
         if self.model.ops.device.type == "cuda":
             return torch.cuda.max_memory_allocated() / 1e9
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss / (1e9 if sys.platform == "darwin" else 1e6)
+        return peak_rss_gb()

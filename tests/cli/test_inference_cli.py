@@ -9,7 +9,7 @@ from helpers import shared_file
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
-from cli.main import app
+from qstar.cli.main import app
 
 runner = CliRunner()
 

@@ -20,7 +20,8 @@ from mlx.utils import tree_flatten
 import qstar
 from qstar.core.train_config import TrainConfig
 from qstar.core.trainer import Batch
-from qstar.mlx_backend.train import MLXSession, random_key, set_random_key
+from qstar.mlx_backend.train import Session as MLXSession
+from qstar.mlx_backend.train import random_key, set_random_key
 
 RECIPE = dict(thought_tokens=2, lookahead=2, policy_weight=1.0)
 
@@ -106,7 +107,7 @@ def test_one_step_matches_torch(mixing_checkpoint, thoughts):
     (measured <= 1.4e-6 relative). The first AdamW step is lr * g / (|g| + eps), nearly lr * sign(g): entries with
     tiny |g| amplify float noise, so the update per tensor agrees less well (measured <= 1e-4 relative, checked at
     1e-3), and the parameters, which the update moves by ~lr, to <= 7e-6 (checked at 1e-4)."""
-    from qstar.torch_backend.train import TorchSession
+    from qstar.torch_backend.train import Session as TorchSession
 
     recipe = {**RECIPE, "sample_temperature": 0.0 if thoughts == "greedy" else 1.0}
     cfg = TrainConfig(model=str(mixing_checkpoint), max_seq_length=16, batch_size=2, recipe_overrides=recipe)

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 import qstar
-from cli.main import app
+from qstar.cli.main import app
 from qstar.core.checkpoint import END_TOKEN, START_TOKEN
 
 runner = CliRunner()

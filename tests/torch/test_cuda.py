@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 import qstar
 from qstar.core.train_config import TrainConfig
 from qstar.core.trainer import Batch
-from qstar.torch_backend.train import TorchSession
+from qstar.torch_backend.train import Session as TorchSession
 
 DEVICE = "cuda"
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

@@ -6,7 +6,7 @@ from helpers import TRAIN_SMALL, killed_and_uninterrupted, short_training, train
 from typer.testing import CliRunner
 
 import qstar
-from cli.main import app
+from qstar.cli.main import app
 
 
 def test_short_training_lowers_the_loss_and_saves_a_loadable_model(llama_checkpoint, tmp_path):

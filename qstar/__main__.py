@@ -1,0 +1,5 @@
+"""`python -m qstar ...` is the `qstar` command."""
+
+from qstar.cli.main import app
+
+app()

@@ -1,0 +1,197 @@
+"""The Llama family (llama, mistral, qwen2, qwen3) with thought-aware attention, written once for every backend.
+
+A backend subclasses each class here together with its framework's module class (`class Attention(nn.Module,
+llama.Attention)`), builds the layers under Hugging Face's parameter names, and supplies the few primitives that
+differ between frameworks: `rotate`, `causal` and `call_layer`, plus its RMSNorm and MLP. Everything else, the
+projections, the two kinds of pass and the layer loop, lives here, so that the backends compute the same thing.
+
+Two passes over the layers:
+- `extend`: ordinary causal attention of new tokens on top of a cache (the base pass is `extend` from nothing);
+- `think`: thought steps of every stream at once, with the core's split attention (qstar/core/attention.py): no
+  stream ever holds a copy of the prefix keys/values.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from qstar.core import attention
+from qstar.core.hf_config import ModelConfig, rope_angles
+from qstar.core.layout import StepGeometry, extend_mask
+from qstar.core.ops import Array, Ops
+
+KV = tuple[Array, Array]
+Cache = list[KV]
+"""Per layer (keys, values): (B, h, T, d) for the causal pass, (R, m, S, h, d) for thought streams."""
+Layer = Callable[[Array], Array]
+
+
+class Attention(ABC):
+    """Attention with grouped keys/values (GQA), optional q/k RMSNorm (qwen3) and RoPE."""
+
+    ops: Ops
+    heads: int
+    kv_heads: int
+    head_dim: int
+    qk_norm: bool
+    q_proj: Layer
+    k_proj: Layer
+    v_proj: Layer
+    o_proj: Layer
+    q_norm: Layer
+    k_norm: Layer
+
+    @abstractmethod
+    def rotate(self, x: Array, cos: Array, sin: Array) -> Array:
+        """RoPE in the rotate-half convention: x * cos + rotate_half(x) * sin."""
+
+    @abstractmethod
+    def causal(self, q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+        """softmax(q k^T / sqrt(d), masked) v for q (B, H, n, d) and grouped k, v (B, h, T, d); mask (B|1, 1, n, T)
+        bool, None = causal without a past."""
+
+    def project(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array, Array]:
+        """(..., D) -> rotated q (..., H, d), k (..., h, d) and v (..., h, d)."""
+        lead = tuple(x.shape[:-1])
+        q = self.q_proj(x).reshape(*lead, self.heads, self.head_dim)
+        k = self.k_proj(x).reshape(*lead, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(*lead, self.kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return self.rotate(q, cos, sin), self.rotate(k, cos, sin), v
+
+    def extend(
+        self, x: Array, cos: Array, sin: Array, past: KV | None, mask: Array | None
+    ) -> tuple[Array, Array, Array]:
+        """Causal attention of (B, n, D) after `past` keys/values; returns the output and the keys/values (B, h, T, d)
+        including the new tokens."""
+        ops = self.ops
+        q, k, v = (ops.transpose(t, (0, 2, 1, 3)) for t in self.project(x, cos, sin))
+        if past is not None:
+            k, v = ops.concat([past[0], k], axis=2), ops.concat([past[1], v], axis=2)
+        out = ops.transpose(self.causal(q, k, v, mask), (0, 2, 1, 3))
+        return self.o_proj(out.reshape(*x.shape[:-1], -1)), k, v
+
+    def think(
+        self, x: Array, cos: Array, sin: Array, base_kv: KV, cache: KV | None, bias: Array
+    ) -> tuple[Array, Array, Array]:
+        """Thought steps x (R, n, S, D) -> output, and the stream keys/values (R, m, S, h, d) incl. these steps."""
+        q, k, v = self.project(x, cos, sin)
+        if cache is not None:
+            k, v = self.ops.concat([cache[0], k], axis=1), self.ops.concat([cache[1], v], axis=1)
+        out = attention.thought_attention(self.ops, q, k, v, *base_kv, bias)
+        return self.o_proj(out), k, v
+
+
+class Block:
+    """Pre-norm decoder layer: x + attention(norm(x)), then + mlp(norm(.))."""
+
+    input_layernorm: Layer
+    post_attention_layernorm: Layer
+    self_attn: Attention
+    mlp: Layer
+
+    def finish(self, x: Array, attn: Array) -> Array:
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def extend(self, x: Array, *args: Any) -> tuple[Array, Array, Array]:
+        attn, k, v = self.self_attn.extend(self.input_layernorm(x), *args)
+        return self.finish(x, attn), k, v
+
+    def think(self, x: Array, *args: Any) -> tuple[Array, Array, Array]:
+        attn, k, v = self.self_attn.think(self.input_layernorm(x), *args)
+        return self.finish(x, attn), k, v
+
+
+class Model(ABC):
+    """A Llama-family causal LM plus the Quiet-STaR extras (<start>/<end> vectors, mixing head): what the core's
+    algorithm (thinker, generate) computes with. Shapes: B rows, L tokens, R = B*P thought rows, S streams,
+    n steps, D hidden, V vocabulary."""
+
+    ops: Ops
+    cfg: ModelConfig
+    embedding_scale: float
+    model: Any
+    """HF's `model.`: embed_tokens, layers, norm."""
+    lm_head: Layer
+    thought: Any
+    """start and end parameters (D,)."""
+    mixing_head: Sequence[Layer]
+
+    @abstractmethod
+    def call_layer(self, layer: Block, method: str, *args: Any) -> tuple[Array, Array, Array]:
+        """layer.<method>(*args), where a backend may recompute activations in backward (grad_checkpoint) or run a
+        compiled version."""
+
+    @property
+    def dtype(self) -> Any:
+        return self.model.norm.weight.dtype
+
+    def rope(self, positions: np.ndarray) -> tuple[Array, Array]:
+        """cos/sin (*positions.shape, d) of integer positions: float32 angles evaluated in float32, then cast, as
+        transformers does."""
+        ops = self.ops
+        angles = ops.asarray(rope_angles(self.cfg, positions, ops.power))
+        return ops.astype(ops.cos(angles), self.dtype), ops.astype(ops.sin(angles), self.dtype)
+
+    def embed(self, ids: Array) -> Array:
+        """Token embeddings (..., D)."""
+        return self.model.embed_tokens(ids)
+
+    def thought_vectors(self) -> tuple[Array, Array]:
+        """Input vectors (D,) of <start> and <end>, embedding_scale already applied."""
+        return self.embedding_scale * self.thought.start, self.embedding_scale * self.thought.end
+
+    def base(self, ids: Array) -> tuple[Array, Cache]:
+        """Causal pass over (B, L) ids: final-norm hidden (B, L, D) and every layer's keys/values."""
+        return self.extend(ids, None, None, None)
+
+    def extend(
+        self, ids: Array, positions: np.ndarray | None, key_mask: np.ndarray | None, cache: Cache | None
+    ) -> tuple[Array, Cache]:
+        """Causal pass of (B, n) new tokens on top of `cache` (None: a fresh sequence): final-norm hidden (B, n, D)
+        and the cache extended by them. positions (B|1, n) default to continuing the cache; key_mask (B, T_total)
+        hides left padding."""
+        past, n = (0 if cache is None else cache[0][0].shape[2]), ids.shape[1]
+        if positions is None:
+            positions = np.arange(past, past + n)[None]
+        self.cfg.check_length(past + n)
+        cos, sin = self.rope(positions)
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+        visible = extend_mask(past, n, key_mask)
+        mask = None if visible is None else self.ops.asarray(visible)[:, None]
+        x, kv = self.embed(ids), []
+        for i, layer in enumerate(self.model.layers):
+            x, k, v = self.call_layer(layer, "extend", x, cos, sin, None if cache is None else cache[i], mask)
+            kv.append((k, v))
+        return self.model.norm(x), kv
+
+    def think(self, x: Array, geometry: StepGeometry, base_kv: Cache, cache: Cache | None) -> tuple[Array, Cache]:
+        """Thought steps for inputs x (R, n, S, D) placed by `geometry`: final-norm hidden (R, n, S, D) and the
+        stream cache extended by these steps."""
+        cos, sin = self.rope(geometry.positions)
+        cos, sin = cos[..., None, :], sin[..., None, :]
+        bias = self.ops.asarray(attention.mask_bias(geometry))
+        new_cache = []
+        for i, layer in enumerate(self.model.layers):
+            past = None if cache is None else cache[i]
+            x, k, v = self.call_layer(layer, "think", x, cos, sin, base_kv[i], past, bias)
+            new_cache.append((k, v))
+        return self.model.norm(x), new_cache
+
+    def logits(self, h: Array) -> Array:
+        """Logits (..., V)."""
+        weight = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+        return h @ weight.T
+
+    def mixing(self, base: Array, thought: Array) -> Array:
+        """Raw mixing-head output (...) from concat[base, thought] hidden states (..., 2D)."""
+        x = self.ops.concat([base, thought], axis=-1)
+        for layer in self.mixing_head:
+            x = layer(x)
+        return x[..., 0]

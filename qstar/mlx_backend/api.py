@@ -1,0 +1,97 @@
+"""The core API on MLX: any supported checkpoint loaded into `Model`, parameters, gradients, tensor files."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from qstar.core import checkpoint
+from qstar.core.api import QStarModel
+from qstar.core.checkpoint import CheckpointInfo
+from qstar.core.recipe import Recipe
+from qstar.mlx_backend.model import Model
+from qstar.mlx_backend.ops import HALF, from_numpy
+
+MLX_DTYPES = {
+    "float32": mx.float32,
+    "bfloat16": mx.bfloat16,
+    "float16": mx.float16,
+    "float64": mx.float64,
+}
+METADATA = {"format": "mlx"}
+
+
+def select_device(dtype: str, device: str | None) -> mx.Device:
+    """The device to compute on; loading makes it MLX's process-wide default device.
+
+    float64 exists only on the CPU: without a device it runs there, on the GPU it is an error."""
+    if device is None:
+        return mx.Device(mx.cpu) if dtype == "float64" else mx.default_device()
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"unknown MLX device {device!r}: choose 'cpu' or 'gpu'")
+    if device == "gpu" and not mx.is_available(mx.gpu):
+        raise ValueError("MLX has no GPU on this machine: use device='cpu'")
+    if device == "gpu" and dtype == "float64":
+        raise ValueError("MLX computes float64 only on the CPU: use device='cpu' or another dtype")
+    return mx.Device(mx.cpu if device == "cpu" else mx.gpu)
+
+
+class MLXQStar(QStarModel):
+    backbone: Model
+
+    def parameters(self) -> dict[str, mx.array]:
+        return dict(tree_flatten(self.backbone.parameters()))
+
+    def _gradients(self, loss_fn: Callable[[], mx.array]) -> dict[str, np.ndarray]:
+        params = self.backbone.trainable_parameters()
+        try:
+            _, grads = nn.value_and_grad(self.backbone, loss_fn)()
+        finally:  # value_and_grad leaves its traced copies in the model: put the real arrays back
+            self.backbone.update(params)
+        return {name: self.ops.to_numpy(g) for name, g in tree_flatten(grads)}
+
+    def _write_tensors(self, tensors: dict[str, mx.array], file: Path) -> None:
+        if any(v.dtype == mx.float64 for v in tensors.values()):  # mx.save_safetensors writes no float64
+            save_file({k: np.array(v) for k, v in tensors.items()}, str(file), metadata=METADATA)
+        else:
+            mx.save_safetensors(str(file), tensors, metadata=METADATA)
+
+    @staticmethod
+    def _nbytes(tensor: mx.array) -> int:
+        return tensor.nbytes
+
+
+def to_float64(x: mx.array) -> np.ndarray:
+    """Exact float64 copy (numpy has no bfloat16; every half value is exact in float32)."""
+    return np.array(x.astype(mx.float32, stream=mx.cpu) if x.dtype in HALF else x, dtype=np.float64)
+
+
+def read_safetensors(file: Path) -> dict[str, mx.array]:
+    """mx.load, except for files holding float64, which mx.load rejects: those come through numpy."""
+    with safe_open(str(file), framework="numpy") as f:
+        if any(f.get_slice(k).get_dtype() == "F64" for k in f.keys()):
+            return {k: from_numpy(f.get_tensor(k)) for k in f.keys()}
+    return mx.load(str(file))
+
+
+def embedding_rows(embedding: mx.array, ids: list[int]) -> np.ndarray:
+    return to_float64(mx.take(embedding, mx.array(ids), axis=0, stream=mx.cpu) if ids else embedding)
+
+
+def load(info: CheckpointInfo, recipe: Recipe, dtype: str, device: str | None = None) -> MLXQStar:
+    """Build the model (MLX initialises lazily, so nothing is computed), then fill it from the checkpoint."""
+    mx.set_default_device(select_device(dtype, device))
+    model = Model(info.config, recipe.embedding_scale)
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    tensors = checkpoint.model_tensors(info, recipe, read_safetensors, embedding_rows, from_numpy, expected)
+    mlx_dtype = MLX_DTYPES[dtype]
+    model.update(tree_unflatten([(k, v.astype(mlx_dtype, stream=mx.cpu)) for k, v in tensors.items()]))
+    mx.eval(model.parameters())
+    return MLXQStar(model, recipe, info, dtype)

@@ -1,0 +1,69 @@
+"""The core API on PyTorch: any supported checkpoint loaded into `Model`, parameters, gradients, tensor files."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from qstar.core import checkpoint
+from qstar.core.api import QStarModel
+from qstar.core.checkpoint import CheckpointInfo
+from qstar.core.recipe import Recipe
+from qstar.torch_backend.model import Model
+
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class TorchQStar(QStarModel):
+    backbone: Model
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        return dict(self.backbone.named_parameters())
+
+    def _gradients(self, loss_fn: Callable[[], torch.Tensor]) -> dict[str, np.ndarray]:
+        self.backbone.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        return {
+            name: self.ops.to_numpy(p.grad) if p.grad is not None else np.zeros(tuple(p.shape))
+            for name, p in self.backbone.named_parameters()
+        }
+
+    def _write_tensors(self, tensors: dict[str, torch.Tensor], file: Path) -> None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(file))
+
+    @staticmethod
+    def _nbytes(tensor: torch.Tensor) -> int:
+        return tensor.numel() * tensor.element_size()
+
+
+def embedding_rows(embedding: torch.Tensor, ids: list[int]) -> np.ndarray:
+    return (embedding[ids] if ids else embedding).double().numpy()
+
+
+def read_file(file: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(file))
+
+
+def load(info: CheckpointInfo, recipe: Recipe, dtype: str, device: str | None = None) -> TorchQStar:
+    """Build the model on the meta device, then fill it from the checkpoint (extras created for plain HF)."""
+    device = device or default_device()
+    with torch.device("meta"):
+        model = Model(info.config, recipe.embedding_scale, device)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tensors = checkpoint.model_tensors(info, recipe, read_file, embedding_rows, torch.from_numpy, expected)
+    torch_dtype = TORCH_DTYPES[dtype]
+    model.load_state_dict({k: v.to(device=device, dtype=torch_dtype) for k, v in tensors.items()}, assign=True)
+    return TorchQStar(model, recipe, info, dtype)
