@@ -14,7 +14,8 @@ from qstar.core.fields import field_docs
 from qstar.core.recipe import Recipe
 from qstar.core.train_config import TrainConfig, read_config_file, resolve_config
 
-TYPES = {"int": int, "float": float, "bool": bool, "str": str, "str | None": str}
+OPTIONAL = {"int": Optional[int], "float": Optional[float], "bool": Optional[bool], "str": Optional[str]}  # noqa: UP045
+"""Flag annotation per field type: typer reads typing.Optional from a built signature; None means "not given"."""
 SKIP = {"recipe_overrides"}
 
 
@@ -27,13 +28,12 @@ def setting_parameters() -> list[inspect.Parameter]:
         for f in fields(cls):
             if f.name in SKIP:
                 continue
-            kind = TYPES[str(f.type)]
+            kind = str(f.type).removesuffix(" | None")
             flag = "--" + f.name.replace("_", "-")
-            decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+            decls = [f"{flag}/--no-{flag[2:]}"] if kind == "bool" else [flag]
             option = typer.Option(None, *decls, help=docs.get(f.name, ""), rich_help_panel=panel, show_default=False)
-            annotation = Optional[kind]  # noqa: UP045 - typer reads typing.Optional from a built signature
             params.append(
-                inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+                inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=OPTIONAL[kind])
             )
     return params
 
@@ -64,7 +64,7 @@ def train(config: Optional[Path] = None, resume: bool = False, **settings: Any) 
     typer.echo(f"done: {out / 'model'}")
 
 
-train.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+train.__signature__ = inspect.Signature(
     [
         inspect.Parameter(
             "config",

@@ -230,28 +230,34 @@ def qstar_step(cfg: BenchConfig, train_cfg: Any, path: Path) -> Callable[[], Any
 
 
 def lm_step(cfg: BenchConfig, path: Path) -> Callable[[], None]:
-    rows = math.ceil(cfg.tokens / cfg.seq_len)
-    ids = batch(cfg, rows)
-    if cfg.backend == "torch":
-        import torch
-        from transformers import AutoModelForCausalLM
+    """One causal-LM training step of the framework's own model (transformers, mlx-lm) over >= W tokens, AdamW too."""
+    ids = batch(cfg, math.ceil(cfg.tokens / cfg.seq_len))
+    return torch_lm_step(cfg, path, ids) if cfg.backend == "torch" else mlx_lm_step(path, ids)
 
-        from qstar.torch_backend.train import FUSED_ADAMW_DEVICES
 
-        dtype = getattr(torch, cfg.dtype)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-        model.to(cfg.device or "cpu")
-        # The same AdamW as the qstar session's, so that the ratio compares the steps, not the optimizers.
-        fused = torch.device(cfg.device or "cpu").type in FUSED_ADAMW_DEVICES
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
-        x = torch.from_numpy(ids).to(cfg.device or "cpu")
+def torch_lm_step(cfg: BenchConfig, path: Path, ids: np.ndarray) -> Callable[[], None]:
+    import torch
+    from transformers import AutoModelForCausalLM
 
-        def step() -> None:
-            model(x, labels=x).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    from qstar.torch_backend.train import FUSED_ADAMW_DEVICES
 
-        return step
+    device = cfg.device or "cpu"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype), attn_implementation="sdpa")
+    model.to(device)  # type: ignore[arg-type]
+    # The same AdamW as the qstar session's, so that the ratio compares the steps, not the optimizers.
+    fused = torch.device(device).type in FUSED_ADAMW_DEVICES
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+    x = torch.from_numpy(ids).to(device)
+
+    def step() -> None:
+        model(x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def mlx_lm_step(path: Path, ids: np.ndarray) -> Callable[[], None]:
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim

@@ -15,6 +15,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -23,7 +24,7 @@ from qstar.core.data import BlockStream, open_documents
 from qstar.core.synthetic import VOCAB, char_tokenizer_files
 
 HERE = Path(__file__).resolve().parent
-SHAPE = dict(
+SHAPE: dict[str, Any] = dict(
     hidden_size=128,
     intermediate_size=384,
     num_hidden_layers=4,

@@ -185,13 +185,12 @@ class QStarModel(ABC):
         """Continue each prompt (text, or token ids), thinking before every token unless thoughts=False.
         A batch is left-padded; generation of a row ends at EOS, a stop string or max_tokens."""
         sampling = Sampling(max_tokens, temperature, top_k, top_p, thoughts)
-        single = isinstance(prompts, str)
-        texts = [prompts] if single else list(prompts)
+        texts: list[str | list[int]] = [prompts] if isinstance(prompts, str) else list(prompts)
         if not texts:
             raise ValueError("no prompt given")
         if all(isinstance(p, str) for p in texts) and self.tokenizer is None:
             raise ValueError(f"{self.info.path} has no tokenizer files: pass token ids instead of text")
-        ids = [self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in texts]
+        ids: list[list[int]] = [self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in texts]
         if any(not p or (isinstance(t, str) and not t.strip()) for p, t in zip(ids, texts, strict=True)):
             raise ValueError("empty prompt: give some text to continue")
         self.config.check_length(max(len(p) for p in ids) + max_tokens)

@@ -117,6 +117,17 @@ def inspect(path: str | Path) -> CheckpointInfo:
     tokenizer = load_tokenizer(path)
     if "qstar" in raw:
         section = raw["qstar"]
+        version = section.get("format_version") if isinstance(section, dict) else None
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"{path / 'config.json'}: qstar checkpoint format version {version}, but this qstar reads version "
+                f"{FORMAT_VERSION}: "
+                + (
+                    "upgrade qstar (pip install -U qstar)"
+                    if isinstance(version, int) and version > FORMAT_VERSION
+                    else "convert the checkpoint again with this qstar (qstar convert)"
+                )
+            )
         if not (path / EXTRAS_FILE).is_file():
             raise FileNotFoundError(f"{path / EXTRAS_FILE} missing: the qstar checkpoint is incomplete")
         return CheckpointInfo(

@@ -258,8 +258,8 @@ class BlockStream:
 
     def __init__(
         self,
-        documents_factory: Callable[[int], Iterable[str]],
-        encode: Callable[[str], list[int]],
+        documents_factory: Callable[[int], Iterable[Any]],
+        encode: Callable[[Any], list[int]],
         seq_len: int,
         batch_size: int,
         seed: int,

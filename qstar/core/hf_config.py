@@ -70,9 +70,9 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"unsupported model_type {model_type!r}: qstar supports {', '.join(SUPPORTED_MODEL_TYPES)}")
-    rope = dict(raw.get("rope_parameters") or {})
+    rope: dict[str, Any] = dict(raw.get("rope_parameters") or {})
     scaling = dict(raw.get("rope_scaling") or {})
-    theta = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
+    theta: float = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
     if not scaling and rope.get("rope_type", "default") != "default":
         scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))

@@ -14,7 +14,7 @@ Two passes over the layers:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -118,13 +118,14 @@ class Model(ABC):
     embedding_scale: float
     model: Any
     """HF's `model.`: embed_tokens, layers, norm."""
-    lm_head: Layer
+    lm_head: Any
+    """A Linear without bias; its weight is used (untied checkpoints)."""
     thought: Any
     """start and end parameters (D,)."""
-    mixing_head: Sequence[Layer]
+    mixing_head: Iterable[Layer]
 
     @abstractmethod
-    def call_layer(self, layer: Block, method: str, *args: Any) -> tuple[Array, Array, Array]:
+    def call_layer(self, layer: Block, method: str, *args: Any) -> tuple[Array, ...]:
         """layer.<method>(*args), where a backend may recompute activations in backward (grad_checkpoint) or run a
         compiled version."""
 

@@ -63,7 +63,7 @@ def summarize_tokens(
         float(gain[scored].mean()),
         float((gain[scored] > 0).mean()),
         int(scored.sum()),
-        [(tokens[i], float(gain[i])) for i in order],
+        [(tokens[int(i)], float(gain[i])) for i in order],
     )
 
 

@@ -105,13 +105,17 @@ def thought_steps(
     banned: Array | None,
     noise: NoiseFn | None,
     score: bool = True,
-) -> tuple[Array, Array | None, Array, Cache]:
+) -> tuple[Array, Array | None, Array, Cache | None]:
     """Sample every stream's thought, k steps of one token each (differentiable unless under no_grad). Returns the
     hidden states (R, k, S, D) of steps 1..k, the policy's log-probabilities (R, k, S) of the drawn tokens (R, S, k)
     (None unless `score`: sampling alone needs no pass over the logits for them), and the cache. Each step's
     (R, S, V) logits live only until its log-probability is taken."""
-    ops, hidden, logprobs, tokens = model.ops, [], [], []
-    x, cache = start_inputs(model, rows, layout.num_streams), None
+    ops = model.ops
+    hidden: list[Array] = []
+    logprobs: list[Array] = []
+    tokens: list[Array] = []
+    cache: Cache | None = None
+    x = start_inputs(model, rows, layout.num_streams)
     for step in range(1, recipe.thought_tokens + 1):
         if step > 1:
             x = model.embed(tokens[-1])[:, None]

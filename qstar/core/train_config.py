@@ -58,10 +58,8 @@ class TrainConfig:
     grad_checkpoint: bool = False
     """Recompute layer activations in backward instead of storing them (less memory, more time)."""
     compile: bool = False
-    """torch: compile the layers' thought steps with torch.compile (inductor). On CPU it pays from the second step
-    (benchmark shape: -16% at L=64, ratio 1.09 -> 0.86 at L=256) after a first step that compiles for ~2 minutes; on a
-    GPU, whose thought steps are bound by kernel launches, it is not measured yet. mlx compiles its whole step
-    always."""
+    """torch: compile the layers' thought steps with torch.compile (inductor); the first step compiles for minutes,
+    later ones run faster (docs/PERFORMANCE.md). mlx always compiles its whole step."""
     recipe: str = "default"
     """Recipe preset (default or paper); recipe fields given as flags override it."""
     recipe_overrides: dict[str, Any] = field(default_factory=dict)

@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +118,8 @@ def make_streams(cfg: TrainConfig, tokenizer: Any, min_len: int) -> tuple[BlockS
         def documents(seed: int) -> Iterator[Any]:
             return open_documents(spec, cfg.text_field, seed=seed, part=part)
 
-        factory, encoder = documents, encode
+        factory: Callable[[int], Iterable[Any]] = documents
+        encoder: Callable[[Any], list[int]] = encode  # a cached stream yields ids already: its encoder copies them
         if is_hub_spec(spec):
             key = hashlib.sha1(f"{spec}\n{cfg.text_field}".encode()).hexdigest()[:12]
             cache = TokenCache(Path(cfg.out) / "token-cache" / f"{part}-{key}")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_unflatten
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -17,7 +18,7 @@ from qstar.core.api import QStarModel
 from qstar.core.checkpoint import CheckpointInfo
 from qstar.core.recipe import Recipe
 from qstar.mlx_backend.model import Model
-from qstar.mlx_backend.ops import HALF, from_numpy
+from qstar.mlx_backend.ops import HALF, MLXOps, flat, from_numpy
 
 MLX_DTYPES = {
     "float32": mx.float32,
@@ -45,9 +46,10 @@ def select_device(dtype: str, device: str | None) -> mx.Device:
 
 class MLXQStar(QStarModel):
     backbone: Model
+    ops: MLXOps
 
     def parameters(self) -> dict[str, mx.array]:
-        return dict(tree_flatten(self.backbone.parameters()))
+        return flat(self.backbone.parameters())
 
     def _gradients(self, loss_fn: Callable[[], mx.array]) -> dict[str, np.ndarray]:
         params = self.backbone.trainable_parameters()
@@ -55,7 +57,7 @@ class MLXQStar(QStarModel):
             _, grads = nn.value_and_grad(self.backbone, loss_fn)()
         finally:  # value_and_grad leaves its traced copies in the model: put the real arrays back
             self.backbone.update(params)
-        return {name: self.ops.to_numpy(g) for name, g in tree_flatten(grads)}
+        return {name: self.ops.to_numpy(g) for name, g in flat(grads).items()}
 
     def _write_tensors(self, tensors: dict[str, mx.array], file: Path) -> None:
         if any(v.dtype == mx.float64 for v in tensors.values()):  # mx.save_safetensors writes no float64
@@ -78,7 +80,7 @@ def read_safetensors(file: Path) -> dict[str, mx.array]:
     with safe_open(str(file), framework="numpy") as f:
         if any(f.get_slice(k).get_dtype() == "F64" for k in f.keys()):
             return {k: from_numpy(f.get_tensor(k)) for k in f.keys()}
-    return mx.load(str(file))
+    return cast(dict[str, mx.array], mx.load(str(file)))
 
 
 def embedding_rows(embedding: mx.array, ids: list[int]) -> np.ndarray:
@@ -89,7 +91,7 @@ def load(info: CheckpointInfo, recipe: Recipe, dtype: str, device: str | None = 
     """Build the model (MLX initialises lazily, so nothing is computed), then fill it from the checkpoint."""
     mx.set_default_device(select_device(dtype, device))
     model = Model(info.config, recipe.embedding_scale)
-    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    expected = {k: tuple(v.shape) for k, v in flat(model.parameters()).items()}
     tensors = checkpoint.model_tensors(info, recipe, read_safetensors, embedding_rows, from_numpy, expected)
     mlx_dtype = MLX_DTYPES[dtype]
     model.update(tree_unflatten([(k, v.astype(mlx_dtype, stream=mx.cpu)) for k, v in tensors.items()]))

@@ -7,7 +7,7 @@ RMSNorm, RoPE and the causal attention (mx.fast kernels, float64-accurate fallba
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -121,4 +121,4 @@ class Model(nn.Module, llama.Model):
 
     def call_layer(self, layer: llama.Block, method: str, *args: Any) -> tuple[mx.array, ...]:
         fn = getattr(layer, method)
-        return nn.utils.checkpoint(layer, fn)(*args) if self.grad_checkpoint else fn(*args)
+        return nn.utils.checkpoint(cast(nn.Module, layer), fn)(*args) if self.grad_checkpoint else fn(*args)

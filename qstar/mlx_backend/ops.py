@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 HALF = (mx.float16, mx.bfloat16)
 
@@ -40,6 +41,16 @@ def logsumexp(x: mx.array, axis: int) -> mx.array:
 def sigmoid(x: mx.array) -> mx.array:
     # the tanh form never overflows, in the value or in its derivative
     return 0.5 * (1 + mx.tanh(0.5 * x)) if x.dtype == mx.float64 else mx.sigmoid(x)
+
+
+def flat(tree: Any) -> dict[str, mx.array]:
+    """A nested dict/list tree of arrays (parameters, gradients, optimizer state) by dotted name."""
+    return dict(cast(list[tuple[str, mx.array]], tree_flatten(tree)))
+
+
+def random_state() -> mx.array:
+    """The calling thread's MLX random key, the array compiled functions take as their random input."""
+    return cast(list[mx.array], mx.random.state)[0]
 
 
 def from_numpy(x: np.ndarray, dtype: mx.Dtype | None = None) -> mx.array:

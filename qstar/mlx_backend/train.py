@@ -18,13 +18,13 @@ from typing import Any
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 
 from qstar.core.session import Batch, mean_metrics, peak_rss_gb
 from qstar.core.thinker import LossTerms, quietstar_loss
 from qstar.core.train_config import TrainConfig
 from qstar.mlx_backend.api import MLXQStar, read_safetensors
-from qstar.mlx_backend.ops import HALF
+from qstar.mlx_backend.ops import HALF, flat, random_state
 
 STATE_FILE = "optimizer_state.safetensors"
 META_FILE = "optimizer_state.json"
@@ -47,7 +47,7 @@ class AdamW(optim.AdamW):
 
 def random_key() -> np.ndarray:
     """The calling thread's MLX random key, (2,) uint32."""
-    return np.array(mx.random.state[0], dtype=np.uint32)
+    return np.array(random_state(), dtype=np.uint32)
 
 
 def set_random_key(key: np.ndarray) -> None:
@@ -57,10 +57,6 @@ def set_random_key(key: np.ndarray) -> None:
     mx.random.seed((hi << 32) | lo)
     if not (random_key() == np.array([hi, lo], np.uint32)).all():
         raise RuntimeError("this MLX version's mx.random.seed does not set the key [seed >> 32, seed & 0xffffffff]")
-
-
-def flat(tree: Tree) -> dict[str, mx.array]:
-    return dict(tree_flatten(tree))
 
 
 def assign(tree: Tree, values: dict[str, mx.array]) -> None:
@@ -148,7 +144,7 @@ class Session:
         if self.cfg.max_grad_norm > 0:
             grads, norm = optim.clip_grad_norm(grads, self.cfg.max_grad_norm)
         else:
-            norm = mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(grads)))
+            norm = mx.sqrt(sum((mx.sum(mx.square(g)) for g in flat(grads).values()), mx.array(0.0)))
         new = self.optimizer.apply_gradients(grads, self.masters())
         if self.half:
             assign(self.master, flat(new))
@@ -178,10 +174,10 @@ class Session:
         records, acc, count = [], None, len(batches)
         for batch in batches[:-1]:
             metrics, acc = self._accumulate(*self.inputs(batch), acc, count)
-            mx.eval(metrics, acc, mx.random.state[0])  # one micro-batch at a time in memory
+            mx.eval(metrics, acc, random_state())  # one micro-batch at a time in memory
             records.append(metrics)
         metrics, norm = self._step(*self.inputs(batches[-1]), acc, count)
-        mx.eval(metrics, norm, self.model.backbone.state, self.optimizer.state, self.master, mx.random.state[0])
+        mx.eval(metrics, norm, self.model.backbone.state, self.optimizer.state, self.master, random_state())
         records.append(metrics)
         return {**mean_metrics([{k: float(v) for k, v in r.items()} for r in records]), "grad_norm": float(norm)}
 

@@ -14,6 +14,7 @@ from qstar.core.api import QStarModel
 from qstar.core.checkpoint import CheckpointInfo
 from qstar.core.recipe import Recipe
 from qstar.torch_backend.model import Model
+from qstar.torch_backend.ops import TorchOps
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -29,6 +30,7 @@ def default_device() -> str:
 
 class TorchQStar(QStarModel):
     backbone: Model
+    ops: TorchOps
 
     def parameters(self) -> dict[str, torch.Tensor]:
         return dict(self.backbone.named_parameters())

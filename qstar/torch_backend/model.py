@@ -140,6 +140,8 @@ class Thought(nn.Module):
 
 
 class Model(nn.Module, llama.Model):
+    ops: TorchOps
+
     def __init__(self, cfg: ModelConfig, embedding_scale: float, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.cfg, self.embedding_scale, self.ops = cfg, embedding_scale, TorchOps(device)
@@ -170,11 +172,12 @@ class Model(nn.Module, llama.Model):
     def rope(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """From one cos/sin table per model kept on the device and grown on demand, so that a call gathers rows
         instead of copying angles to the device."""
-        have = 0 if self.rope_table is None else self.rope_table[0].shape[0]
-        if have <= positions.max() or self.rope_table[0].dtype != self.dtype:
-            self.rope_table = super().rope(np.arange(max(2 * have, int(positions.max()) + 1, ROPE_TABLE_MIN)))
+        table, needed = self.rope_table, int(positions.max()) + 1
+        if table is None or table[0].shape[0] < needed or table[0].dtype != self.dtype:
+            have = 0 if table is None else table[0].shape[0]
+            table = self.rope_table = super().rope(np.arange(max(2 * have, needed, ROPE_TABLE_MIN)))
         index = self.ops.asarray(positions)
-        return self.rope_table[0][index], self.rope_table[1][index]
+        return table[0][index], table[1][index]
 
     def call_layer(self, layer: llama.Block, method: str, *args: Any) -> tuple[torch.Tensor, ...]:
         fn = self.compiled_think if method == "think" and self.compiled_think else getattr(llama.Block, method)

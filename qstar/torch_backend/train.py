@@ -27,6 +27,7 @@ class Session:
     def __init__(self, model: TorchQStar, cfg: TrainConfig) -> None:
         self.model, self.cfg = model, cfg
         net = model.backbone
+        self.ops = net.ops
         net.grad_checkpoint = cfg.grad_checkpoint
         if cfg.compile:
             net.compile_thought_steps()
@@ -40,10 +41,10 @@ class Session:
             lr=cfg.learning_rate,
             betas=(0.9, 0.999),
             eps=1e-8,
-            fused=model.ops.device.type in FUSED_ADAMW_DEVICES,
+            fused=self.ops.device.type in FUSED_ADAMW_DEVICES,
         )
-        self.generator = torch.Generator(model.ops.device).manual_seed(cfg.seed)
-        model.ops.generator = self.generator
+        self.generator = torch.Generator(self.ops.device).manual_seed(cfg.seed)
+        self.ops.generator = self.generator
 
     def step(self, batches: list[Batch], lr: float) -> dict[str, float]:
         records = []
@@ -67,7 +68,7 @@ class Session:
         return {**mean_metrics(records), "grad_norm": float(norm)}
 
     def evaluate(self, batches: list[Batch], seed: int) -> dict[str, float]:
-        ops = self.model.ops
+        ops = self.ops
         ops.generator = torch.Generator(ops.device).manual_seed(seed)
         try:
             with torch.no_grad():
@@ -82,7 +83,7 @@ class Session:
         torch.save(state, directory / STATE_FILE)
 
     def read_state(self, directory: Path) -> None:
-        state = torch.load(directory / STATE_FILE, weights_only=True, map_location=self.model.ops.device)
+        state = torch.load(directory / STATE_FILE, weights_only=True, map_location=self.ops.device)
         self.optimizer.load_state_dict(state["optimizer"])
         separate = [m for m, p in zip(self.master, self.params, strict=True) if m is not p]
         with torch.no_grad():
@@ -91,6 +92,6 @@ class Session:
         self.generator.set_state(state["generator"].cpu())
 
     def peak_memory(self) -> float:
-        if self.model.ops.device.type == "cuda":
+        if self.ops.device.type == "cuda":
             return torch.cuda.max_memory_allocated() / 1e9
         return peak_rss_gb()

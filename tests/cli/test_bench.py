@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import backend_params
 from typer.testing import CliRunner
 
 from qstar.cli.main import app
@@ -14,7 +15,7 @@ TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "-
 TINY += ["--vocab", "64", "--thought-tokens", "2", "--lookahead", "2", "--seq-len", "8", "--steps", "1"]
 
 
-@pytest.mark.parametrize(("backend", "shape"), [("torch", "qwen2-0.5b"), ("mlx", "issue")])
+@pytest.mark.parametrize(("backend", "shape"), backend_params(("torch", "qwen2-0.5b"), ("mlx", "issue")))
 def test_bench_reports_ratio_memory_and_generation(tmp_path, backend, shape):
     """The qwen2-0.5b shape's architecture (q/k/v biases, tied embeddings) at tiny dimensions, with an MFU."""
     out = tmp_path / "bench.json"

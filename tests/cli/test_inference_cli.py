@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import shared_file
+from helpers import backend_params, shared_file
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
@@ -14,7 +14,7 @@ from qstar.cli.main import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("backend", ["torch", "mlx"])
+@pytest.mark.parametrize("backend", backend_params("torch", "mlx"))
 def test_generate_shows_thoughts(llama_checkpoint, backend):
     result = runner.invoke(
         app,
@@ -37,7 +37,7 @@ def test_generate_shows_thoughts(llama_checkpoint, backend):
     assert result.output.startswith("abc")
 
 
-@pytest.mark.parametrize("backend", ["torch", "mlx"])
+@pytest.mark.parametrize("backend", backend_params("torch", "mlx"))
 def test_eval_gsm8k_end_to_end_and_resume(llama_checkpoint, tmp_path, backend):
     data = shared_file("data/gsm8k/test.jsonl")
     args = [

@@ -119,3 +119,15 @@ def test_sharded_save_round_trips(llama_checkpoint, tmp_path, monkeypatch):
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded", dtype=torch.float32)
     with torch.no_grad():
         assert np.abs(base(torch.from_numpy(ids)).logits.numpy() - again.logits(ids)).max() < 1e-5
+
+
+@pytest.mark.parametrize("version", [2, None])
+def test_checkpoint_of_another_format_version_is_refused(llama_checkpoint, tmp_path, version):
+    dst = tmp_path / "out"
+    qstar.convert(str(llama_checkpoint), str(dst), backend="torch")
+    config = json.loads((dst / "config.json").read_text())
+    config["qstar"]["format_version"] = version
+    (dst / "config.json").write_text(json.dumps(config))
+    advice = "upgrade qstar" if version == 2 else "convert the checkpoint again"
+    with pytest.raises(ValueError, match=f"format version {version}, but this qstar reads version 1: {advice}"):
+        qstar.load(str(dst), backend="torch")

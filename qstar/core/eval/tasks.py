@@ -251,8 +251,8 @@ def _strip_word_start(token: str) -> str:
 
 def _hub_records(task: Task, spec: str) -> Iterator[tuple[str, Any]]:
     name, _, split = spec.partition("@")
-    name, _, config = name.partition(":")
-    config = config or (task.hub_config if name == task.hub_id else None)
+    name, _, given = name.partition(":")
+    config = given or (task.hub_config if name == task.hub_id else None)
     split = split or task.hub_split
     try:
         import datasets

@@ -1,6 +1,6 @@
 """A dependency-free SVG of a run's curves: training LM loss, held-out NLL without and with thoughts.
 
-python -m qstar.plot runs/qstar docs/default-run.svg
+python benchmarks/plot_run.py runs/qstar docs/default-run.svg
 """
 
 from __future__ import annotations
