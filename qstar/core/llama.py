@@ -34,10 +34,7 @@ class Attention(ABC):
     """Attention with grouped keys/values (GQA), optional q/k RMSNorm (qwen3) and RoPE."""
 
     ops: Ops
-    heads: int
-    kv_heads: int
-    head_dim: int
-    qk_norm: bool
+    cfg: ModelConfig
     q_proj: Layer
     k_proj: Layer
     v_proj: Layer
@@ -56,11 +53,11 @@ class Attention(ABC):
 
     def project(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array, Array]:
         """(..., D) -> rotated q (..., H, d), k (..., h, d) and v (..., h, d)."""
-        lead = tuple(x.shape[:-1])
-        q = self.q_proj(x).reshape(*lead, self.heads, self.head_dim)
-        k = self.k_proj(x).reshape(*lead, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(*lead, self.kv_heads, self.head_dim)
-        if self.qk_norm:
+        lead, cfg = tuple(x.shape[:-1]), self.cfg
+        q = self.q_proj(x).reshape(*lead, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         return self.rotate(q, cos, sin), self.rotate(k, cos, sin), v
 

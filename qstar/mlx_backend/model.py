@@ -37,12 +37,7 @@ class Attention(nn.Module, llama.Attention):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim, self.qk_norm = (
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            cfg.qk_norm,
-        )
+        self.cfg = cfg
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
@@ -57,7 +52,7 @@ class Attention(nn.Module, llama.Attention):
 
     def causal(self, q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> mx.array:
         """float64 avoids mx.fast, whose softmax is only float32-accurate (see ops.py)."""
-        scale = 1 / math.sqrt(self.head_dim)
+        scale = 1 / math.sqrt(self.cfg.head_dim)
         if q.dtype != mx.float64:
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if mask is None else mask)
         batch, heads, n, dim = q.shape

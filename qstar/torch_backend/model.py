@@ -80,12 +80,7 @@ class Attention(nn.Module, llama.Attention):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim, self.qk_norm = (
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            cfg.qk_norm,
-        )
+        self.cfg = cfg
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
@@ -98,7 +93,7 @@ class Attention(nn.Module, llama.Attention):
         return RotaryFunction.apply(x, cos, sin)
 
     def causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        gqa = self.heads != self.kv_heads
+        gqa = self.cfg.num_heads != self.cfg.num_kv_heads
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
 
 
