@@ -50,6 +50,7 @@ def bench(
     """Measure, side by side in one run, a Quiet-STaR step against an ordinary LM step over the same W tokens."""
     from qstar.bench import SHAPES, BenchConfig, bench_generation
     from qstar.bench import bench as run
+    from qstar.core.files import write_atomic
 
     if shape not in SHAPES:
         raise ValueError(f"unknown --shape {shape!r}: choose one of {', '.join(SHAPES)}")
@@ -109,5 +110,5 @@ def bench(
         console.print(gen)
         report["generation"] = rows
     if out is not None:
-        out.write_text(json.dumps(report, indent=2))
+        write_atomic(out, json.dumps(report, indent=2))
         console.print(f"wrote {out}")

@@ -8,16 +8,20 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-USER_ERRORS = (
-    FileNotFoundError,
-    FileExistsError,
-    NotADirectoryError,
-    PermissionError,
-    ValueError,
-    RuntimeError,
-    ImportError,
-)
+USER_ERRORS = (OSError, ValueError, RuntimeError, ImportError)
+"""What bad input or a bad environment raises (files, settings, a full disk, a missing package); anything else is a
+bug and keeps its traceback."""
+
+
+def message(err: BaseException) -> str:
+    """One line: an OSError from the system as "reason: file", any other error as its own message."""
+    if isinstance(err, OSError) and err.errno is not None and err.strerror:
+        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    return str(err)
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -27,7 +31,7 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as err:
-            Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            Console(stderr=True).print(f"[bold red]error:[/] {escape(message(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]

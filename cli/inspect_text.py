@@ -23,6 +23,7 @@ def inspect_text(
 ) -> None:
     """For every token: log-prob without thought vs after the thought sampled before it, the thought on hover."""
     import qstar
+    from qstar.core.files import write_atomic
     from qstar.core.report import render_html, summary_line
 
     if not text.is_file():
@@ -46,7 +47,7 @@ def inspect_text(
     tokens = [m.tokenizer.decode([t]) for t in ids]
     thought_text = [""] + [m.tokenizer.decode(t, skip_special_tokens=True) for t in thoughts[0, :-1]]
     base, thoughtful = logprob(plain), logprob(mixed)
-    out.write_text(render_html(tokens, base, thoughtful, thought_text, title=f"qstar inspect: {text.name}"))
+    write_atomic(out, render_html(tokens, base, thoughtful, thought_text, title=f"qstar inspect: {text.name}"))
     console = Console(stderr=True)
     console.print(summary_line(tokens, base, thoughtful))
     console.print(f"wrote {out}")

@@ -12,7 +12,14 @@ import typer
 from qstar.cli.errors import user_errors
 from qstar.core.fields import field_docs
 from qstar.core.recipe import Recipe
-from qstar.core.train_config import TrainConfig, read_config_file, resolve_config
+from qstar.core.train_config import (
+    RESUMABLE,
+    TrainConfig,
+    merge_settings,
+    read_config_file,
+    resolve_config,
+    resume_config,
+)
 
 OPTIONAL = {"int": Optional[int], "float": Optional[float], "bool": Optional[bool], "str": Optional[str]}  # noqa: UP045
 """Flag annotation per field type: typer reads typing.Optional from a built signature; None means "not given"."""
@@ -39,28 +46,22 @@ def setting_parameters() -> list[inspect.Parameter]:
 
 
 @user_errors
-def train(config: Optional[Path] = None, resume: bool = False, **settings: Any) -> None:  # noqa: UP045
+def train(config: Optional[Path] = None, resume: bool = False, overwrite: bool = False, **flags: Any) -> None:  # noqa: UP045
     """Train Quiet-STaR. With no arguments: the shipped arithmetic model on fresh synthetic data, minutes on a CPU."""
     from qstar import backends
     from qstar.core import trainer
+    from qstar.core.rundir import saved_config
 
-    file_settings = read_config_file(config) if config is not None else {}
-    given = {k: v for k, v in settings.items() if v is not None}
+    settings = merge_settings(read_config_file(config) if config is not None else {}, flags)
+    if "backend" in settings:
+        settings["backend"] = backends.available(settings["backend"])  # the resolved name is saved with the run
     if resume:
-        out = Path(given.get("out") or file_settings.get("out") or TrainConfig.out)
-        saved = out / "config.json"
-        if saved.is_file():
-            previous = read_config_file(saved)  # its backend too: training state does not move between backends
-            for name in ("model", "data", "recipe"):
-                if name in given and given[name] != previous.get(name):
-                    raise ValueError(
-                        f"conflicting flags: --resume continues the run in {out}, which used --{name} "
-                        f"{previous.get(name)}; drop --{name} or choose another --out"
-                    )
-            file_settings = {**previous, **file_settings}
-    cfg = resolve_config(file_settings, given)
-    cfg = replace(cfg, backend=backends.available(cfg.backend))  # the resolved name is saved with the run
-    out = trainer.run(cfg, backends.get(cfg.backend), resume=resume)
+        out = Path(settings.get("out") or TrainConfig.out)
+        cfg = resume_config(saved_config(out), settings, out)
+    else:
+        cfg = resolve_config(settings)
+    cfg = replace(cfg, backend=backends.available(cfg.backend))
+    out = trainer.run(cfg, backends.get(cfg.backend), resume=resume, overwrite=overwrite)
     typer.echo(f"done: {out / 'model'}")
 
 
@@ -76,7 +77,19 @@ train.__signature__ = inspect.Signature(
             "resume",
             inspect.Parameter.KEYWORD_ONLY,
             annotation=bool,
-            default=typer.Option(False, "--resume", help="Continue from the newest complete checkpoint"),
+            default=typer.Option(
+                False,
+                "--resume",
+                help="Continue the run in --out from its newest complete checkpoint, with its own settings; only "
+                + ", ".join("--" + n.replace("_", "-") for n in RESUMABLE)
+                + " may change",
+            ),
+        ),
+        inspect.Parameter(
+            "overwrite",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=bool,
+            default=typer.Option(False, "--overwrite", help="Remove an earlier run's files from --out first"),
         ),
         *setting_parameters(),
     ]

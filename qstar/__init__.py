@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +47,12 @@ def convert(
     `dst` if anything fails.
     """
     from qstar.core.checkpoint import source_dtype
+    from qstar.core.files import remove_orphans
     from qstar.core.hub import resolve
 
     if Path(dst).exists():
         raise FileExistsError(f"{dst} already exists: choose a new output directory or remove it first")
+    remove_orphans(Path(dst).parent, lambda message: print(message, file=sys.stderr))  # what killed converts left
     local = resolve(src)
     model = load(local, backend=backend, dtype=dtype or source_dtype(local), recipe=recipe, **recipe_overrides)
     model.save(dst)

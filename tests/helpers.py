@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -164,8 +165,6 @@ def train_records(out: Path, split: str = "train") -> dict[int, dict]:
 def short_training(backend: str, checkpoint: Path, tmp_path: Path) -> Path:
     """30 CLI training steps at a high learning rate: the LM loss falls, validations and checkpoints land where
     asked, the resolved config is saved. Returns the run directory."""
-    from typer.testing import CliRunner
-
     from qstar.cli.main import app
 
     out = tmp_path / "run"
@@ -200,53 +199,71 @@ def short_training(backend: str, checkpoint: Path, tmp_path: Path) -> Path:
     return out
 
 
-def killed_and_uninterrupted(backend: str, checkpoint: Path, tmp_path: Path) -> tuple[Path, Path]:
-    """Train 12 steps once uninterrupted, once SIGKILLed after the step-6 checkpoint appeared (wherever it then is,
-    even mid-save) and resumed with `--resume`; returns the two run directories."""
+def killed_at_random_and_uninterrupted(
+    backend: str, checkpoint: Path, tmp_path: Path, kills: int = 4, seed: int = 0
+) -> tuple[Path, Path]:
+    """Fault injection: a 10-step run with a checkpoint after every step, once uninterrupted and once SIGKILLed at
+    up to `kills` random moments (after a random number of steps, at a random time inside the next one: its forward,
+    backward, log line or save), each time started again with `--resume` (or `--overwrite` while it had no checkpoint
+    yet). After every kill each complete
+    checkpoint must load; at the end no orphaned temporary directory is left, metrics.jsonl holds every step exactly
+    once, and every loss equals the uninterrupted run's bit for bit. Returns the two run directories."""
+    import random
     import signal
     import subprocess
     import sys
     import time
 
-    from typer.testing import CliRunner
-
+    import qstar
     from qstar.cli.main import app
+    from qstar.core.rundir import checkpoints
 
-    common = [
-        "train",
-        "--backend",
-        backend,
-        "--model",
-        str(checkpoint),
-        "--iters",
-        "12",
-        "--save-every",
-        "3",
-        "--steps-per-eval",
-        "6",
-        "--keep-checkpoints",
-        "5",
-        *TRAIN_SMALL,
-    ]
+    common = ["train", "--backend", backend, "--model", str(checkpoint), "--iters", "10", "--save-every", "1"]
+    common += ["--steps-per-eval", "5", "--keep-checkpoints", "3", *TRAIN_SMALL]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert CliRunner().invoke(app, [*common, "--out", str(whole)]).exit_code == 0
     code = "import sys; from qstar.cli.main import app; sys.argv = ['qstar', *sys.argv[1:]]; app()"
-    process = subprocess.Popen(
-        [sys.executable, "-c", code, *common, "--out", str(broken)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    deadline = time.time() + 300
-    while not (broken / "checkpoints" / "step-0000006").exists() and process.poll() is None:
-        assert time.time() < deadline
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL and not (broken / "checkpoints" / "step-0000012").exists()
-    result = CliRunner().invoke(app, ["train", "--resume", "--out", str(broken)])  # the run's backend is kept
+    rng, killed, orphans = random.Random(seed), 0, []
+    while killed < kills:
+        done = int(checkpoints(broken)[-1].name.split("-")[1]) if checkpoints(broken) else 0
+        if done >= 9:
+            break
+        target = broken / "checkpoints" / f"step-{rng.randint(done + 1, min(done + 3, 9)):07d}"
+        again = ["--resume"] if done else ["--overwrite"]
+        process = subprocess.Popen(
+            [sys.executable, "-c", code, *common, "--out", str(broken), *again], stdout=subprocess.DEVNULL
+        )
+        deadline = time.time() + 300
+        while not target.exists() and process.poll() is None:  # a random number of steps
+            assert time.time() < deadline
+            time.sleep(0.002)
+        if killed % 2:  # then in the middle of the next save
+            while not any(p.name.startswith(".step-") for p in target.parent.iterdir()) and process.poll() is None:
+                time.sleep(0.0005)
+        else:  # or at a random moment of the next step: its forward, backward, log line or save
+            time.sleep(rng.uniform(0, 0.1))
+        if process.poll() is not None:  # it finished first (waiting for a save after the last one)
+            assert process.returncode == 0
+            break
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        orphans += [p for p in target.parent.iterdir() if p.name.startswith(".step-")]
+        killed += 1
+        for path in checkpoints(broken):  # whatever the moment, every complete checkpoint is whole
+            assert qstar.load(path, backend=backend).finite(), path
+    assert killed >= 3 and orphans  # some kills landed mid-save and left a temporary checkpoint directory
+    again = ["--resume"] if checkpoints(broken) else ["--overwrite"]
+    result = CliRunner().invoke(app, [*common, "--out", str(broken), *again])
     assert result.exit_code == 0, result.output
+    assert not any(p.exists() for p in orphans)  # each was removed by the next start
+    leftovers = [p.name for p in (broken / "checkpoints").iterdir() if not p.name.startswith("step-")]
+    assert leftovers == []
+    lines = [json.loads(line) for line in (broken / "metrics.jsonl").read_text().splitlines()]
+    assert len({(r["split"], r["step"]) for r in lines}) == len(lines)  # every step exactly once
     a, b = train_records(whole), train_records(broken)
-    assert set(a) == set(b) == set(range(1, 13))
+    assert set(a) == set(b) == set(range(1, 11))
     for step in a:
-        for key in ("loss", "lm", "policy", "grad_norm"):
+        for key in ("loss", "lm", "policy", "grad_norm", "nll_base", "nll_talk"):
             assert a[step][key] == b[step][key], (step, key)
     assert train_records(whole, "val") == train_records(broken, "val")
     return whole, broken

@@ -13,6 +13,7 @@ import numpy as np
 
 from qstar.core import checkpoint
 from qstar.core.checkpoint import CheckpointInfo
+from qstar.core.files import atomic_directory
 from qstar.core.generate import Sampling, generate
 from qstar.core.hf_config import ModelConfig
 from qstar.core.layout import ThoughtLayout
@@ -227,6 +228,10 @@ class QStarModel(ABC):
             thoughts=n(terms.thoughts).astype(np.int64),
         )
 
+    def finite(self) -> bool:
+        """Whether every parameter is finite."""
+        return self.ops.all_finite(list(self.parameters().values()))
+
     def gradients(
         self, input_ids: Any, attention_mask: Any = None, thoughts: Any = None, seed: int | None = None
     ) -> dict[str, np.ndarray]:
@@ -245,7 +250,7 @@ class QStarModel(ABC):
         params = self.parameters()
         extras = {k: v for k, v in params.items() if k.startswith(("thought.", "mixing_head."))}
         base = {k: v for k, v in params.items() if k not in extras}
-        with checkpoint.atomic_directory(path, overwrite) as tmp:
+        with atomic_directory(path, overwrite) as tmp:
             sizes = {k: self._nbytes(v) for k, v in base.items()}
             shards = checkpoint.plan_shards(sizes, checkpoint.MAX_SHARD_BYTES)
             for name, names in zip(checkpoint.shard_file_names(len(shards)), shards, strict=True):

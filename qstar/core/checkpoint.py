@@ -11,11 +11,7 @@ Three inputs are understood:
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,12 +81,26 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
+def damaged(file: Path, reason: object) -> ValueError:
+    return ValueError(
+        f"{file} is damaged or incomplete ({str(reason).splitlines()[0][:160]}): download or convert the checkpoint "
+        "again"
+    )
+
+
 def safetensors_names(files: list[Path]) -> set[str]:
+    """The tensor names in the headers of safetensors files (without reading the tensors)."""
     names: set[str] = set()
     for f in files:
         with open(f, "rb") as handle:
             size = int.from_bytes(handle.read(8), "little")
-            names.update(k for k in json.loads(handle.read(size)) if k != "__metadata__")
+            header = handle.read(size)
+        try:
+            if len(header) != size:
+                raise ValueError(f"the header says {size} bytes, the file holds {len(header)}")
+            names.update(k for k in json.loads(header) if k != "__metadata__")
+        except ValueError as err:  # truncated or not a safetensors file at all
+            raise damaged(f, err) from None
     return names
 
 
@@ -130,6 +140,11 @@ def inspect(path: str | Path) -> CheckpointInfo:
             )
         if not (path / EXTRAS_FILE).is_file():
             raise FileNotFoundError(f"{path / EXTRAS_FILE} missing: the qstar checkpoint is incomplete")
+        lacking = [k for k in ("start_token_id", "end_token_id") if not isinstance(section.get(k), int)]
+        if lacking:
+            raise ValueError(
+                f"{path / 'config.json'}: the qstar section has no {lacking[0]}: convert the checkpoint again"
+            )
         return CheckpointInfo(
             path,
             "qstar",
@@ -240,10 +255,11 @@ def model_tensors(
     The backend supplies its safetensors reader, `embedding_rows(embedding, ids)` (those rows as float64 numpy; all
     rows when ids is empty) and `from_numpy`."""
     tensors: dict[str, Any] = {}
-    for file in info.weight_files:
-        tensors.update(read_file(file))
-    if info.kind == "qstar":
-        tensors.update(read_file(info.path / EXTRAS_FILE))
+    for file in [*info.weight_files, *([info.path / EXTRAS_FILE] if info.kind == "qstar" else [])]:
+        try:
+            tensors.update(read_file(file))
+        except Exception as err:  # the frameworks' safetensors errors have no common type
+            raise damaged(file, err) from None
     tensors = {k: v for k, v in tensors.items() if not k.endswith(IGNORED_SUFFIXES)}
     if info.config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
@@ -323,35 +339,6 @@ def qstar_config(info: CheckpointInfo, recipe: dict[str, Any], dtype: str) -> di
         "source": str(info.path),
     }
     return raw
-
-
-@contextmanager
-def atomic_directory(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it becomes `dst` in one rename, on error it vanishes."""
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists: choose a new output directory or remove it first")
-    parent = dst.parent if str(dst.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"cannot write to {parent}: choose a writable output directory")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=parent))
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        for item in [tmp, *tmp.rglob("*")]:  # mkdtemp is private (0700); give the result the user's usual modes
-            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=parent))
-            os.replace(dst, old / dst.name)
-            os.replace(tmp, dst)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_tokenizer(info: CheckpointInfo, directory: Path) -> None:

@@ -98,12 +98,13 @@ def synthetic_difficulty(spec: str) -> tuple[int, int]:
 
 def selected(texts: Iterator[str], spec: str, part: str, held_out: float) -> Iterator[str]:
     """The non-blank texts of `part`; reading none at all is an error, so an empty source cannot spin forever."""
-    count = 0
+    count = usable = 0
     for text in texts:
+        usable += bool(text.strip())
         if text.strip() and (part == "all" or is_held_out(text, held_out) == (part == "validation")):
             count += 1
             yield text
-    if count == 0 and part == "all":
+    if usable == 0:
         raise ValueError(f"{spec} has no usable text (no non-blank documents): {WHAT_TO_PASS}")
     if count == 0:
         raise ValueError(
@@ -123,38 +124,46 @@ def file_texts(path: Path, fields: list[str]) -> Iterator[str]:
     raise ValueError(f"{path}: unsupported file type {suffix or '(none)'!r}: {WHAT_TO_PASS}")
 
 
-def txt_documents(path: Path) -> Iterator[str]:
-    lines: list[str] = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                lines.append(line.rstrip("\r\n"))
-            elif lines:
-                yield "\n".join(lines)
-                lines = []
-    if lines:
-        yield "\n".join(lines)
-
-
 class DataError(ValueError):
     """A data file or dataset that cannot be read as expected; the message names the file and line."""
+
+
+def text_lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file; one clear error for anything else (a binary file, another encoding)."""
+    with open(path, encoding="utf-8") as handle:
+        try:
+            yield from handle
+        except UnicodeDecodeError as err:
+            raise DataError(
+                f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} cannot be decoded): pass a text file, "
+                "or convert it to UTF-8"
+            ) from None
+
+
+def txt_documents(path: Path) -> Iterator[str]:
+    lines: list[str] = []
+    for line in text_lines(path):
+        if line.strip():
+            lines.append(line.rstrip("\r\n"))
+        elif lines:
+            yield "\n".join(lines)
+            lines = []
+    if lines:
+        yield "\n".join(lines)
 
 
 def jsonl_records(path: Path) -> Iterator[tuple[Any, str]]:
     """(record, "file:line") for every non-blank line of a JSONL file."""
     if path.is_dir():
         raise DataError(f"{path} is a directory: pass a JSONL file (one JSON object a line)")
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(
-                    f"{path}:{number}: not valid JSON ({error.msg}); expected one JSON object a line"
-                ) from None
-            yield record, f"{path}:{number}"
+    for number, line in enumerate(text_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: not valid JSON ({error.msg}); expected one JSON object a line") from None
+        yield record, f"{path}:{number}"
 
 
 def object_records(path: Path) -> Iterator[tuple[dict[str, Any], str]]:

@@ -1,10 +1,14 @@
-"""Attribute docstrings of a dataclass, so the CLI's help for every setting comes from one place."""
+"""Settings dataclasses: their attribute docstrings (the CLI's help for every setting comes from one place), and one
+check of their values' types at the boundary."""
 
 from __future__ import annotations
 
 import ast
 import inspect
+import math
 import textwrap
+from dataclasses import fields
+from typing import Any
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -22,3 +26,42 @@ def field_docs(cls: type) -> dict[str, str]:
         ):
             docs[node.target.id] = " ".join(following.value.value.split())
     return docs
+
+
+KINDS = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string"}
+
+
+def check_fields(settings: Any) -> None:
+    """Check every field of a settings dataclass against its annotation, in place: an int is an int (not a bool, not
+    2.5), a float a finite number (an int, or a numeric string as YAML 1.1 reads `1e-4`, becomes a float), a bool a
+    bool, a str a str; `X | None` also takes None. One clear error names the field and its flag."""
+    for f in fields(settings):
+        kind, value = str(f.type), getattr(settings, f.name)
+        optional = kind.endswith(" | None")
+        kind = kind.removesuffix(" | None")
+        if kind not in KINDS or (optional and value is None):
+            continue
+        checked = _checked(kind, value)
+        if checked is None:
+            flag = "--" + f.name.replace("_", "-")
+            raise ValueError(f"{f.name} ({flag}) must be {KINDS[kind]}, got {value!r}")
+        if checked is not value:
+            object.__setattr__(settings, f.name, checked)  # frozen dataclasses too
+
+
+def _checked(kind: str, value: Any) -> Any:
+    """`value` as a `kind`, or None when it is not one."""
+    if kind == "bool" or kind == "str":
+        return value if isinstance(value, bool if kind == "bool" else str) else None
+    if isinstance(value, bool):
+        return None
+    if kind == "int":
+        return value if isinstance(value, int) else None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value) if isinstance(value, int) else value

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qstar.core.fields import check_fields
 from qstar.core.layout import StepGeometry, ThoughtLayout
 from qstar.core.llama import Cache, Model
 from qstar.core.ops import Array
@@ -31,6 +32,7 @@ class Sampling:
     thoughts: bool = True
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
         if self.temperature < 0:

@@ -112,8 +112,20 @@ def read_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     file = Path(path) / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: pass a checkpoint directory that contains config.json")
-    raw = json.loads(file.read_text())
-    return parse_config(raw), raw
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err}): repair it or download the checkpoint again") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file} holds a JSON {type(raw).__name__}, not an object of settings: repair it")
+    try:
+        return parse_config(raw), raw
+    except KeyError as err:
+        raise ValueError(
+            f"{file} has no {err} setting, which a {raw.get('model_type')} model needs: repair it"
+        ) from None
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{file}: {err}") from None
 
 
 def float32_power(base: float, exponents: np.ndarray) -> np.ndarray:

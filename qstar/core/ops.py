@@ -82,5 +82,8 @@ class Ops(Protocol):
     def upcast(self, x: Array) -> Array:
         """x in float32 when it is a half-precision float, else unchanged (losses accumulate in >= fp32)."""
 
+    def all_finite(self, xs: Sequence[Array]) -> bool:
+        """Whether every entry of every array is finite (one device-to-host read)."""
+
     def gumbel(self, shape: Sequence[int], like: Array) -> Array:
         """Standard Gumbel noise in like's dtype, drawn with the backend's own random state."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from qstar.core.fields import check_fields
+
 MIXING_MODES = ("hidden", "logits-sigmoid")
 
 
@@ -42,6 +44,7 @@ class Recipe:
     """Positions i with i % think_every == 0 think (1 = every position)."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         checks = [
             (self.thought_tokens >= 1, "thought_tokens must be >= 1"),
             (self.lookahead >= 1, "lookahead must be >= 1"),

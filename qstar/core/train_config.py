@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from qstar.core.fields import check_fields
 from qstar.core.recipe import Recipe, make_recipe
 from qstar.weights import DEFAULT_MODEL
 
@@ -39,6 +40,9 @@ class TrainConfig:
     """AdamW weight decay of matrices (biases, norms and thought vectors get none)."""
     max_grad_norm: float = 1.0
     """Gradient clipping (0 = off)."""
+    max_bad_steps: int = 3
+    """Steps in a row whose loss or gradient norm is not finite (their updates are skipped) after which training
+    stops with an error."""
     grad_accumulation_steps: int = 1
     """Micro-batches per optimizer step."""
     max_seq_length: int = 32
@@ -69,6 +73,7 @@ class TrainConfig:
     """Also log to Weights & Biases (needs wandb)."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         positive = [
             "iters",
             "batch_size",
@@ -79,6 +84,7 @@ class TrainConfig:
             "val_batches",
             "save_every",
             "keep_checkpoints",
+            "max_bad_steps",
         ]
         for name in positive:
             if getattr(self, name) < 1:
@@ -86,6 +92,7 @@ class TrainConfig:
         if self.learning_rate <= 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("--learning-rate must be > 0 and --warmup-steps, --weight-decay, --max-grad-norm >= 0")
         recipe = self.make_recipe()
+        self.recipe_overrides = {k: getattr(recipe, k) for k in self.recipe_overrides}  # as validated: 2e0 -> 2.0
         if self.max_seq_length < recipe.min_seq_len():
             raise ValueError(
                 f"--max-seq-length {self.max_seq_length} is shorter than lookahead={recipe.lookahead} needs "
@@ -99,43 +106,95 @@ class TrainConfig:
         return asdict(self)
 
 
+RESUMABLE = (
+    "iters",
+    "steps_per_report",
+    "steps_per_eval",
+    "val_batches",
+    "save_every",
+    "keep_checkpoints",
+    "max_bad_steps",
+    "grad_checkpoint",
+    "compile",
+    "tensorboard",
+    "wandb",
+    "out",
+)
+"""The settings --resume may change: the length of the run (--iters extends it; the learning-rate schedule follows),
+reporting, saving and logging, and switches that leave the mathematics as it is. Every other one is the run's own."""
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Settings from a YAML, TOML or JSON file; recipe fields may sit at the top level or under recipe_overrides."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found")
-    text = path.read_text()
-    if path.suffix == ".toml":
-        import tomllib
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".toml":
+            import tomllib
 
-        raw = tomllib.loads(text)
-    elif path.suffix in (".yaml", ".yml"):
-        import yaml
+            raw = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
 
-        raw = yaml.safe_load(text) or {}
-    elif path.suffix == ".json":
-        raw = json.loads(text)
-    else:
-        raise ValueError(f"config file {path}: use .yaml, .yml, .toml or .json")
+            raw = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            raw = json.loads(text)
+        else:
+            raise ValueError(f"config file {path}: use .yaml, .yml, .toml or .json")
+    except (UnicodeDecodeError, ValueError, ImportError) as err:  # JSON, TOML and YAML errors are ValueErrors
+        raise ValueError(f"config file {path} cannot be read: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # yaml.YAMLError
+        raise ValueError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"config file {path} must hold a mapping of settings")
+        raise ValueError(f"config file {path} must hold a mapping of settings, not a {type(raw).__name__}")
     return {k.replace("-", "_"): v for k, v in raw.items()}
 
 
-def resolve_config(file_settings: dict[str, Any], flags: dict[str, Any]) -> TrainConfig:
-    """File settings, then flags on top (flags left at None do not override). Unknown names are errors."""
-    train_names = {f.name for f in fields(TrainConfig)}
+def merge_settings(file_settings: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
+    """One flat dict of settings: a file's (its recipe_overrides lifted to the top), then flags on top (flags left at
+    None do not override)."""
+    lifted = {k: v for k, v in file_settings.items() if k != "recipe_overrides"}
+    overrides = file_settings.get("recipe_overrides") or {}
+    if not isinstance(overrides, dict):
+        raise ValueError("recipe_overrides must be a mapping of recipe fields")
+    return {**lifted, **overrides, **{k: v for k, v in flags.items() if v is not None}}
+
+
+def resolve_config(settings: dict[str, Any]) -> TrainConfig:
+    """The configuration of flat `settings` (merge_settings); unknown names are errors."""
+    train_names = {f.name for f in fields(TrainConfig)} - {"recipe_overrides"}
     recipe_names = {f.name for f in fields(Recipe)}
-    merged: dict[str, Any] = {}
-    overrides: dict[str, Any] = dict(file_settings.get("recipe_overrides") or {})
-    for source in (file_settings, {k: v for k, v in flags.items() if v is not None}):
-        for name, value in source.items():
-            if name == "recipe_overrides":
-                continue
-            if name in recipe_names:
-                overrides[name] = value
-            elif name in train_names:
-                merged[name] = value
-            else:
-                raise ValueError(f"unknown setting {name!r}")
-    return TrainConfig(**merged, recipe_overrides=overrides)
+    unknown = sorted(set(settings) - train_names - recipe_names)
+    if unknown:
+        raise ValueError(f"unknown setting {unknown[0]!r}")
+    overrides = {k: v for k, v in settings.items() if k in recipe_names}
+    return TrainConfig(**{k: v for k, v in settings.items() if k in train_names}, recipe_overrides=overrides)
+
+
+def setting(cfg: TrainConfig, name: str) -> Any:
+    """The value of a training setting or (for recipe fields) of the recipe it resolves to."""
+    return getattr(cfg, name) if name in {f.name for f in fields(TrainConfig)} else getattr(cfg.make_recipe(), name)
+
+
+def resume_config(saved: dict[str, Any], settings: dict[str, Any], out: Path) -> TrainConfig:
+    """The configuration of a resumed run: the checkpoint's own (`saved`, the TrainConfig dict it was written with),
+    with the RESUMABLE `settings` on top. Any other setting given must agree with the saved one."""
+    run = TrainConfig(**saved)
+    wanted = resolve_config(merge_settings(saved, settings))
+    for name in settings:
+        before, after = setting(run, name), setting(wanted, name)
+        if name in RESUMABLE or before == after:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name in ("backend", "dtype"):
+            advice = (
+                f"its training state does not move to another {name}: resume with {flag} {before}, or start a new "
+                f"run from its model (--model {out / 'model'} --out NEW_DIR)"
+            )
+        else:
+            allowed = ", ".join("--" + n.replace("_", "-") for n in RESUMABLE)
+            advice = f"drop {flag} (on resume only {allowed} may change), or start a new run with another --out"
+        raise ValueError(f"--resume: {flag} {after} contradicts the run in {out}, which has {name}={before}: {advice}")
+    return wanted

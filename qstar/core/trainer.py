@@ -9,20 +9,75 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qstar.core.backend import Backend, load
 from qstar.core.data import BlockStream, TokenCache, is_hub_spec, open_documents
+from qstar.core.files import DiskFull, write_atomic
+from qstar.core.rundir import CONFIG_FILE, STATE_FILE, RunDirectory, checkpoints
 from qstar.core.session import Batch, Session, mean_metrics
 from qstar.core.train_config import TrainConfig
 
-STATE_FILE = "trainer_state.json"
-CHECKPOINT_DIR = re.compile(r"^step-(\d{7})$")
+COLLAPSE_STEPS = 5
+"""Steps in a row with a gradient norm of exactly 0 after which the run is reported as collapsed."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite steps, weights); the message names the step and what to do."""
+
+
+def last_good(out: Path) -> str:
+    """What to do after a run went bad: start a new run from its newest checkpoint (written only after good steps)."""
+    last = checkpoints(out)
+    if not last:
+        return "no checkpoint was written yet: start again with a lower --learning-rate (and --overwrite)"
+    return (
+        f"the last good checkpoint is {last[-1]}: start a new run from it with a lower --learning-rate "
+        f"(--model {last[-1]} --out NEW_DIR)"
+    )
+
+
+@dataclass
+class Guard:
+    """Counts the steps that were skipped (non-finite loss or gradient norm) and those with a zero gradient norm, in a
+    row; saved with each checkpoint so that a resumed run judges exactly as an uninterrupted one. No checkpoint is
+    written right after a skipped step: the newest checkpoint is always one of good steps."""
+
+    max_bad_steps: int
+    bad: int = 0
+    zero: int = 0
+    skipped: int = 0
+
+    def check(
+        self, step: int, metrics: dict[str, float], lr: float, out: Path, say: Callable[[str], None]
+    ) -> TrainingError | None:
+        """Counts the step; the error to stop with after max_bad_steps skipped steps in a row."""
+        if metrics["skipped"]:
+            self.bad, self.skipped = self.bad + 1, self.skipped + 1
+            say(f"step {step}: loss {metrics['loss']:.4g}, grad norm {metrics['grad_norm']:.4g}: skipped the update")
+            if self.bad >= self.max_bad_steps:
+                return TrainingError(
+                    f"step {step}: the loss or gradient norm was not finite for {self.bad} steps in a row (learning "
+                    f"rate {lr:.3g}), so training stopped; {last_good(out)}; or check the data, or continue with "
+                    f"--resume --max-bad-steps {2 * self.max_bad_steps}"
+                )
+            return None
+        self.bad = 0
+        self.zero = self.zero + 1 if metrics["grad_norm"] == 0 else 0
+        if self.zero == COLLAPSE_STEPS:
+            say(
+                f"warning: step {step}: the gradient norm has been exactly 0 for {COLLAPSE_STEPS} steps (loss "
+                f"{metrics['loss']:.4g}): the model has collapsed and will not learn; lower --learning-rate"
+            )
+        return None
+
+    def state(self) -> dict[str, int]:
+        return {"bad": self.bad, "zero": self.zero, "skipped": self.skipped}
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -31,20 +86,6 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
         return cfg.learning_rate * (step + 1) / cfg.warmup_steps
     remaining = max(cfg.iters - cfg.warmup_steps, 1)
     return cfg.learning_rate * max(0.0, 1 - (step - cfg.warmup_steps) / remaining)
-
-
-def checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints (each appeared by one atomic rename), oldest first."""
-    folder = out / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if CHECKPOINT_DIR.match(p.name) and (p / STATE_FILE).is_file())
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
 
 
 class MetricLog:
@@ -87,15 +128,23 @@ class MetricLog:
             self.wandb.finish()
 
 
-def save_checkpoint(session: Session, out: Path, step: int, data_state: dict[str, Any], cfg: TrainConfig) -> Path:
-    """Write checkpoints/step-N atomically (weights + training state), then keep the newest `keep_checkpoints`."""
+def save_checkpoint(session: Session, out: Path, step: int, state: dict[str, Any], cfg: TrainConfig) -> Path:
+    """Write checkpoints/step-N atomically (weights + training state), then keep the newest `keep_checkpoints`. Weights
+    that are not finite are never written: the last good checkpoint stays the newest."""
+    if not session.model.finite():
+        raise TrainingError(f"step {step}: the weights are not finite, so no checkpoint was written; {last_good(out)}")
     target = out / "checkpoints" / f"step-{step:07d}"
 
     def extra(tmp: Path) -> None:
         session.write_state(tmp)
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "data": data_state, "config": cfg.to_dict()}))
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state, "config": cfg.to_dict()}))
 
-    session.model.save(target, overwrite=True, extra=extra)
+    try:
+        session.model.save(target, overwrite=True, extra=extra)
+    except DiskFull as err:
+        last = checkpoints(out)
+        resume = f"; --resume continues from the last complete checkpoint, {last[-1].name}" if last else ""
+        raise TrainingError(f"step {step}: {err.strerror}{resume}") from None
     link = out / "model"
     tmp_link = out / ".model.tmp"
     if tmp_link.is_symlink() or tmp_link.exists():
@@ -133,25 +182,53 @@ def make_streams(cfg: TrainConfig, tokenizer: Any, min_len: int) -> tuple[BlockS
     return train, [Batch(*next(val)) for _ in range(cfg.val_batches)]
 
 
-def prepare_out(out: Path, resume: bool) -> Path | None:
-    """Check the run directory before any work; returns the checkpoint to resume from, if any."""
-    existing = checkpoints(out)
-    if existing and not resume:
-        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is a file: choose a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise PermissionError(f"cannot create --out {out} ({err.strerror}): choose a writable directory") from None
-    if not os.access(out, os.W_OK):
-        raise PermissionError(f"--out {out} is not writable: choose a writable directory")
-    return existing[-1] if resume and existing else None
-
-
-def run(cfg: TrainConfig, backend: Backend, resume: bool = False, show_progress: bool = True) -> Path:
+def run(
+    cfg: TrainConfig, backend: Backend, resume: bool = False, overwrite: bool = False, show_progress: bool = True
+) -> Path:
     """Train on `backend` (cfg.backend names it); returns the run directory (its `model` link points at the newest
     checkpoint)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+
+    def say(message: str) -> None:
+        console.print(message, highlight=False, soft_wrap=True)
+
+    out = Path(cfg.out)
+    with RunDirectory(out, say) as run_dir:
+        latest = run_dir.prepare(resume, overwrite)
+        model = load(backend, latest or cfg.model, cfg.dtype, cfg.make_recipe())
+        if model.tokenizer is None:
+            raise ValueError(f"{cfg.model} has no tokenizer files: qstar train needs them to tokenize --data")
+        train_stream, val_batches = make_streams(cfg, model.tokenizer, model.recipe.min_seq_len())
+        session: Session = backend.Session(model, cfg)
+        start, guard, window = 0, Guard(cfg.max_bad_steps), []
+        if latest is not None:
+            state = json.loads((latest / STATE_FILE).read_text())
+            session.read_state(latest)
+            train_stream.restore(state["data"])
+            start, window = state["step"], state.get("window", [])
+            guard = Guard(cfg.max_bad_steps, **state.get("guard", {}))
+        write_atomic(out / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2))
+        run_dir.started()
+        train_loop(cfg, session, train_stream, val_batches, out, start, guard, window, say, show_progress)
+    return out
+
+
+def train_loop(
+    cfg: TrainConfig,
+    session: Session,
+    train_stream: BlockStream,
+    val_batches: list[Batch],
+    out: Path,
+    start: int,
+    guard: Guard,
+    window: list[dict[str, float]],
+    say: Callable[[str], None],
+    show_progress: bool,
+) -> None:
+    """Steps start+1..iters: reports every steps_per_report, validation every steps_per_eval, a checkpoint every
+    save_every (and at the end). `window` holds the steps since the last report (restored on resume)."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -162,24 +239,7 @@ def run(cfg: TrainConfig, backend: Backend, resume: bool = False, show_progress:
         TimeRemainingColumn,
     )
 
-    out = Path(cfg.out)
-    latest = prepare_out(out, resume)
-    model = load(backend, latest or cfg.model, cfg.dtype, cfg.make_recipe())
-    if model.tokenizer is None:
-        raise ValueError(f"{cfg.model} has no tokenizer files: qstar train needs them to tokenize --data")
-    train_stream, val_batches = make_streams(cfg, model.tokenizer, model.recipe.min_seq_len())
-    session: Session = backend.Session(model, cfg)
-    start = 0
-    if latest is not None:
-        state = json.loads((latest / STATE_FILE).read_text())
-        session.read_state(latest)
-        train_stream.restore(state["data"])
-        start = state["step"]
-    write_json_atomic(out / "config.json", cfg.to_dict())
-
-    console = Console(stderr=True)
     log = MetricLog(out, cfg)
-    window: list[dict[str, float]] = []
     columns = [
         TextColumn("[bold]train"),
         BarColumn(),
@@ -191,37 +251,43 @@ def run(cfg: TrainConfig, backend: Backend, resume: bool = False, show_progress:
     ]
     tokens_per_step = cfg.batch_size * cfg.grad_accumulation_steps * cfg.max_seq_length
     try:
-        with Progress(*columns, console=console, disable=not show_progress) as progress:
+        with Progress(*columns, console=Console(stderr=True), disable=not show_progress) as progress:
             task = progress.add_task("", total=cfg.iters, completed=start)
-            tic = time.perf_counter()
+            tic, timed = time.perf_counter(), 0
             for step in range(start, cfg.iters):
                 batches = [Batch(*next(train_stream)) for _ in range(cfg.grad_accumulation_steps)]
                 lr = learning_rate(cfg, step)
                 window.append(session.step(batches, lr))
-                done = step + 1
+                done, timed = step + 1, timed + 1
                 progress.update(task, advance=1, description=f"loss {window[-1]['loss']:.4g}")
-                if done % cfg.steps_per_report == 0 or done == cfg.iters:
-                    elapsed = time.perf_counter() - tic
+                stop = guard.check(done, window[-1], lr, out, progress.console.print)
+                if stop or done % cfg.steps_per_report == 0 or done == cfg.iters:
                     record = {
                         "split": "train",
                         "step": done,
                         "lr": lr,
                         **mean_metrics(window),
-                        "tokens_per_s": tokens_per_step * len(window) / elapsed,
+                        "tokens_per_s": tokens_per_step * timed / (time.perf_counter() - tic),
                         "peak_memory_gb": session.peak_memory(),
                     }
                     log.write(record)
                     progress.console.print(format_record(record))
-                    window, tic = [], time.perf_counter()
+                    window, tic, timed = [], time.perf_counter(), 0
+                if stop:
+                    raise stop
                 if done % cfg.steps_per_eval == 0 or done == cfg.iters:
                     record = {"split": "val", "step": done, **session.evaluate(val_batches, cfg.seed + 1)}
                     log.write(record)
                     progress.console.print(format_record(record))
-                if done % cfg.save_every == 0 or done == cfg.iters:
-                    save_checkpoint(session, out, done, train_stream.state(), cfg)
+                if (done % cfg.save_every == 0 or done == cfg.iters) and guard.bad:
+                    progress.console.print(f"step {done}: no checkpoint after a skipped step")
+                elif done % cfg.save_every == 0 or done == cfg.iters:
+                    state = {"data": train_stream.state(), "window": window, "guard": guard.state()}
+                    save_checkpoint(session, out, done, state, cfg)
     finally:
         log.close()
-    return out
+    if guard.skipped:
+        say(f"{guard.skipped} of the steps had a non-finite loss or gradient norm; their updates were skipped")
 
 
 def format_record(record: dict[str, Any]) -> str:
@@ -234,8 +300,9 @@ def format_record(record: dict[str, Any]) -> str:
         "mixing_weight",
         "positive_advantage",
         "grad_norm",
+        "skipped",
         "tokens_per_s",
         "peak_memory_gb",
     ]
-    parts = [f"{k}={record[k]:.4g}" for k in keys if k in record]
+    parts = [f"{k}={record[k]:.4g}" for k in keys if k in record and (k != "skipped" or record[k])]
     return f"{record['split']:>5} step {record['step']}: " + " ".join(parts)

@@ -147,6 +147,9 @@ class MLXOps:
     def upcast(self, x: mx.array) -> mx.array:
         return x.astype(mx.float32) if x.dtype in HALF else x
 
+    def all_finite(self, xs: Sequence[mx.array]) -> bool:
+        return bool(mx.all(mx.stack([mx.all(mx.isfinite(x)) for x in xs])))
+
     def gumbel(self, shape: Sequence[int], like: mx.array) -> mx.array:
         # mx.random draws no float64: draw in float32 (ample for sampling noise) and cast.
         return mx.random.gumbel(tuple(shape), dtype=mx.float32).astype(like.dtype)

@@ -11,6 +11,7 @@ That key is MLX's one global (per-thread) key: a process trains one session at a
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -134,8 +135,12 @@ class Session:
         self.traces["accumulate"] += 1
         return self.gradients(ids, valid, acc, count)
 
-    def step_fn(self, ids: mx.array, valid: mx.array, acc: Tree | None, count: int) -> tuple[Metrics, mx.array]:
-        """The last micro-batch's gradients, then clipping and one AdamW update of the master weights."""
+    def step_fn(
+        self, ids: mx.array, valid: mx.array, acc: Tree | None, count: int, finite: mx.array
+    ) -> tuple[Metrics, mx.array, mx.array]:
+        """The last micro-batch's gradients, then clipping and one AdamW update of the master weights, unless a loss
+        (`finite`: those of the earlier micro-batches) or the gradient norm is not finite: then the weights and the
+        optimizer state stay as they were (selected in the graph, so one compiled step serves both cases)."""
         self.traces["step"] += 1
         net = self.model.backbone
         metrics, grads = self.gradients(ids, valid, acc, count)
@@ -145,12 +150,16 @@ class Session:
             grads, norm = optim.clip_grad_norm(grads, self.cfg.max_grad_norm)
         else:
             norm = mx.sqrt(sum((mx.sum(mx.square(g)) for g in flat(grads).values()), mx.array(0.0)))
-        new = self.optimizer.apply_gradients(grads, self.masters())
+        ok = finite & mx.isfinite(norm) & mx.isfinite(metrics["loss"])
+        old, old_state = self.masters(), flat(self.optimizer.state)
+        new = self.optimizer.apply_gradients(grads, old)
+        new = tree_map(lambda n, o: mx.where(ok, n, o), new, old)
+        assign(self.optimizer.state, {k: mx.where(ok, v, old_state[k]) for k, v in flat(self.optimizer.state).items()})
         if self.half:
             assign(self.master, flat(new))
             new = tree_map(lambda m: m.astype(self.dtype), new)
         net.update(new)
-        return metrics, norm
+        return metrics, norm, mx.logical_not(ok)
 
     def evaluate_fn(self, ids: mx.array, valid: mx.array) -> Metrics:
         self.traces["evaluate"] += 1
@@ -176,10 +185,12 @@ class Session:
             metrics, acc = self._accumulate(*self.inputs(batch), acc, count)
             mx.eval(metrics, acc, random_state())  # one micro-batch at a time in memory
             records.append(metrics)
-        metrics, norm = self._step(*self.inputs(batches[-1]), acc, count)
-        mx.eval(metrics, norm, self.model.backbone.state, self.optimizer.state, self.master, random_state())
+        finite = mx.array(all(math.isfinite(float(r["loss"])) for r in records))
+        metrics, norm, skipped = self._step(*self.inputs(batches[-1]), acc, count, finite)
+        mx.eval(metrics, norm, skipped, self.model.backbone.state, self.optimizer.state, self.master, random_state())
         records.append(metrics)
-        return {**mean_metrics([{k: float(v) for k, v in r.items()} for r in records]), "grad_norm": float(norm)}
+        means = mean_metrics([{k: float(v) for k, v in r.items()} for r in records])
+        return {**means, "grad_norm": float(norm), "skipped": float(skipped)}
 
     def evaluate(self, batches: list[Batch], seed: int) -> dict[str, float]:
         training_key = random_key()

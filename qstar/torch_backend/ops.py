@@ -103,6 +103,9 @@ class TorchOps:
     def upcast(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() if x.dtype in HALF else x
 
+    def all_finite(self, xs: Sequence[torch.Tensor]) -> bool:
+        return bool(torch.stack([torch.isfinite(x).all() for x in xs]).all())
+
     def gumbel(self, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
         u = torch.rand(tuple(shape), device=self.device, dtype=like.dtype, generator=self.generator)
         return u.clamp_min_(torch.finfo(like.dtype).tiny).log_().neg_().log_().neg_()  # -log(-log u), in place

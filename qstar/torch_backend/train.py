@@ -56,16 +56,18 @@ class Session:
             if m is not p:
                 m.grad = None if p.grad is None else p.grad.float()
                 p.grad = None
-        norm = torch.nn.utils.clip_grad_norm_(self.master, self.cfg.max_grad_norm or math.inf)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
+        norm = float(torch.nn.utils.clip_grad_norm_(self.master, self.cfg.max_grad_norm or math.inf))
+        skipped = not (math.isfinite(norm) and all(math.isfinite(r["loss"]) for r in records))
+        if not skipped:  # a non-finite loss or gradient would poison the weights and the optimizer state
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            with torch.no_grad():
+                for m, p in zip(self.master, self.params, strict=True):
+                    if m is not p:
+                        p.copy_(m)
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for m, p in zip(self.master, self.params, strict=True):
-                if m is not p:
-                    p.copy_(m)
-        return {**mean_metrics(records), "grad_norm": float(norm)}
+        return {**mean_metrics(records), "grad_norm": norm, "skipped": float(skipped)}
 
     def evaluate(self, batches: list[Batch], seed: int) -> dict[str, float]:
         ops = self.ops

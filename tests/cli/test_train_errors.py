@@ -54,14 +54,6 @@ def test_out_that_cannot_be_a_directory(tmp_path, llama_checkpoint):
     assert code == 1 and "is a file" in output
 
 
-def test_conflicting_flags_on_resume(tmp_path, llama_checkpoint):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "config.json").write_text(json.dumps({"model": str(llama_checkpoint), "data": "synthetic"}))
-    code, output = run("--resume", "--out", str(out), "--model", str(tmp_path / "other"))
-    assert code == 1 and "conflicting flags" in output
-
-
 def test_bad_values_and_unknown_settings(tmp_path):
     code, output = run("--iters", "0")
     assert code == 1 and "--iters must be >= 1" in output

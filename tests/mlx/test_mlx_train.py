@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import killed_and_uninterrupted, random_ids, short_training, train_records
+from helpers import killed_at_random_and_uninterrupted, random_ids, short_training, train_records
 from mlx.utils import tree_flatten
 
 import qstar
@@ -71,7 +71,7 @@ def test_short_training_lowers_the_loss_and_saves_a_loadable_model(llama_checkpo
 def test_killed_run_resumes_exactly(llama_checkpoint, tmp_path):
     """Weights, AdamW moments and step, and the mx.random key are all in the checkpoint, and the compiled graph
     is the same in every process: the resumed run repeats the uninterrupted one bit for bit."""
-    whole, broken = killed_and_uninterrupted("mlx", llama_checkpoint, tmp_path)
+    whole, broken = killed_at_random_and_uninterrupted("mlx", llama_checkpoint, tmp_path)
     wa = qstar.load(str(whole / "model"), backend="mlx").parameters()
     wb = qstar.load(str(broken / "model"), backend="mlx").parameters()
     assert all(np.array_equal(np.array(wa[k]), np.array(wb[k])) for k in wa)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from helpers import TRAIN_SMALL, killed_and_uninterrupted, short_training, train_records
+from helpers import TRAIN_SMALL, killed_at_random_and_uninterrupted, short_training, train_records
 from typer.testing import CliRunner
 
 import qstar
@@ -16,7 +16,7 @@ def test_short_training_lowers_the_loss_and_saves_a_loadable_model(llama_checkpo
 
 
 def test_killed_run_resumes_exactly(llama_checkpoint, tmp_path):
-    whole, broken = killed_and_uninterrupted("torch", llama_checkpoint, tmp_path)
+    whole, broken = killed_at_random_and_uninterrupted("torch", llama_checkpoint, tmp_path)
     wa = qstar.load(str(whole / "model"), backend="torch").parameters()
     wb = qstar.load(str(broken / "model"), backend="torch").parameters()
     assert all(bool((wa[k] == wb[k]).all()) for k in wa)

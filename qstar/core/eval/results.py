@@ -7,8 +7,6 @@ The records file is appended one flushed line per question; a kill can leave at 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -16,6 +14,7 @@ from types import TracebackType
 from typing import Any
 
 from qstar.core.eval.answers import score_votes
+from qstar.core.files import write_atomic
 
 
 @dataclass(frozen=True)
@@ -150,22 +149,7 @@ def summarize(
 
 def write_results(path: str | Path, result: EvalResult) -> None:
     """Write the results JSON in one rename, so that a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(asdict(result), out, indent=2, ensure_ascii=False)
-            out.write("\n")
-            out.flush()
-            os.fsync(out.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private (0600); give the result the user's usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(asdict(result), indent=2, ensure_ascii=False) + "\n")
 
 
 def read_results(path: str | Path) -> EvalResult:

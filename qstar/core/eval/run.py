@@ -26,6 +26,7 @@ from qstar.core.eval.tasks import (
     teacher_forced_logprobs,
     teacher_forced_score,
 )
+from qstar.core.fields import check_fields
 
 QUESTIONS_FILE = "questions.jsonl"
 RESULTS_FILE = "results.json"
@@ -47,6 +48,7 @@ class EvalSettings:
     """Also compute the paper's teacher-forced answer probability (a different metric)."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.votes < 1:
             raise ValueError("--votes must be >= 1")
         if self.votes > 1 and self.temperature == 0:
