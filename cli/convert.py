@@ -1,36 +1,53 @@
-"""`qstar convert SRC DST`: an HF or authors' checkpoint (dir or hub id) -> a qstar checkpoint."""
+"""`qstar convert SRC DST`: an HF, GGUF or authors' checkpoint (directory, file or hub id) -> a qstar checkpoint."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
 from qstar.cli.errors import user_errors
+from qstar.cli.options import recipe_options
 
 
 @user_errors
+@recipe_options
 def convert(
     src: Annotated[
-        str, typer.Argument(help="HF checkpoint directory or hub id (owner/name), or an authors' checkpoint")
+        str,
+        typer.Argument(
+            help="HF checkpoint directory or hub id (owner/name), a .gguf file, an authors' or qstar checkpoint"
+        ),
     ],
     dst: Annotated[str, typer.Argument(help="Output directory (must not exist)")],
     dtype: Annotated[
-        str | None, typer.Option(help="float32, bfloat16, float16 or float64 (default: the source's)")
+        str | None,
+        typer.Option(help="float32, bfloat16, float16 or float64 (or fp32, bf16, fp16) [default: the source's]"),
     ] = None,
-    recipe: Annotated[str, typer.Option(help="Recipe preset saved with the checkpoint: default or paper")] = "default",
+    recipe: Annotated[
+        str | None, typer.Option(help="Recipe preset: default or paper [default: the checkpoint's own, else default]")
+    ] = None,
+    gguf_file: Annotated[str | None, typer.Option(help="The .gguf file inside SRC, a directory")] = None,
     backend: Annotated[str, typer.Option(help="auto, torch or mlx (only used to read the weights)")] = "auto",
+    recipe_overrides: dict[str, Any] | None = None,
 ) -> None:
     """Convert a checkpoint: base weights under their HF names, <start>/<end> thought tokens initialised from the
     recipe's init_token, a mixing head that starts the model exactly as the base LM, tokenizer with the two tokens."""
     import qstar
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, highlight=False)
     with console.status(f"converting {src}"):
-        model = qstar.convert(src, dst, dtype=dtype, recipe=recipe, backend=backend)
-    info = model.info
+        model = qstar.convert(
+            src, dst, dtype=dtype, recipe=recipe, backend=backend, gguf_file=gguf_file, **(recipe_overrides or {})
+        )
+    info, r = model.info, model.recipe
     console.print(
-        f"wrote {dst}: {info.config.model_type}, {model.dtype}, recipe {recipe}, "
-        f"<start>={info.start_id} <end>={info.end_id}"
+        f"wrote {dst}: {info.config.model_type}, {model.dtype}, {r.thought_tokens} thought tokens, lookahead "
+        f"{r.lookahead}, <start>={info.start_id} <end>={info.end_id}"
     )
+    if model.tokenizer is None:
+        console.print(
+            f"warning: {src} has no tokenizer files, so {dst} has none either: qstar generate, eval, inspect and train "
+            "need them; copy the source model's tokenizer files (tokenizer.json, ...) into both and convert again"
+        )

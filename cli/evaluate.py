@@ -1,36 +1,53 @@
-"""`qstar eval gsm8k|csqa`: zero-shot chain of thought with or without thoughts; resumable; results JSON."""
+"""`qstar eval gsm8k|csqa`: zero-shot chain of thought under a protocol, with or without thoughts; resumable."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from qstar.cli.errors import user_errors
+from qstar.cli.options import recipe_options
 
 
 @user_errors
+@recipe_options
 def evaluate(
     task: Annotated[str, typer.Argument(help="gsm8k or csqa")],
     model: Annotated[str, typer.Option(help="qstar checkpoint (or any checkpoint qstar.load takes)")],
-    data: Annotated[str | None, typer.Option(help="Local JSONL (the task's own format) or a hub dataset id")] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N questions")] = None,
-    votes: Annotated[int, typer.Option(help="Samples per question; > 1 reports cot-maj@K")] = 1,
+    data: Annotated[
+        str | None, typer.Option(help="Local JSONL (the task's own format) or a hub dataset id [default: the task's]")
+    ] = None,
+    protocol: Annotated[
+        str, typer.Option(help="qstar, paper (the authors' zero-shotcot-eval.py) or lm-eval (gsm8k_cot_zeroshot)")
+    ] = "qstar",
+    limit: Annotated[
+        int | None, typer.Option(help="Only the first N questions (after the protocol's shuffle) [paper: 128]")
+    ] = None,
+    votes: Annotated[int | None, typer.Option(help="Samples per question; > 1 reports cot-maj@K [paper: 8]")] = None,
     thoughts: Annotated[bool, typer.Option(help="Think before every token")] = True,
-    batch_size: Annotated[int, typer.Option(help="Questions generated together")] = 8,
-    max_tokens: Annotated[int, typer.Option(help="Reasoning tokens at most")] = 256,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature of the reasoning (0 = greedy)")] = 0.0,
+    batch_size: Annotated[int, typer.Option(help="Samples generated together")] = 8,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="Reasoning tokens at most [qstar, lm-eval: 256; paper: 385]")
+    ] = None,
+    answer_tokens: Annotated[int | None, typer.Option(help="Answer tokens at most [qstar: 16; paper: 13]")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature (0 = greedy) [paper: 0.9]")] = None,
     teacher_forced: Annotated[bool, typer.Option(help="Also the paper's teacher-forced answer probability")] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the sampling noise")] = 0,
-    out: Annotated[Path, typer.Option(help="Directory of questions.jsonl and results.json")] = Path("eval-out"),
+    seed: Annotated[int, typer.Option(help="Seed of the sampling noise (every question draws its own)")] = 0,
+    out: Annotated[
+        Path | None, typer.Option(help="Directory of questions.jsonl and results.json [runs/eval/TASK-PROTOCOL-...]")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Start over in --out instead of resuming it")] = False,
     backend: Annotated[str, typer.Option(help="auto, torch or mlx")] = "auto",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or float64")] = "float32",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or float64 (or fp32, bf16, fp16)")] = "float32",
+    recipe_overrides: dict[str, Any] | None = None,
 ) -> None:
-    """Evaluate as the paper: `Q: ...\\nA: Let's think step by step.`, generate, append the answer trigger, read the
-    first number (or letter). An interrupted run continues from out/questions.jsonl."""
+    """Evaluate as the paper does: `Q: ...\\nA: Let's think step by step.`, generate, append the answer trigger, read
+    the first number (or letter). An interrupted run continues from out/questions.jsonl; the same command gives the
+    same answers."""
     import qstar
     from qstar.core.eval.run import EvalSettings
     from qstar.core.eval.run import evaluate as run
@@ -38,17 +55,22 @@ def evaluate(
 
     spec = get_task(task)
     settings = EvalSettings(
+        protocol=protocol,
         votes=votes,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        answer_tokens=answer_tokens,
+        limit=limit,
         thoughts=thoughts,
         batch_size=batch_size,
-        max_tokens=max_tokens,
-        temperature=temperature,
         seed=seed,
         teacher_forced=teacher_forced,
     )
-    examples = load_examples(spec, data, limit)
-    m = qstar.load(model, backend=backend, dtype=dtype)
+    out = out or Path("runs") / "eval" / f"{task}-{protocol}-{'thoughts' if thoughts else 'no-thoughts'}"
+    examples = load_examples(spec, data)
+    m = qstar.load(model, backend=backend, dtype=dtype, **(recipe_overrides or {}))
     console = Console(stderr=True)
+    chosen = len(examples) if settings.limit is None else min(settings.limit, len(examples))
     columns = [
         TextColumn(f"[bold]{task}"),
         BarColumn(),
@@ -57,8 +79,7 @@ def evaluate(
         TimeRemainingColumn(),
     ]
     with Progress(*columns, console=console) as progress:
-        bar = progress.add_task("", total=len(examples))
-        progress.update(bar, completed=0)
+        bar = progress.add_task("", total=chosen)
         result = run(
             m,
             spec,
@@ -66,8 +87,12 @@ def evaluate(
             out,
             settings,
             model,
+            data=data or spec.hub_id,
+            overwrite=overwrite,
             on_record=lambda record, accuracy: progress.update(bar, advance=1, description=str(accuracy)),
         )
     lines = [f"{name} = {value:.4f}" for name, value in result.metrics.items()]
-    console.print(f"{task}: n={result.n}, thoughts={'on' if thoughts else 'off'}: " + ", ".join(lines))
+    console.print(f"{task} ({protocol}): n={result.n}, thoughts={'on' if thoughts else 'off'}: " + ", ".join(lines))
+    stops = ", ".join(f"{reason} {n}" for reason, n in result.counts["stops"].items())
+    console.print(f"reasoning ended by: {stops}; prompts cut to the context: {result.counts['truncated_prompts']}")
     console.print(f"wrote {out / 'results.json'} and {out / 'questions.jsonl'}")

@@ -1,22 +1,40 @@
-"""`qstar generate`: continue a prompt, thinking before every token; --show-thoughts prints each thought dimmed."""
+"""`qstar generate`: continue a prompt, thinking before every token; --show-thoughts prints each thought."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+import sys
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from qstar.cli.errors import user_errors
+from qstar.cli.options import recipe_options
+
+THOUGHT_OPEN, THOUGHT_CLOSE = "\x02", "\x03"
+"""Around each thought when --show-thoughts writes to a pipe or file: ASCII start/end of text, which a tokenizer's
+text never holds, so a program can split them off."""
 
 
 @user_errors
+@recipe_options
 def generate(
     model: Annotated[str, typer.Option(help="qstar checkpoint (or any checkpoint qstar.load takes)")],
-    prompt: Annotated[str, typer.Option(help="Text to continue")],
+    prompt: Annotated[str, typer.Option(help="Text to continue; - reads it from standard input")],
     thoughts: Annotated[bool, typer.Option(help="Think before every token")] = True,
-    show_thoughts: Annotated[bool, typer.Option(help="Print the thought before each token, dimmed")] = False,
+    show_thoughts: Annotated[
+        bool,
+        typer.Option(help="Print the thought before each token: dimmed on a terminal, else between \\x02 and \\x03"),
+    ] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Write one JSON object: text, tokens with their thoughts, stop, speeds")
+    ] = False,
+    chat_template: Annotated[bool, typer.Option(help="Wrap the prompt in the tokenizer's chat template")] = False,
+    system_prompt: Annotated[
+        str | None, typer.Option(help="System message for the chat template (implies --chat-template)")
+    ] = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens to emit at most")] = 64,
     temperature: Annotated[float, typer.Option(help="Sampling temperature of emitted tokens (0 = greedy)")] = 0.0,
     top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens")] = None,
@@ -24,14 +42,30 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Seed of the sampling noise")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop at this text (repeatable)")] = None,
     backend: Annotated[str, typer.Option(help="auto, torch or mlx")] = "auto",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or float64")] = "float32",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or float64 (or fp32, bf16, fp16)")] = "float32",
+    recipe_overrides: dict[str, Any] | None = None,
 ) -> None:
     """Generate text with thoughts (KV cache; each thought is computed on top of the cached prefix, then dropped)."""
     import qstar
 
-    m = qstar.load(model, backend=backend, dtype=dtype)
+    err = Console(stderr=True, highlight=False)
+    text = sys.stdin.read() if prompt == "-" else prompt
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        err.print("warning: greedy decoding (--temperature 0) ignores --top-k and --top-p: pass --temperature > 0")
+    m = qstar.load(model, backend=backend, dtype=dtype, **(recipe_overrides or {}))
+    if m.tokenizer is None:
+        raise ValueError(
+            f"{model} has no tokenizer files, so it cannot read --prompt: convert a checkpoint that has them"
+        )
+    if chat_template or system_prompt is not None:
+        if not m.tokenizer.chat_template:
+            raise ValueError(f"{model}'s tokenizer has no chat template: drop --chat-template and --system-prompt")
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+        text = m.tokenizer.apply_chat_template(
+            [*messages, {"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
     result = m.generate(
-        prompt,
+        text,
         max_tokens=max_tokens,
         thoughts=thoughts,
         temperature=temperature,
@@ -40,14 +74,54 @@ def generate(
         seed=seed,
         stop=stop or (),
     )[0]
-    console = Console(highlight=False)
-    if not show_thoughts:
-        console.print(escape(prompt + result.text), soft_wrap=True)
-        return
-    pieces, shown = [escape(prompt)], ""
-    for i, thought in enumerate(result.thoughts):
-        text = m.tokenizer.decode(result.tokens[: i + 1], skip_special_tokens=True)[: len(result.text)]
-        piece, shown = text[len(shown) :], text
-        if piece:
-            pieces.append((f"[dim]<{escape(thought)}>[/dim]" if thoughts else "") + escape(piece))
-    console.print("".join(pieces), soft_wrap=True)
+    pieces = token_pieces(m.tokenizer, result.tokens, result.text)
+    if json_output:
+        record = {
+            "prompt": text,
+            "text": result.text,
+            "tokens": [{"text": p, "thought": t} for p, t in zip(pieces, result.thoughts, strict=False)],
+            "stop": result.stop,
+            "prompt_tokens": result.prompt_tokens,
+            "prompt_tps": result.prompt_tps,
+            "generation_tps": result.generation_tps,
+            "peak_memory_gb": result.peak_memory_gb,
+        }
+        typer.echo(json.dumps(record, ensure_ascii=False))
+    elif show_thoughts and thoughts:
+        out = Console(highlight=False)
+        if out.is_terminal:
+            shown = "".join(
+                f"[dim]<{escape(t)}>[/dim]{escape(p)}" for p, t in zip(pieces, result.thoughts, strict=False)
+            )
+            out.print(escape(text) + shown, soft_wrap=True)
+        else:
+            typer.echo(
+                text
+                + "".join(f"{THOUGHT_OPEN}{t}{THOUGHT_CLOSE}{p}" for p, t in zip(pieces, result.thoughts, strict=False))
+            )
+    else:
+        typer.echo(text + result.text)
+    ended = {
+        "eos": "the model's end-of-text token",
+        "stop": "a --stop text",
+        "max_tokens": "--max-tokens",
+        "context": "the model's context",
+    }
+    if result.stop == "eos" and len(result.tokens) == 1:
+        err.print("note: the model ended the text at once: its first token was its end-of-text token")
+    err.print(f"Prompt: {result.prompt_tokens} tokens, {result.prompt_tps:.1f} tokens-per-sec")
+    err.print(
+        f"Generation: {len(result.tokens)} tokens, {result.generation_tps:.1f} tokens-per-sec "
+        f"(ended by {ended[result.stop]})"
+    )
+    err.print(f"Peak memory: {result.peak_memory_gb:.3f} GB")
+
+
+def token_pieces(tokenizer: Any, tokens: list[int], text: str) -> list[str]:
+    """The text each emitted token adds (decoding token by token would split multi-byte characters)."""
+    pieces, shown = [], ""
+    for i in range(len(tokens)):
+        now = tokenizer.decode(tokens[: i + 1], skip_special_tokens=True)[: len(text)]
+        pieces.append(now[len(shown) :])
+        shown = now
+    return pieces

@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import typer
 from rich.console import Console
 
 from qstar.cli.errors import user_errors
+from qstar.cli.options import recipe_options
 
 
 @user_errors
+@recipe_options
 def inspect_text(
     model: Annotated[str, typer.Option(help="qstar checkpoint (or any checkpoint qstar.load takes)")],
     text: Annotated[Path, typer.Option(help="Text file to read")],
     out: Annotated[Path, typer.Option(help="HTML report to write")] = Path("report.html"),
     seed: Annotated[int, typer.Option(help="Seed of the thoughts")] = 0,
     backend: Annotated[str, typer.Option(help="auto, torch or mlx")] = "auto",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or float64")] = "float32",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or float64 (or fp32, bf16, fp16)")] = "float32",
+    recipe_overrides: dict[str, Any] | None = None,
 ) -> None:
     """For every token: log-prob without thought vs after the thought sampled before it, the thought on hover."""
     import qstar
@@ -31,7 +34,7 @@ def inspect_text(
     content = text.read_text()
     if not content.strip():
         raise ValueError(f"{text} is empty: give it some text to inspect")
-    m = qstar.load(model, backend=backend, dtype=dtype)
+    m = qstar.load(model, backend=backend, dtype=dtype, **(recipe_overrides or {}))
     if m.tokenizer is None:
         raise ValueError(f"{model} has no tokenizer files: inspect needs text in and out")
     ids = m.tokenizer(content)["input_ids"]

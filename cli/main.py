@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from qstar.cli import bench, convert, evaluate, generate, inspect_text, train
@@ -12,6 +14,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command("convert")(convert.convert)
 app.command("train")(train.train)
@@ -21,8 +24,20 @@ app.command("inspect")(inspect_text.inspect_text)
 app.command("bench")(bench.bench)
 
 
+def show_version(value: bool) -> None:
+    if value:
+        from qstar import __version__
+
+        typer.echo(f"qstar {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=show_version, is_eager=True, help="Print the version and exit")
+    ] = False,
+) -> None:
     """Quiet-STaR: train language models to think before each token (PyTorch or MLX)."""
 
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
 from qstar.cli.errors import user_errors
-from qstar.core.fields import field_docs
+from qstar.cli.options import field_flags
 from qstar.core.recipe import Recipe
 from qstar.core.train_config import (
     RESUMABLE,
@@ -20,29 +20,6 @@ from qstar.core.train_config import (
     resolve_config,
     resume_config,
 )
-
-OPTIONAL = {"int": Optional[int], "float": Optional[float], "bool": Optional[bool], "str": Optional[str]}  # noqa: UP045
-"""Flag annotation per field type: typer reads typing.Optional from a built signature; None means "not given"."""
-SKIP = {"recipe_overrides"}
-
-
-def setting_parameters() -> list[inspect.Parameter]:
-    """One optional flag per TrainConfig and Recipe field, named like mlx-lm's (`--batch-size`), help from the
-    field docstrings; None means "not given", so a config file value stays."""
-    docs = {**field_docs(TrainConfig), **field_docs(Recipe)}
-    params = []
-    for cls, panel in ((TrainConfig, "Training"), (Recipe, "Recipe")):
-        for f in fields(cls):
-            if f.name in SKIP:
-                continue
-            kind = str(f.type).removesuffix(" | None")
-            flag = "--" + f.name.replace("_", "-")
-            decls = [f"{flag}/--no-{flag[2:]}"] if kind == "bool" else [flag]
-            option = typer.Option(None, *decls, help=docs.get(f.name, ""), rich_help_panel=panel, show_default=False)
-            params.append(
-                inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=OPTIONAL[kind])
-            )
-    return params
 
 
 @user_errors
@@ -91,6 +68,7 @@ train.__signature__ = inspect.Signature(
             annotation=bool,
             default=typer.Option(False, "--overwrite", help="Remove an earlier run's files from --out first"),
         ),
-        *setting_parameters(),
+        *field_flags(TrainConfig, "Training", skip=("recipe_overrides",)),
+        *field_flags(Recipe, "Recipe", default_note=" in the default preset"),
     ]
 )

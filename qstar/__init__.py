@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,26 +35,40 @@ def load(
 
 
 def convert(
-    src: str,
-    dst: str,
+    src: str | Path,
+    dst: str | Path,
     dtype: str | None = None,
     recipe: str | None = None,
     backend: str = "auto",
+    gguf_file: str | None = None,
     **recipe_overrides: Any,
 ) -> QStarModel:
-    """Write a qstar checkpoint at `dst` from an HF or authors' checkpoint (local or hub id) or a qstar one.
+    """Write a qstar checkpoint at `dst` from an HF or authors' checkpoint (local or hub id), a GGUF file (or a
+    directory and `gguf_file`), or a qstar one.
 
-    `dtype` None keeps the checkpoint's own dtype where it has one (else float32). Nothing is left at
-    `dst` if anything fails.
+    `dtype` None keeps the checkpoint's own dtype where it has one (else float32). `recipe` None keeps the
+    checkpoint's own recipe (a qstar or authors' one), else "default"; `recipe_overrides` change single fields.
+    Nothing is left at `dst` if anything fails.
     """
+    import tempfile
+    from contextlib import nullcontext
+
     from qstar.core.checkpoint import source_dtype
     from qstar.core.files import remove_orphans
     from qstar.core.hub import resolve
+    from qstar.gguf import gguf_source, gguf_to_hf
 
     if Path(dst).exists():
         raise FileExistsError(f"{dst} already exists: choose a new output directory or remove it first")
     remove_orphans(Path(dst).parent, lambda message: print(message, file=sys.stderr))  # what killed converts left
-    local = resolve(src)
-    model = load(local, backend=backend, dtype=dtype or source_dtype(local), recipe=recipe, **recipe_overrides)
-    model.save(dst)
+    gguf = gguf_source(src, gguf_file)
+    with tempfile.TemporaryDirectory(prefix="qstar-gguf-") if gguf else nullcontext("") as scratch:
+        local = gguf_to_hf(*gguf, Path(scratch)) if gguf else resolve(src)
+        model = load(local, backend=backend, dtype=dtype or source_dtype(local), recipe=recipe, **recipe_overrides)
+
+        def generation_config(tmp: Path) -> None:  # eos ids and sampling defaults travel with the checkpoint
+            if (local / "generation_config.json").is_file():
+                shutil.copyfile(local / "generation_config.json", tmp / "generation_config.json")
+
+        model.save(dst, extra=generation_config)
     return model

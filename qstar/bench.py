@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from qstar.core.hf_config import ModelConfig, read_config
+from qstar.core.ops import peak_rss_gb
 
 
 @dataclass
@@ -78,6 +79,13 @@ PEAK_TFLOPS_16BIT = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 """Dense bf16/fp16 tensor-core peaks (SXM parts)."""
 
 
+def quiet_transformers() -> None:
+    """No "Writing model shards" / "Loading weights" bars between the benchmark's own lines."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def random_checkpoint(cfg: BenchConfig, directory: Path) -> Path:
     """A random model of the benchmark shape written by transformers (no tokenizer: ids after the vocabulary)."""
     import torch
@@ -96,18 +104,12 @@ def random_checkpoint(cfg: BenchConfig, directory: Path) -> Path:
         rope_theta=10000.0,
     )
     torch.manual_seed(0)
+    quiet_transformers()
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     raw = json.loads((directory / "config.json").read_text())
     raw["rope_theta"] = 10000.0  # mlx-lm reads only the top-level key
     (directory / "config.json").write_text(json.dumps(raw))
     return directory
-
-
-def peak_rss_gb() -> float:
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1e9 if sys.platform == "darwin" else 1e6)
 
 
 def current_rss_gb() -> float:
@@ -242,6 +244,7 @@ def torch_lm_step(cfg: BenchConfig, path: Path, ids: np.ndarray) -> Callable[[],
     from qstar.torch_backend.train import FUSED_ADAMW_DEVICES
 
     device = cfg.device or "cpu"
+    quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype), attn_implementation="sdpa")
     model.to(device)  # type: ignore[arg-type]
     # The same AdamW as the qstar session's, so that the ratio compares the steps, not the optimizers.

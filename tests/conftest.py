@@ -30,3 +30,9 @@ def mixing_checkpoint(llama_checkpoint: Path, tmp_path_factory: pytest.TempPathF
         head = m.parameters()["mixing_head.4.weight"]
         head.copy_(torch.from_numpy(np.random.default_rng(5).normal(0, 0.3, tuple(head.shape))))
     return m.save(tmp_path_factory.mktemp("mixing") / "ckpt")
+
+
+@pytest.fixture
+def online(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Hub probe reports it reachable: for the tests that fake a hub client (this machine has no network)."""
+    monkeypatch.setattr("qstar.core.hub.hub_unreachable", lambda: None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,10 +19,11 @@ from qstar.core.hf_config import ModelConfig
 from qstar.core.layout import ThoughtLayout
 from qstar.core.llama import Model
 from qstar.core.recipe import Recipe
-from qstar.core.sampling import NoiseFn, banned_mask, numpy_gumbel
+from qstar.core.sampling import NoiseFn, banned_mask, numpy_gumbel, row_gumbel
 from qstar.core.thinker import LossTerms, quietstar_loss, sample_thoughts, thoughtful_logits
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 
 
 @dataclass
@@ -46,11 +47,24 @@ class Completion:
     tokens: list[int]
     thoughts: list[str]
     """Per emitted token, the decoded thought that preceded it (empty strings without thoughts)."""
+    stop: str
+    """Why it ended: "eos", "stop" (a stop string), "max_tokens" or "context" (the model's context is full)."""
+    prompt_tokens: int
+    """Tokens of the prompt the model saw."""
+    truncated: int = 0
+    """Tokens cut from the start of a prompt longer than the context (generate(..., truncate=True))."""
+    prompt_tps: float = 0.0
+    """Prompt tokens per second of the batch it was generated in."""
+    generation_tps: float = 0.0
+    """Emitted tokens per second of that batch (thoughts are extra work, not extra tokens)."""
+    peak_memory_gb: float = 0.0
 
 
 def check_dtype(dtype: str) -> str:
+    """The dtype's canonical name ("bf16" -> "bfloat16"); one clear error for anything else."""
+    dtype = DTYPE_ALIASES.get(dtype, dtype)
     if dtype not in DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        raise ValueError(f"unsupported dtype {dtype!r}: choose one of {', '.join(DTYPES)} (or fp32, bf16, fp16, fp64)")
     return dtype
 
 
@@ -147,10 +161,13 @@ class QStarModel(ABC):
             self.noise(seed),
         )
 
-    def noise(self, seed: int | None) -> NoiseFn:
-        """Gumbel noise for thought sampling: with a seed from numpy (every backend draws the same), else the
+    def noise(self, seed: int | Sequence[int] | None) -> NoiseFn:
+        """Gumbel noise for sampling: with a seed from numpy (every backend draws the same); with one seed per row,
+        each row from its own numpy generator (its draws do not depend on the rest of the batch); else from the
         backend's generator."""
-        return numpy_gumbel(seed) if seed is not None else self.ops.gumbel
+        if seed is None:
+            return self.ops.gumbel
+        return numpy_gumbel(seed) if isinstance(seed, int) else row_gumbel(list(seed))
 
     def loss(
         self, input_ids: Any, attention_mask: Any = None, thoughts: Any = None, seed: int | None = None
@@ -180,38 +197,63 @@ class QStarModel(ABC):
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         stop: list[str] | tuple[str, ...] = (),
+        truncate: bool = False,
     ) -> list[Completion]:
-        """Continue each prompt (text, or token ids), thinking before every token unless thoughts=False.
-        A batch is left-padded; generation of a row ends at EOS, a stop string or max_tokens."""
+        """Continue each prompt (text, or token ids), thinking before every token unless thoughts=False. A batch is
+        left-padded; a row ends at EOS, a stop string, max_tokens or the model's context. `seed`: one for the batch,
+        or one per prompt. A prompt longer than the context is an error, or with `truncate` loses its first tokens
+        (as lm-evaluation-harness does)."""
         sampling = Sampling(max_tokens, temperature, top_k, top_p, thoughts)
         texts: list[str | list[int]] = [prompts] if isinstance(prompts, str) else list(prompts)
         if not texts:
             raise ValueError("no prompt given")
-        if all(isinstance(p, str) for p in texts) and self.tokenizer is None:
-            raise ValueError(f"{self.info.path} has no tokenizer files: pass token ids instead of text")
+        if any(isinstance(p, str) for p in texts) and self.tokenizer is None:
+            raise ValueError(
+                f"{self.info.path} has no tokenizer files, so it cannot read text: convert a checkpoint "
+                "that has them (tokenizer.json, ...), or pass token ids through the Python API"
+            )
         ids: list[list[int]] = [self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in texts]
         if any(not p or (isinstance(t, str) and not t.strip()) for p, t in zip(ids, texts, strict=True)):
             raise ValueError("empty prompt: give some text to continue")
-        self.config.check_length(max(len(p) for p in ids) + max_tokens)
+        context, truncated = self.config.context, [0] * len(ids)
+        if context is not None:
+            for row, prompt in enumerate(ids):
+                if len(prompt) >= context:  # room for at least one new token
+                    if not truncate:
+                        raise ValueError(
+                            f"the prompt has {len(prompt)} tokens, more than the model's context of {context} leaves "
+                            "room for: shorten it"
+                        )
+                    truncated[row], ids[row] = len(prompt) - context + 1, prompt[len(prompt) - context + 1 :]
         eos = None if self.tokenizer is None else self.tokenizer.eos_token_id
 
         def decode(tokens: list[int]) -> str:
             return "" if self.tokenizer is None else self.tokenizer.decode(tokens, skip_special_tokens=True)
 
-        def finished(row: int, tokens: list[int]) -> bool:
-            return tokens[-1] == eos or any(s in decode(tokens) for s in stop)
+        def finished(row: int, tokens: list[int]) -> str | None:
+            if tokens[-1] == eos:
+                return "eos"
+            return "stop" if stop and any(s in decode(tokens) for s in stop) else None
 
         noise = self.noise(seed)
         pad = eos if eos is not None else self.config.fallback_pad_id
-        out = generate(self.backbone, self.recipe, ids, sampling, self.device_banned, pad, noise, finished)
+        out = generate(self.backbone, self.recipe, ids, sampling, self.device_banned, pad, noise, finished, context)
+        speed = (
+            sum(map(len, ids)) / max(out.prompt_seconds, 1e-9),
+            sum(map(len, out.tokens)) / max(out.generation_seconds, 1e-9),
+            self.ops.peak_memory_gb(),
+        )
         results = []
-        for tokens, thought_ids in zip(out.tokens, out.thoughts, strict=True):
+        for row, (tokens, thought_ids) in enumerate(zip(out.tokens, out.thoughts, strict=True)):
             text = decode(tokens)
             for s in stop:
                 text = text.split(s)[0] if s in text else text
-            results.append(Completion(text, tokens, [decode(t) for t in thought_ids]))
+            thought_texts = [decode(t) for t in thought_ids]
+            results.append(
+                Completion(text, tokens, thought_texts, out.stops[row], len(ids[row]), truncated[row], *speed)
+            )
         return results
 
     def to_output(self, terms: LossTerms) -> LossOutput:

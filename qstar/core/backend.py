@@ -36,7 +36,7 @@ def load(
 
     `recipe`: a preset name or Recipe; None uses the recipe saved in a qstar checkpoint, else "default".
     `recipe_overrides`: recipe field values, e.g. thought_tokens=3."""
-    check_dtype(dtype)
+    dtype = check_dtype(dtype)
     info = checkpoint.inspect(resolve(path))
     chosen = make_recipe(recipe if recipe is not None else (info.saved_recipe or "default"), **recipe_overrides)
     return backend.load(info, chosen, dtype, device)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from qstar.core.hf_config import ModelConfig, read_config
-from qstar.core.recipe import Recipe
+from qstar.core.recipe import PRESETS, Recipe, make_recipe
 
 START_TOKEN = "<|startthought|>"
 END_TOKEN = "<|endthought|>"
@@ -172,7 +172,7 @@ def inspect(path: str | Path) -> CheckpointInfo:
             files,
             settings.get("start_token_id", default_start),
             settings.get("end_token_id", default_end),
-            None,
+            authors_recipe({**raw, **settings}),
             tokenizer,
         )
     if tokenizer is not None:
@@ -180,6 +180,35 @@ def inspect(path: str | Path) -> CheckpointInfo:
     else:
         start_id, end_id = config.vocab_size, config.vocab_size + 1
     return CheckpointInfo(path, "hf", config, raw, files, start_id, end_id, None, tokenizer)
+
+
+AUTHORS_SETTINGS = {
+    "n_ahead_talk": "lookahead",
+    "n_passes": "thoughts_per_position",
+    "reinforce_temperature": "policy_temperature",
+    "policy_loss_beta": "policy_weight",
+    "original_loss_weight": "base_loss_weight",
+    "remove_negative_rewards": "clamp_negative_advantage",
+    "embedding_scale": "embedding_scale",
+}
+"""The authors' names of the recipe fields they record directly."""
+
+
+def authors_recipe(settings: dict[str, Any]) -> dict[str, Any]:
+    """The recipe of an authors' checkpoint: the `paper` preset with what its config.json (or quietstar_reference.json)
+    records. Their n_ahead counts the base step, <start> and <end> besides the thought tokens (thought_tokens =
+    n_ahead - 3); a released config records only max_thoughts = n_ahead + n_ahead_talk + 1 (n_ahead_talk 4 in their
+    training script when it is not recorded). A setting of the wrong type is left to the preset."""
+    recipe = dict(PRESETS["paper"])
+    recipe.update({field: settings[name] for name, field in AUTHORS_SETTINGS.items() if name in settings})
+    if isinstance(settings.get("n_ahead"), int):
+        recipe["thought_tokens"] = settings["n_ahead"] - 3
+    elif isinstance(settings.get("max_thoughts"), int):
+        recipe["thought_tokens"] = settings["max_thoughts"] - recipe["lookahead"] - 1 - 3
+    try:
+        return make_recipe(recipe).to_dict()
+    except ValueError:
+        return dict(PRESETS["paper"])
 
 
 def check_weights(info: CheckpointInfo, expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]]) -> None:

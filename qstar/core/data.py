@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from qstar.core import synthetic
-from qstar.core.hub import looks_like_hub_id
+from qstar.core.hub import looks_like_hub_id, require_hub
 
 FILE_TYPES = (".txt", ".jsonl", ".parquet")
 DATA_SUFFIXES = (*FILE_TYPES, ".json", ".csv", ".tsv", ".arrow", ".gz", ".zst", ".bz2", ".xz")
@@ -179,7 +179,7 @@ def record_text(record: dict[str, Any], fields: list[str], where: str) -> str:
     if missing:
         raise ValueError(
             f"{where} has no field {', '.join(map(repr, missing))} (fields: {', '.join(map(str, record))}): "
-            "pass text_field naming one of them, or several joined by commas"
+            "pass --text-field (text_field in Python) naming one of them, or several joined by commas"
         )
     return "\n".join(str(record[f]) for f in fields if record[f] is not None)
 
@@ -195,7 +195,7 @@ def parquet_texts(path: Path, fields: list[str]) -> Iterator[str]:
     if missing:
         raise ValueError(
             f"{path} has no column {', '.join(map(repr, missing))} (columns: {', '.join(names)}): "
-            "pass text_field naming one of them, or several joined by commas"
+            "pass --text-field (text_field in Python) naming one of them, or several joined by commas"
         )
 
     def texts() -> Iterator[str]:
@@ -216,6 +216,7 @@ def hub_texts(spec: str, fields: list[str]) -> Iterator[str]:
             "(or pass a local .txt, .jsonl or .parquet file, or 'synthetic')"
         ) from None
     name, _, config = spec.partition(":")
+    require_hub(f"stream the dataset {spec}", "pass a local .txt, .jsonl or .parquet file, or 'synthetic', instead")
     try:
         records = iter(datasets.load_dataset(name, config or None, split="train", streaming=True))
         first = next(records, None)

@@ -7,6 +7,7 @@ prediction after <end> with the plain one. <start>/<end> are never emitted, and 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -43,12 +44,22 @@ class Sampling:
             raise ValueError("top_p must lie in (0, 1]")
 
 
+STOP_REASONS = ("eos", "stop", "max_tokens", "context")
+"""Why a row's generation ended: its EOS token, a stop string, max_tokens, or the model's context."""
+
+
 @dataclass
 class Generation:
     tokens: list[list[int]] = field(default_factory=list)
     """Per prompt, the emitted ids."""
     thoughts: list[list[list[int]]] = field(default_factory=list)
     """Per prompt and emitted token, the thought that preceded it (empty lists without thoughts)."""
+    stops: list[str] = field(default_factory=list)
+    """Per prompt, one of STOP_REASONS."""
+    prompt_seconds: float = 0.0
+    """Time to process the prompts (one pass over them)."""
+    generation_seconds: float = 0.0
+    """Time of the token-by-token part, thoughts included."""
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
@@ -99,18 +110,24 @@ def generate(
     banned: Array | None,
     pad_id: int,
     noise: NoiseFn | None,
-    finished: Callable[[int, list[int]], bool],
+    finished: Callable[[int, list[int]], str | None],
+    context: int | None = None,
 ) -> Generation:
-    """Decode every prompt (a batch, left-padded) until `finished(row, tokens)` or max_tokens."""
+    """Decode every prompt (a batch, left-padded) until `finished(row, tokens)` gives a reason to stop ("eos",
+    "stop"), max_tokens, or the row's last position reaches `context` (prompts must leave room for one token)."""
     ops = model.ops
     ids, key_mask, positions = left_pad(prompts, pad_id)
+    budgets = [sampling.max_tokens if context is None else min(sampling.max_tokens, context - len(p)) for p in prompts]
     with ops.no_grad():
+        tic = time.perf_counter()
         h, cache = model.extend(ops.asarray(ids), positions, key_mask, None)
-        key_mask = np.ones(ids.shape, bool) if key_mask is None else key_mask
         hb, position = h[:, -1], positions[:, -1]
-        out = Generation([[] for _ in prompts], [[] for _ in prompts])
+        ops.to_numpy(hb[:1, :1])  # waits for the device, so that the two times split where they should
+        out = Generation([[] for _ in prompts], [[] for _ in prompts], [""] * len(prompts))
+        out.prompt_seconds, tic = time.perf_counter() - tic, time.perf_counter()
+        key_mask = np.ones(ids.shape, bool) if key_mask is None else key_mask
         done = [False] * len(prompts)
-        for _ in range(sampling.max_tokens):
+        for _ in range(max(budgets)):
             if sampling.thoughts:
                 ht, thought = think_here(model, recipe, cache, key_mask, position, banned, noise)
                 logits, thought_ids = model.logits(talk(model, recipe, hb, ht)[1]), ops.to_numpy(thought).tolist()
@@ -122,11 +139,15 @@ def generate(
                 if not done[row]:
                     out.tokens[row].append(int(value))
                     out.thoughts[row].append(thought_ids[row])
-                    done[row] = finished(row, out.tokens[row])
+                    reason = finished(row, out.tokens[row])
+                    if reason is None and len(out.tokens[row]) == budgets[row]:
+                        reason = "max_tokens" if budgets[row] == sampling.max_tokens else "context"
+                    done[row], out.stops[row] = reason is not None, reason or ""
             if all(done):
                 break
             key_mask = np.concatenate([key_mask, np.ones((len(prompts), 1), bool)], axis=1)
-            position = position + 1
+            position = position + ~np.array(done)  # a finished row (at the context, say) no longer moves on
             h, cache = model.extend(token[:, None], position[:, None], key_mask, cache)
             hb = h[:, 0]
+        out.generation_seconds = time.perf_counter() - tic
     return out

@@ -52,6 +52,12 @@ class ModelConfig:
             raise ValueError(f"sequence length {length} exceeds the model's context of {self.max_position_embeddings}")
 
     @property
+    def context(self) -> int | None:
+        """The most tokens a sequence may hold (None: no limit known)."""
+        limits = [n for n in (self.max_position_embeddings, self.sliding_window) if n is not None]
+        return min(limits) if limits else None
+
+    @property
     def fallback_pad_id(self) -> int:
         """Id fed as the teacher-forced token past the end of a sequence (pad, else EOS, else 0)."""
         for value in (self.pad_token_id, self.eos_token_id):

@@ -2,9 +2,37 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "merges.txt", "vocab.json"]
+
+
+HUB_HOST = ("huggingface.co", 443)
+PROBE_SECONDS = 3.0
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached now (HF_HUB_OFFLINE set, no route to it), or None: one quick probe
+    instead of the retries of the hub clients, which take half a minute to give up."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = os.environ.get("HF_ENDPOINT")
+    host = (urlparse(endpoint).hostname or HUB_HOST[0], urlparse(endpoint).port or 443) if endpoint else HUB_HOST
+    try:
+        socket.create_connection(host, timeout=PROBE_SECONDS).close()
+    except OSError as err:
+        return f"{host[0]} is unreachable: {err.strerror or type(err).__name__}"
+    return None
+
+
+def require_hub(what: str, instead: str) -> None:
+    """Fail at once, saying what to do, when the Hub cannot be reached for `what`."""
+    reason = hub_unreachable()
+    if reason is not None:
+        raise RuntimeError(f"cannot {what} from the Hugging Face Hub ({reason}): {instead}")
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -23,6 +51,7 @@ def resolve(name: str | Path) -> Path:
         )
     from huggingface_hub import snapshot_download
 
+    require_hub(f"download {name}", "pass a local checkpoint directory instead")
     try:
         return Path(snapshot_download(str(name), allow_patterns=HUB_PATTERNS))
     except Exception as err:  # network, auth, missing repo: one message that says what to do

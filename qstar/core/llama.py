@@ -158,7 +158,7 @@ class Model(ABC):
         past, n = (0 if cache is None else cache[0][0].shape[2]), ids.shape[1]
         if positions is None:
             positions = np.arange(past, past + n)[None]
-        self.cfg.check_length(past + n)
+        self.cfg.check_length(int(positions.max()) + 1)  # positions, not the cache: left padding lengthens that
         cos, sin = self.rope(positions)
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
         visible = extend_mask(past, n, key_mask)

@@ -15,6 +15,15 @@ import numpy as np
 Array = Any
 
 
+def peak_rss_gb() -> float:
+    """Peak resident set of this process in GB (ru_maxrss is in bytes on macOS, KiB on Linux)."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1e9 if sys.platform == "darwin" else 1e6)
+
+
 class Ops(Protocol):
     def asarray(self, x: np.ndarray, like: Array | None = None) -> Array:
         """A backend array on the model's device, with the dtype of `like` when given, else x's own."""
@@ -84,6 +93,12 @@ class Ops(Protocol):
 
     def all_finite(self, xs: Sequence[Array]) -> bool:
         """Whether every entry of every array is finite (one device-to-host read)."""
+
+    def device_name(self) -> str:
+        """Where the model computes, for people ("cuda:0 (NVIDIA H100)", "cpu")."""
+
+    def peak_memory_gb(self) -> float:
+        """Peak memory of this process in GB: the device's on an accelerator, else the resident set."""
 
     def gumbel(self, shape: Sequence[int], like: Array) -> Array:
         """Standard Gumbel noise in like's dtype, drawn with the backend's own random state."""

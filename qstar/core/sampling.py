@@ -18,6 +18,19 @@ def numpy_gumbel(seed: int) -> NoiseFn:
     return lambda shape, like: rng.gumbel(size=tuple(shape))
 
 
+def row_gumbel(seeds: Sequence[int | Sequence[int]]) -> NoiseFn:
+    """Noise drawn per row, row r from a generator of its own seeded by seeds[r]: a row's draws do not depend on which
+    other rows share its batch (every call's first axis is the batch row)."""
+    generators = [np.random.default_rng(seed) for seed in seeds]
+
+    def noise(shape: Sequence[int], like: Array) -> np.ndarray:
+        if shape[0] != len(generators):
+            raise ValueError(f"noise for {shape[0]} rows, but {len(generators)} row seeds")
+        return np.stack([g.gumbel(size=tuple(shape[1:])) for g in generators])
+
+    return noise
+
+
 def banned_mask(vocab_size: int, banned_ids: Sequence[int]) -> np.ndarray:
     """(V,) bool, True for ids that may never be sampled (the thought delimiters when they are in the vocab)."""
     mask = np.zeros(vocab_size, dtype=bool)

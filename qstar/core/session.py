@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import resource
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -44,9 +42,3 @@ class Session(Protocol):
 def mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
     """Per-key mean over micro-batches or report windows."""
     return {k: float(np.mean([r[k] for r in records])) for k in records[0]}
-
-
-def peak_rss_gb() -> float:
-    """Peak resident set of this process in GB (ru_maxrss is in bytes on macOS, KiB on Linux)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1e9 if sys.platform == "darwin" else 1e6)

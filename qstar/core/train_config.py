@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from qstar.core.api import check_dtype
 from qstar.core.fields import check_fields
 from qstar.core.recipe import Recipe, make_recipe
 from qstar.weights import DEFAULT_MODEL
@@ -74,6 +75,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        self.dtype = check_dtype(self.dtype)
         positive = [
             "iters",
             "batch_size",

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qstar.core.api import QStarModel
 from qstar.core.backend import Backend, load
 from qstar.core.data import BlockStream, TokenCache, is_hub_spec, open_documents
 from qstar.core.files import DiskFull, write_atomic
@@ -202,6 +203,7 @@ def run(
             raise ValueError(f"{cfg.model} has no tokenizer files: qstar train needs them to tokenize --data")
         train_stream, val_batches = make_streams(cfg, model.tokenizer, model.recipe.min_seq_len())
         session: Session = backend.Session(model, cfg)
+        say(run_header(cfg, model, latest))
         start, guard, window = 0, Guard(cfg.max_bad_steps), []
         if latest is not None:
             state = json.loads((latest / STATE_FILE).read_text())
@@ -213,6 +215,28 @@ def run(
         run_dir.started()
         train_loop(cfg, session, train_stream, val_batches, out, start, guard, window, say, show_progress)
     return out
+
+
+def run_header(cfg: TrainConfig, model: QStarModel, resumed: Path | None) -> str:
+    """What the run is, before it starts: model, where it computes, recipe, data, length, where it writes."""
+    r = model.recipe
+    return "\n".join(
+        [
+            f"qstar train: {cfg.model} ({model.config.model_type}) on {cfg.backend}, {model.ops.device_name()}, "
+            f"{cfg.dtype}",
+            f"  recipe {cfg.recipe}: {r.thought_tokens} thought tokens, lookahead {r.lookahead}, "
+            f"{r.thoughts_per_position} thoughts per position, policy weight {r.policy_weight:g}"
+            + (
+                f" (changed: {', '.join(f'{k}={v}' for k, v in cfg.recipe_overrides.items())})"
+                if cfg.recipe_overrides
+                else ""
+            ),
+            f"  data {cfg.data}: {cfg.iters} steps of {cfg.batch_size} x {cfg.max_seq_length} tokens"
+            + (f" x {cfg.grad_accumulation_steps} accumulated" if cfg.grad_accumulation_steps > 1 else "")
+            + f", learning rate {cfg.learning_rate:g}",
+            f"  writing to {cfg.out}" + (f" (resuming {resumed.name})" if resumed else ""),
+        ]
+    )
 
 
 def train_loop(

@@ -17,6 +17,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from qstar.core.ops import peak_rss_gb
+
 HALF = (mx.float16, mx.bfloat16)
 
 
@@ -149,6 +151,12 @@ class MLXOps:
 
     def all_finite(self, xs: Sequence[mx.array]) -> bool:
         return bool(mx.all(mx.stack([mx.all(mx.isfinite(x)) for x in xs])))
+
+    def device_name(self) -> str:
+        return str(mx.default_device())
+
+    def peak_memory_gb(self) -> float:
+        return mx.get_peak_memory() / 1e9 if mx.default_device().type == mx.gpu else peak_rss_gb()
 
     def gumbel(self, shape: Sequence[int], like: mx.array) -> mx.array:
         # mx.random draws no float64: draw in float32 (ample for sampling noise) and cast.

@@ -21,7 +21,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
-from qstar.core.session import Batch, mean_metrics, peak_rss_gb
+from qstar.core.session import Batch, mean_metrics
 from qstar.core.thinker import LossTerms, quietstar_loss
 from qstar.core.train_config import TrainConfig
 from qstar.mlx_backend.api import MLXQStar, read_safetensors
@@ -248,6 +248,4 @@ class Session:
         mx.eval(self.optimizer.state, self.master, self.model.backbone.state)
 
     def peak_memory(self) -> float:
-        if mx.default_device().type == mx.gpu:
-            return mx.get_peak_memory() / 1e9
-        return peak_rss_gb()
+        return self.model.ops.peak_memory_gb()

@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from qstar.core.ops import peak_rss_gb
+
 HALF = (torch.float16, torch.bfloat16)
 
 
@@ -105,6 +107,12 @@ class TorchOps:
 
     def all_finite(self, xs: Sequence[torch.Tensor]) -> bool:
         return bool(torch.stack([torch.isfinite(x).all() for x in xs]).all())
+
+    def device_name(self) -> str:
+        return f"{self.device} ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else "cpu"
+
+    def peak_memory_gb(self) -> float:
+        return torch.cuda.max_memory_allocated() / 1e9 if self.device.type == "cuda" else peak_rss_gb()
 
     def gumbel(self, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
         u = torch.rand(tuple(shape), device=self.device, dtype=like.dtype, generator=self.generator)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from qstar.core.session import Batch, mean_metrics, peak_rss_gb
+from qstar.core.session import Batch, mean_metrics
 from qstar.core.thinker import LossTerms
 from qstar.core.train_config import TrainConfig
 from qstar.torch_backend.api import TorchQStar
@@ -94,6 +94,4 @@ class Session:
         self.generator.set_state(state["generator"].cpu())
 
     def peak_memory(self) -> float:
-        if self.ops.device.type == "cuda":
-            return torch.cuda.max_memory_allocated() / 1e9
-        return peak_rss_gb()
+        return self.ops.peak_memory_gb()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import backend_params, shared_file
+from helpers import backend_params
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
@@ -35,41 +35,6 @@ def test_generate_shows_thoughts(llama_checkpoint, backend):
     )
     assert result.exit_code == 0, result.output
     assert result.output.startswith("abc")
-
-
-@pytest.mark.parametrize("backend", backend_params("torch", "mlx"))
-def test_eval_gsm8k_end_to_end_and_resume(llama_checkpoint, tmp_path, backend):
-    data = shared_file("data/gsm8k/test.jsonl")
-    args = [
-        "eval",
-        "gsm8k",
-        "--model",
-        str(llama_checkpoint),
-        "--data",
-        str(data),
-        "--limit",
-        "3",
-        "--max-tokens",
-        "6",
-        "--batch-size",
-        "2",
-        "--out",
-        str(tmp_path),
-        "--backend",
-        backend,
-        "--teacher-forced",
-    ]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["n"] == 3 and results["task"] == "gsm8k" and results["thoughts"] is True
-    assert 0 <= results["metrics"]["teacher_forced_answer_probability"] <= 1
-    lines = (tmp_path / "questions.jsonl").read_text().splitlines()
-    assert [json.loads(line)["gold"] for line in lines] == ["18", "3", "70000"]
-    again = runner.invoke(app, args)  # resumes: nothing left to do, same numbers
-    assert again.exit_code == 0
-    assert (tmp_path / "questions.jsonl").read_text().splitlines() == lines
-    assert json.loads((tmp_path / "results.json").read_text())["metrics"] == results["metrics"]
 
 
 def test_inspect_writes_one_span_per_token(llama_checkpoint, tmp_path):

@@ -85,7 +85,7 @@ def fake_datasets(monkeypatch, load_dataset) -> None:
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
 
 
-def test_hub_dataset_is_streamed(monkeypatch):
+def test_hub_dataset_is_streamed(monkeypatch, online):
     calls = []
 
     def load_dataset(name, config, split, streaming):
@@ -104,7 +104,7 @@ def test_hub_dataset_without_datasets_says_what_to_install(monkeypatch):
         open_documents("openai/gsm8k")
 
 
-def test_unreachable_hub_says_what_to_pass_instead(monkeypatch):
+def test_a_failing_hub_client_says_what_to_pass_instead(monkeypatch, online):
     def load_dataset(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (LocalEntryNotFoundError)")
 
@@ -121,8 +121,26 @@ def test_offline_with_the_real_datasets_package(monkeypatch):
         monkeypatch.setenv(name, "1")
         monkeypatch.setattr(datasets.config, name, True, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(RuntimeError, match="if you are offline, pass a local"):
+    with pytest.raises(RuntimeError, match=r"\(HF_HUB_OFFLINE is set\): pass a local \.txt"):
         open_documents("qstar-tests/no-such-dataset")
+
+
+def test_an_unreachable_hub_fails_at_once(monkeypatch):
+    """One probe of the Hub's host, instead of the clients' half-minute of retries (simulated: no network here)."""
+    import time
+
+    import qstar.core.hub
+
+    def unreachable(address, timeout):
+        assert timeout <= 3
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(qstar.core.hub.socket, "create_connection", unreachable)
+    tic = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"huggingface\.co is unreachable: Network is unreachable\): pass a local"):
+        open_documents("someone/corpus")
+    assert time.perf_counter() - tic < 1
 
 
 def test_bad_specs_say_what_to_pass(tmp_path):

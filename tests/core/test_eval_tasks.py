@@ -21,7 +21,6 @@ from qstar.core.eval.tasks import (
     load_examples,
     teacher_forced_logprobs,
     teacher_forced_score,
-    truncate_reasoning,
 )
 
 CSQA_NESTED = {
@@ -61,11 +60,11 @@ def test_gsm8k_prompts():
     task = get_task("gsm8k")
     example = Example(0, "How many?", "18", "9 * 2 = 18\n#### 18")
     assert task.prompt(example) == "Q: How many?\nA: Let's think step by step."
-    reasoning = " 9 * 2 = 18 eggs.  \n\nQ: An invented next question?\nA: 3"
-    assert truncate_reasoning(reasoning) == " 9 * 2 = 18 eggs."
+    reasoning = " 9 * 2 = 18 eggs.  \n\n"
     assert task.answer_prompt(example, reasoning) == (
         "Q: How many?\nA: Let's think step by step. 9 * 2 = 18 eggs. Therefore, the answer (arabic numerals) is"
     )
+    assert task.answer_prompt(example, reasoning, "\n").endswith("eggs.\nTherefore, the answer (arabic numerals) is")
     assert task.extract(" $18.") == "18"
     assert task.teacher_forced_prompt(example) == ("Q: How many?\nA:", " 18\n")
 
@@ -117,7 +116,7 @@ def test_missing_file_directory_and_bad_arguments(tmp_path):
         get_task("math")
 
 
-def test_hub_ids_go_through_datasets(monkeypatch):
+def test_hub_ids_go_through_datasets(monkeypatch, online):
     calls = []
 
     def load_dataset(name, config, split):
@@ -135,7 +134,7 @@ def test_hub_ids_go_through_datasets(monkeypatch):
     ]
 
 
-def test_hub_errors_point_to_local_files(monkeypatch):
+def test_hub_errors_point_to_local_files(monkeypatch, online):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(DataError, match=r"needs the `datasets` package.*pass a local JSONL file with --data"):
         load_examples("csqa")
@@ -176,6 +175,23 @@ SENTENCEPIECE = [
 ]
 
 
+class SentencePieceLike:
+    """Encodes "\nA: B" as SentencePiece does: the space joins the letter ("▁B"), a newline is <0x0A>."""
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        ids, pending_space = [], False
+        for char in text:
+            if char == " ":
+                pending_space = True
+            elif char == "\n":
+                ids.append(SENTENCEPIECE.index("<0x0A>"))
+            else:
+                piece = ("\u2581" if pending_space else "") + char
+                ids.append(SENTENCEPIECE.index(piece) if piece in SENTENCEPIECE else 0)
+                pending_space = False
+        return {"input_ids": ids}
+
+
 class FakeTokenizer:
     def __len__(self) -> int:
         return len(SENTENCEPIECE)
@@ -187,7 +203,8 @@ class FakeTokenizer:
 def test_answer_tokens():
     assert digit_token_ids(SENTENCEPIECE) == [5, 6, 12, 13]
     assert answer_token_ids("gsm8k", FakeTokenizer()) == [5, 6, 12, 13, 3]
-    assert answer_token_ids("csqa", SENTENCEPIECE) == [8, 9, 10, 15, 16, 17, 3]
+    # CSQA: the letters as the tokenizer writes them after "A: " and the newline after them (the authors' set)
+    assert answer_token_ids("csqa", SentencePieceLike()) == [8, 9, 15, 16, 17, 3]
     assert digit_token_ids(["\u0120", "\u0120123", "12a", "\u0120\u0120"]) == [1]
     assert answer_token_ids("gsm8k", ["\u010a", "\n", "7"]) == [2, 0, 1]
 

@@ -58,10 +58,32 @@ def test_generate_bad_input(llama_checkpoint):
     m = qstar.load(str(llama_checkpoint), backend="torch")
     with pytest.raises(ValueError, match="empty prompt"):
         m.generate("   ")
-    with pytest.raises(ValueError, match="exceeds the model's context"):
+    with pytest.raises(ValueError, match="the prompt has 1030 tokens, more than the model's context of 1024"):
         m.generate("x" * 1030, max_tokens=4)
     with pytest.raises(ValueError, match="top_p must lie in"):
         m.generate("abc", top_p=0)
+
+
+def test_prompts_longer_than_the_context_and_generations_that_reach_it(llama_checkpoint):
+    """A long prompt loses its first tokens only when asked (as lm-evaluation-harness does); a generation stops at the
+    context, and says so. Context 1024; the character tokenizer gives one token a character."""
+    m = qstar.load(str(llama_checkpoint), backend="torch", thought_tokens=2)
+    long, short = "ab" * 520, "ab" * 508  # 1040 and 1016 characters
+    cut, near = m.generate([long, short], max_tokens=20, truncate=True, thoughts=False, temperature=1.0, seed=[1, 2])
+    assert (cut.truncated, cut.prompt_tokens, len(cut.tokens), cut.stop) == (17, 1023, 1, "context")
+    assert (near.truncated, near.prompt_tokens, len(near.tokens), near.stop) == (0, 1016, 8, "context")
+    alone = m.generate([long[-1023:]], max_tokens=20, thoughts=False, temperature=1.0, seed=[1])[0]
+    assert alone.tokens == cut.tokens  # the kept tokens are the prompt's last ones, as if it had been that short
+
+
+def test_row_seeds_make_each_row_independent_of_its_batch(llama_checkpoint):
+    m = qstar.load(str(llama_checkpoint), backend="torch", thought_tokens=2)
+    prompts = ["abcabc", "xyz", "hello there"]
+    together = m.generate(prompts, max_tokens=6, temperature=1.0, seed=[7, 8, 9])
+    for prompt, row_seed, expected in zip(prompts, [7, 8, 9], together, strict=True):
+        alone = m.generate([prompt], max_tokens=6, temperature=1.0, seed=[row_seed])[0]
+        assert (alone.tokens, alone.thoughts) == (expected.tokens, expected.thoughts)
+    assert together[0].stop in ("eos", "max_tokens")
 
 
 def test_sampling_filters_keep_only_the_nucleus(llama_checkpoint):

@@ -22,7 +22,7 @@ def test_killed_run_resumes_exactly(llama_checkpoint, tmp_path):
     assert all(bool((wa[k] == wb[k]).all()) for k in wa)
 
 
-def test_streamed_hub_data_is_tokenized_once(llama_checkpoint, tmp_path, monkeypatch):
+def test_streamed_hub_data_is_tokenized_once(llama_checkpoint, tmp_path, monkeypatch, online):
     """A hub dataset (faked: no network here) goes through OUT/token-cache; a resumed run reads it from there."""
     import sys
     import types

@@ -1,5 +1,7 @@
-"""Model-free evaluation: tasks and prompts (tasks), answer extraction and scoring (answers), records (results).
+"""Model-free evaluation: tasks and prompts (tasks), protocols (protocols), answer extraction and scoring (answers),
+records (results), and the loop over them (run).
 
-`qstar eval` is a loop over these: load_examples -> Task.prompt -> generate -> Task.answer_prompt -> generate ->
-Task.extract per sample -> QuestionRecord.scored -> RecordWriter; summarize + write_results at the end.
+`qstar eval` under a protocol: load_examples -> select (the protocol's shuffle and limit) -> Task.prompt -> generate
+-> Task.answer_prompt -> generate -> the protocol's extractions per sample -> QuestionRecord -> RecordWriter;
+summarize + write_results at the end.
 """

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -80,19 +80,24 @@ def answers_match(predicted: str | None, gold: str) -> bool:
     return predicted.strip().upper() == gold.strip().upper()
 
 
-def majority_vote(answers: Sequence[str | None]) -> str | None:
-    """The most frequent answer, None votes ignored; a tie goes to the answer seen first. None if all are None."""
-    counts = Counter(a for a in answers if a is not None)
+def majority_vote(answers: Sequence[str | None], count_none: bool = False) -> str | None:
+    """The most frequent answer, None votes ignored unless `count_none` (the authors' Counter counts them, so "no
+    answer" can win); a tie goes to the answer seen first. None if all are None."""
+    counts = Counter(a for a in answers if a is not None or count_none)
     if not counts:
         return None
     top = max(counts.values())
-    return next(a for a in answers if a is not None and counts[a] == top)
+    return next(a for a in answers if (a is not None or count_none) and counts[a] == top)
 
 
 @dataclass(frozen=True)
 class VoteScore:
     """What K samples of one question scored."""
 
+    answers: list[str | None]
+    """Per sample, the extracted answer (None: it gave none)."""
+    gold: str
+    """The gold answer they were compared with."""
     votes: dict[str, int]
     """Answer -> number of samples that gave it (None votes left out), most frequent first."""
     prediction: str | None
@@ -103,15 +108,20 @@ class VoteScore:
     """Share of the samples that are correct: this question's pass@1."""
 
 
-def score_votes(answers: Sequence[str | None], gold: str) -> VoteScore:
+def score_votes(
+    answers: Sequence[str | None],
+    gold: str,
+    match: Callable[[str | None, str], bool] = answers_match,
+    count_none: bool = False,
+) -> VoteScore:
     """Score the extracted answers of one question's K samples against its gold answer."""
     if not answers:
         raise ValueError("no answers to score: each question needs at least one sample")
-    prediction = majority_vote(answers)
+    prediction = majority_vote(answers, count_none)
     counts = Counter(a for a in answers if a is not None)
     votes = {a: counts[a] for a in sorted(counts, key=lambda a: (-counts[a], answers.index(a)))}
-    pass1 = sum(answers_match(a, gold) for a in answers) / len(answers)
-    return VoteScore(votes, prediction, answers_match(prediction, gold), pass1)
+    pass1 = sum(match(a, gold) for a in answers) / len(answers)
+    return VoteScore(list(answers), gold, votes, prediction, match(prediction, gold), pass1)
 
 
 def _first_number(text: str) -> re.Match[str] | None:

@@ -7,14 +7,31 @@ The records file is appended one flushed line per question; a kill can leave at 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from qstar.core.eval.answers import score_votes
+from qstar.core.eval.answers import VoteScore
 from qstar.core.files import write_atomic
+
+HEADER = "evaluation"
+"""The key of the first line of a records file: the task, protocol, settings, model and data it was made with."""
+
+
+@dataclass(frozen=True)
+class SampleInfo:
+    """How one sample went: why its reasoning ended and how many tokens each part had."""
+
+    stop: str
+    """Why the reasoning ended: "eos", "stop" (the protocol's end marker), "max_tokens" or "context"."""
+    prompt_tokens: int
+    reasoning_tokens: int
+    answer_tokens: int
+    truncated: int = 0
+    """Prompt tokens cut from the start of a prompt longer than the model's context (reasoning and answer steps)."""
 
 
 @dataclass(frozen=True)
@@ -24,36 +41,18 @@ class QuestionRecord:
     prompt: str
     generations: list[str]
     """Per sample, everything the model wrote after the prompt (reasoning, answer trigger, continuation)."""
-    answers: list[str | None]
-    """Per sample, the extracted answer (None: it gave none)."""
-    gold: str
-    votes: dict[str, int]
-    prediction: str | None
-    """The majority answer."""
-    correct: bool
-    """The majority answer is correct (cot-maj@K; with one sample, plain accuracy)."""
-    pass1: float
-    """Share of the samples that are correct."""
+    samples: list[SampleInfo]
+    scores: dict[str, VoteScore]
+    """Per way of reading the answers (the protocol's extractions), the headline first."""
 
-    @classmethod
-    def scored(
-        cls, index: int, prompt: str, generations: Sequence[str], answers: Sequence[str | None], gold: str
-    ) -> QuestionRecord:
-        """The record of one question, its votes and scores computed from the extracted answers."""
-        if len(generations) != len(answers):
-            raise ValueError(f"{len(generations)} generations but {len(answers)} answers: one answer per sample")
-        score = score_votes(answers, gold)
-        return cls(
-            index,
-            prompt,
-            list(generations),
-            list(answers),
-            gold,
-            score.votes,
-            score.prediction,
-            score.correct,
-            score.pass1,
-        )
+    @property
+    def headline(self) -> VoteScore:
+        return next(iter(self.scores.values()))
+
+    @property
+    def correct(self) -> bool:
+        """The headline majority answer is correct (cot-maj@K; with one sample, plain accuracy)."""
+        return self.headline.correct
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,17 +62,24 @@ class QuestionRecord:
         names = {f.name for f in fields(cls)}
         if set(data) != names:
             raise ValueError(f"a record needs exactly the fields {sorted(names)}; got {sorted(data)}")
-        return cls(**data)
+        samples = [SampleInfo(**s) for s in data["samples"]]
+        scores = {name: VoteScore(**score) for name, score in data["scores"].items()}
+        return cls(data["index"], data["prompt"], data["generations"], samples, scores)
 
 
 class RecordWriter:
-    """Appends QuestionRecords to a JSONL file, each line flushed as soon as it is written."""
+    """Appends QuestionRecords to a JSONL file, each line flushed as soon as it is written; a new file starts with the
+    `header` line that says which evaluation the records belong to."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, header: dict[str, Any]) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _drop_partial_line(self.path)
+        fresh = not self.path.exists() or self.path.stat().st_size == 0
         self._handle = open(self.path, "a", encoding="utf-8")
+        if fresh:
+            self._handle.write(json.dumps({HEADER: header}, ensure_ascii=False) + "\n")
+            self._handle.flush()
 
     def write(self, record: QuestionRecord) -> None:
         self._handle.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
@@ -91,11 +97,13 @@ class RecordWriter:
         self.close()
 
 
-def read_records(path: str | Path) -> dict[int, QuestionRecord]:
-    """The questions already done, by index; {} when there is no file yet. A partial last line is ignored."""
+def read_records(path: str | Path) -> tuple[dict[str, Any] | None, dict[int, QuestionRecord]]:
+    """The header and the questions already done, by index; (None, {}) when there is no file yet. A partial last line
+    is ignored."""
     path = Path(path)
     if not path.exists():
-        return {}
+        return None, {}
+    header: dict[str, Any] | None = None
     records: dict[int, QuestionRecord] = {}
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
@@ -104,12 +112,16 @@ def read_records(path: str | Path) -> dict[int, QuestionRecord]:
             if not line.strip():
                 continue
             try:
-                record = QuestionRecord.from_dict(json.loads(line))
-            except (ValueError, TypeError) as error:
+                data = json.loads(line)
+                if number == 1 and isinstance(data, dict) and set(data) == {HEADER}:
+                    header = data[HEADER]
+                    continue
+                record = QuestionRecord.from_dict(data)
+            except (ValueError, TypeError, KeyError) as error:
                 message = f"{path}:{number}: not a question record ({error}); remove the file to start over"
                 raise ValueError(message) from error
             records[record.index] = record
-    return records
+    return header, records
 
 
 @dataclass(frozen=True)
@@ -124,9 +136,12 @@ class EvalResult:
     thoughts: bool
     """Whether the model thought (Quiet-STaR thoughts on) while generating."""
     settings: dict[str, Any]
-    """Everything else that decides the number (votes, data, limit, sampling settings...)."""
+    """Everything else that decides the number (protocol, votes, data, limit, sampling settings...)."""
     metrics: dict[str, float]
-    """Every metric computed: pass@1, and cot-maj@K when K > 1."""
+    """Every metric computed: pass@1, and cot-maj@K when K > 1, per way of reading the answers (named in brackets
+    when the protocol has more than one)."""
+    counts: dict[str, Any]
+    """How the samples went: their stop reasons, and how many prompts lost tokens to the context."""
 
 
 def summarize(
@@ -136,15 +151,23 @@ def summarize(
     done = list(records)
     if not done:
         raise ValueError("no question records to summarize")
-    samples = {len(r.answers) for r in done}
+    samples = {len(r.samples) for r in done}
     if len(samples) != 1:
         raise ValueError(f"records with different numbers of samples {sorted(samples)}: resumed with other --votes?")
-    k = samples.pop()
-    metrics = {"pass@1": sum(r.pass1 for r in done) / len(done)}
-    if k > 1:
-        metrics[f"cot-maj@{k}"] = sum(r.correct for r in done) / len(done)
-    metric = f"cot-maj@{k}" if k > 1 else "pass@1"
-    return EvalResult(task, metric, metrics[metric], len(done), model, thoughts, dict(settings), metrics)
+    k, names = samples.pop(), list(done[0].scores)
+    metrics: dict[str, float] = {}
+    for name in names:
+        suffix = f" ({name})" if len(names) > 1 else ""
+        metrics[f"pass@1{suffix}"] = sum(r.scores[name].pass1 for r in done) / len(done)
+        if k > 1:
+            metrics[f"cot-maj@{k}{suffix}"] = sum(r.scores[name].correct for r in done) / len(done)
+    metric = f"{f'cot-maj@{k}' if k > 1 else 'pass@1'}{f' ({names[0]})' if len(names) > 1 else ''}"
+    stops = Counter(s.stop for r in done for s in r.samples)
+    counts = {
+        "stops": dict(sorted(stops.items())),
+        "truncated_prompts": sum(bool(s.truncated) for r in done for s in r.samples),
+    }
+    return EvalResult(task, metric, metrics[metric], len(done), model, thoughts, dict(settings), metrics, counts)
 
 
 def write_results(path: str | Path, result: EvalResult) -> None:

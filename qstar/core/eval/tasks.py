@@ -3,7 +3,8 @@
 Two metrics exist, and they are different numbers:
 - zero-shot CoT accuracy (what `qstar eval` reports): the model writes its reasoning after
   `Q: {question}\\nA: Let's think step by step.`, then `answer_prompt` appends the task's answer trigger, the model
-  continues, and the first number / letter of that continuation is scored (see answers.py);
+  continues, and the first number / letter of that continuation is scored (see answers.py; protocols.py sets the
+  details);
 - the teacher-forced answer probability of the Quiet-STaR authors' training-time evaluation
   (ezelikman/quiet-star `eval_helpers.compute_metrics`): no generation; on `Q: {question}\\nA: {gold}\\n` the
   probability of each gold answer token, renormalised over the answer tokens (digits or choice letters, and the
@@ -23,11 +24,10 @@ import numpy as np
 
 from qstar.core.data import DataError, jsonl_records
 from qstar.core.eval.answers import extract_choice, extract_number, gsm8k_gold
+from qstar.core.hub import require_hub
 
 COT_TRIGGER = "Let's think step by step."
 ANSWER_MARKER = "\nA:"
-STOP_TEXT = "\nQ:"
-"""Where a zero-shot generation starts inventing the next question: the reasoning ends there."""
 WORD_START = ("\u2581", "\u0120", " ")
 """How tokenizers mark a token that starts with a space: SentencePiece "▁", byte-level BPE "Ġ", or a plain space."""
 NEWLINE_TOKENS = ("\n", "<0x0A>", "\u010a")
@@ -58,8 +58,8 @@ class Task:
     """A data record (index 0) -> Example; KeyError, TypeError or ValueError when it is not the task's format."""
     extract: Callable[[str], str | None]
     """The continuation of the answer trigger -> canonical answer, None when it holds none."""
-    answer_tokens: Callable[[Sequence[str]], list[int]]
-    """Token strings of the vocabulary -> ids of the answer tokens of the teacher-forced metric."""
+    answer_tokens: Callable[[Any], list[int]]
+    """The tokenizer -> ids of the answer tokens of the teacher-forced metric."""
 
     def question_text(self, example: Example) -> str:
         """The question with its choices inline, as zero-shot CoT writes them: "... Answer Choices: (A) x (B) y"."""
@@ -71,9 +71,10 @@ class Task:
         """What the model continues with its reasoning."""
         return f"Q: {self.question_text(example)}\nA: {COT_TRIGGER}"
 
-    def answer_prompt(self, example: Example, reasoning: str) -> str:
-        """Prompt, the reasoning (cut at STOP_TEXT, trailing space removed) and the answer trigger; continue it."""
-        return f"{self.prompt(example)}{truncate_reasoning(reasoning)} {self.answer_trigger}"
+    def answer_prompt(self, example: Example, reasoning: str, separator: str = " ") -> str:
+        """Prompt, the reasoning (its trailing whitespace removed), `separator` and the answer trigger: what the answer
+        step continues."""
+        return f"{self.prompt(example)}{reasoning.rstrip()}{separator}{self.answer_trigger}"
 
     def teacher_forced_prompt(self, example: Example) -> tuple[str, str]:
         """(context ending in ANSWER_MARKER, gold answer ending in a newline), in the authors' evaluation format.
@@ -85,11 +86,6 @@ class Task:
             return f"Q: {example.question}{ANSWER_MARKER}", f" {example.reference.rsplit('####', 1)[1].strip()}\n"
         choices = "\n".join(f"({label}) {text}" for label, text in example.choices)
         return f"Q: {example.question}\n{choices}{ANSWER_MARKER}", f" {example.reference}\n"
-
-
-def truncate_reasoning(generation: str) -> str:
-    """The reasoning part of a generation: up to where it starts a new "Q:", without trailing whitespace."""
-    return generation.split(STOP_TEXT, 1)[0].rstrip()
 
 
 def parse_gsm8k(record: dict[str, Any]) -> Example:
@@ -136,9 +132,15 @@ def digit_token_ids(vocab: Sequence[str]) -> list[int]:
     return [i for i, t in enumerate(vocab) if _strip_word_start(t).isascii() and _strip_word_start(t).isdigit()]
 
 
-def choice_token_ids(vocab: Sequence[str], letters: str = "ABCDE") -> list[int]:
-    """Tokens that are one choice letter, after an optional word-start mark ("B", "▁B", "ĠB")."""
-    return [i for i, t in enumerate(vocab) if len(_strip_word_start(t)) == 1 and _strip_word_start(t) in letters]
+def encoded(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def choice_token_ids(tokenizer: Any, letters: str = "ABCDE") -> list[int]:
+    """The tokens the choice letters are written with after "A: " ("▁B" in SentencePiece, "ĠB" in byte-level BPE),
+    and the newline that ends the answer: on Mistral exactly the authors' five letters and newline."""
+    letter_ids = [encoded(tokenizer, f"{ANSWER_MARKER} {letter}")[-1] for letter in letters]
+    return letter_ids + [encoded(tokenizer, f"{ANSWER_MARKER} {letters[0]}\n")[-1]]
 
 
 def newline_token_ids(vocab: Sequence[str]) -> list[int]:
@@ -147,8 +149,8 @@ def newline_token_ids(vocab: Sequence[str]) -> list[int]:
 
 
 def answer_token_ids(task: Task | str, tokenizer: Any) -> list[int]:
-    """Ids of the tokens the teacher-forced metric renormalises over, for a tokenizer or id-ordered vocab list."""
-    return get_task(task).answer_tokens(vocabulary(tokenizer))
+    """Ids of the tokens the teacher-forced metric renormalises over (GSM8K also takes an id-ordered vocab list)."""
+    return get_task(task).answer_tokens(tokenizer)
 
 
 def teacher_forced_logprobs(logits: Any, gold_ids: Sequence[int], allowed_ids: Sequence[int]) -> list[float]:
@@ -187,7 +189,7 @@ TASKS: dict[str, Task] = {
         hub_split="test",
         parse=parse_gsm8k,
         extract=extract_number,
-        answer_tokens=lambda vocab: digit_token_ids(vocab) + newline_token_ids(vocab),
+        answer_tokens=lambda tok: digit_token_ids(vocabulary(tok)) + newline_token_ids(vocabulary(tok)),
     ),
     "csqa": Task(
         name="csqa",
@@ -197,7 +199,7 @@ TASKS: dict[str, Task] = {
         hub_split="validation",
         parse=parse_csqa,
         extract=extract_choice,
-        answer_tokens=lambda vocab: choice_token_ids(vocab) + newline_token_ids(vocab),
+        answer_tokens=choice_token_ids,
     ),
 }
 
@@ -261,6 +263,7 @@ def _hub_records(task: Task, spec: str) -> Iterator[tuple[str, Any]]:
             f"loading {spec!r} from the Hugging Face Hub needs the `datasets` package (pip install datasets); "
             "or pass a local JSONL file with --data"
         ) from None
+    require_hub(f"load {spec!r}", "pass a local JSONL file with --data")
     try:
         rows = datasets.load_dataset(name, config, split=split)
     except Exception as error:  # offline, unknown id, wrong config or split: all mean "use a local file"
