@@ -41,6 +41,7 @@ def bench(
     ] = 5,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch")] = None,
     compile: Annotated[bool, typer.Option(help="torch: compile the thought steps (TrainConfig.compile)")] = False,
+    step_mode: Annotated[str | None, typer.Option(help="one-pass or two-pass [default: the device's]")] = None,
     peak_tflops: Annotated[
         float | None, typer.Option(help="Device peak TFLOP/s for MFU (default: known CUDA GPUs in bf16/fp16)")
     ] = None,
@@ -68,6 +69,7 @@ def bench(
         steps=steps,
         threads=threads,
         compile=compile,
+        step_mode=step_mode,
         peak_tflops=peak_tflops,
     )
     console = Console()

@@ -23,15 +23,18 @@ def load(
     dtype: str = "float32",
     recipe: str | Recipe | None = None,
     device: str | None = None,
+    step_mode: str | None = None,
     **recipe_overrides: Any,
 ) -> QStarModel:
     """Load a qstar, authors' or plain Hugging Face checkpoint (local directory or hub id).
 
     `backend`: auto (mlx on Apple silicon when installed, else torch), torch or mlx.
     `recipe`: a preset name or Recipe; None uses the recipe saved in a qstar checkpoint, else "default".
+    `step_mode`: how training steps score sampled thoughts, one-pass or two-pass (the same numbers); None: the faster
+    one where the model computes.
     `recipe_overrides`: recipe field values, e.g. thought_tokens=3.
     """
-    return _backend.load(backends.get(backend), path, dtype, recipe, device, **recipe_overrides)
+    return _backend.load(backends.get(backend), path, dtype, recipe, device, step_mode, **recipe_overrides)
 
 
 def convert(

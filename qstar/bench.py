@@ -56,6 +56,8 @@ class BenchConfig:
     threads: int | None = None
     compile: bool = False
     """torch: compile the thought steps (TrainConfig.compile)."""
+    step_mode: str | None = None
+    """one-pass or two-pass (TrainConfig.step_mode); None: the device's default."""
     peak_tflops: float | None = None
     """The device's peak FLOP/s for the dtype, for model FLOPs utilisation; None: known CUDA GPUs in 16-bit, else
     no MFU."""
@@ -143,6 +145,7 @@ def make_step(cfg: BenchConfig, mode: str, path: Path) -> Callable[[], Any]:
         warmup_steps=0,
         iters=10**6,
         compile=cfg.compile,
+        step_mode=cfg.step_mode,
         recipe_overrides=dict(
             thought_tokens=cfg.thought_tokens,
             lookahead=cfg.lookahead,
@@ -167,7 +170,11 @@ def measure(cfg: BenchConfig, mode: str, path: Path) -> dict[str, Any]:
                 sync()
                 if i >= cfg.warmup:
                     times[kind].append(time.perf_counter() - tic)
-        return {f"{kind}_step_s": statistics.median(t) for kind, t in times.items()} | {"device": device_name(cfg)}
+        mode = steps["qstar"].session.model.step_mode  # type: ignore[attr-defined]
+        return {f"{kind}_step_s": statistics.median(t) for kind, t in times.items()} | {
+            "device": device_name(cfg),
+            "step_mode": mode,
+        }
     step = make_step(cfg, mode, path)
     base_memory = device_memory(cfg) if cfg.device == "cuda" else current_rss_gb()
     for _ in range(cfg.warmup + 1):
@@ -217,18 +224,33 @@ def batch(cfg: BenchConfig, rows: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, cfg.vocab, size=(rows, cfg.seq_len))
 
 
-def qstar_step(cfg: BenchConfig, train_cfg: Any, path: Path) -> Callable[[], Any]:
+@dataclass
+class QstarStep:
+    """One optimizer step of a training session on a fixed batch."""
+
+    session: Any
+    data: list[Any]
+
+    def __call__(self) -> dict[str, float]:
+        result: dict[str, float] = self.session.step(self.data, 1e-4)
+        return result
+
+
+def qstar_step(cfg: BenchConfig, train_cfg: Any, path: Path) -> QstarStep:
     import qstar
     from qstar import backends
     from qstar.core.session import Batch
 
     model = qstar.load(
-        str(path), backend=cfg.backend, dtype=cfg.dtype, recipe=train_cfg.make_recipe(), device=cfg.device
+        str(path),
+        backend=cfg.backend,
+        dtype=cfg.dtype,
+        recipe=train_cfg.make_recipe(),
+        device=cfg.device,
+        step_mode=cfg.step_mode,
     )
-    session = backends.get(cfg.backend).Session(model, train_cfg)
     ids = batch(cfg, cfg.batch)
-    data = [Batch(ids, np.ones(ids.shape, bool))]
-    return lambda: session.step(data, 1e-4)
+    return QstarStep(backends.get(cfg.backend).Session(model, train_cfg), [Batch(ids, np.ones(ids.shape, bool))])
 
 
 def lm_step(cfg: BenchConfig, path: Path) -> Callable[[], None]:

@@ -18,11 +18,14 @@ from qstar.core.generate import Sampling, generate
 from qstar.core.hf_config import ModelConfig
 from qstar.core.layout import ThoughtLayout
 from qstar.core.llama import Model
+from qstar.core.ops import Ops
 from qstar.core.recipe import Recipe
 from qstar.core.sampling import NoiseFn, banned_mask, numpy_gumbel, row_gumbel
 from qstar.core.thinker import LossTerms, quietstar_loss, sample_thoughts, thoughtful_logits
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+DEFAULT_CPU_STEP_MODE = "two-pass"
+"""Measured on CPU by benchmarks/thought_overhead.py (docs/PERFORMANCE.md)."""
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 
 
@@ -60,6 +63,11 @@ class Completion:
     peak_memory_gb: float = 0.0
 
 
+def default_step_mode(ops: Ops) -> str:
+    """The faster step mode where it computes (docs/PERFORMANCE.md): on an accelerator, few large kernels win."""
+    return "two-pass" if ops.on_accelerator() else DEFAULT_CPU_STEP_MODE
+
+
 def check_dtype(dtype: str) -> str:
     """The dtype's canonical name ("bf16" -> "bfloat16"); one clear error for anything else."""
     dtype = DTYPE_ALIASES.get(dtype, dtype)
@@ -74,6 +82,8 @@ class QStarModel(ABC):
     def __init__(self, backbone: Model, recipe: Recipe, info: CheckpointInfo, dtype: str) -> None:
         self.backbone, self.recipe, self.info, self.dtype = backbone, recipe, info, dtype
         self.ops = backbone.ops
+        self.step_mode = default_step_mode(self.ops)
+        """How training steps score sampled thoughts (thinker.STEP_MODES); qstar.load's step_mode sets it."""
         self.banned = banned_mask(info.config.vocab_size, [info.start_id, info.end_id])
         """(V,) bool: ids a thought never draws (the delimiters, where the vocabulary holds them)."""
         self.device_banned = self.ops.asarray(self.banned) if self.banned.any() else None
@@ -159,6 +169,7 @@ class QStarModel(ABC):
             self.device_banned,
             self.config.fallback_pad_id,
             self.noise(seed),
+            self.step_mode,
         )
 
     def noise(self, seed: int | Sequence[int] | None) -> NoiseFn:

@@ -56,18 +56,20 @@ class ThoughtLayout:
         return self.streams[None, :] + steps[:, None]
 
     @staticmethod
-    def own_mask(first_step: int, num_steps: int) -> np.ndarray:
-        """(n, m) bool over a stream's own thought keys (steps 1..first_step+n-1): key step <= query step."""
+    def own_mask(first_step: int, num_steps: int, keys: int | None = None) -> np.ndarray:
+        """(n, m) bool over a stream's own thought keys, steps 1..m (m = keys, default first_step+n-1): key step <=
+        query step. m larger than the steps so far describes a preallocated cache whose later slots are unwritten."""
         q = np.arange(first_step, first_step + num_steps)
-        k = np.arange(1, first_step + num_steps)
+        k = np.arange(1, (keys or first_step + num_steps - 1) + 1)
         return k[None, :] <= q[:, None]
 
-    def steps(self, first_step: int, num_steps: int) -> StepGeometry:
-        """The geometry of thought steps first_step..first_step+n-1 of every stream, shared by all rows."""
+    def steps(self, first_step: int, num_steps: int, keys: int | None = None) -> StepGeometry:
+        """The geometry of thought steps first_step..first_step+n-1 of every stream, shared by all rows (own keys:
+        see own_mask)."""
         return StepGeometry(
             self.step_positions(first_step, num_steps)[None],
             self.base_mask()[None],
-            self.own_mask(first_step, num_steps),
+            self.own_mask(first_step, num_steps, keys),
         )
 
     def unrolled(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -74,11 +75,17 @@ class Attention(ABC):
         return self.o_proj(out.reshape(*x.shape[:-1], -1)), k, v
 
     def think(
-        self, x: Array, cos: Array, sin: Array, base_kv: KV, cache: KV | None, bias: Array
+        self, x: Array, cos: Array, sin: Array, base_kv: KV, cache: KV | None, bias: Array, slot: int | None = None
     ) -> tuple[Array, Array, Array]:
-        """Thought steps x (R, n, S, D) -> output, and the stream keys/values (R, m, S, h, d) incl. these steps."""
+        """Thought steps x (R, n, S, D) -> output, and the stream keys/values (R, m, S, h, d) incl. these steps. With
+        `slot`, the cache is preallocated (R, m, S, h, d) and these steps' keys/values are written into it at slot,
+        slot+1, ... (no gradient; the bias hides the slots not written yet): every step has the same shapes."""
         q, k, v = self.project(x, cos, sin)
-        if cache is not None:
+        if slot is not None and cache is not None:
+            n = k.shape[1]
+            cache[0][:, slot : slot + n], cache[1][:, slot : slot + n] = k, v
+            k, v = cache
+        elif cache is not None:
             k, v = self.ops.concat([cache[0], k], axis=1), self.ops.concat([cache[1], v], axis=1)
         out = attention.thought_attention(self.ops, q, k, v, *base_kv, bias)
         return self.o_proj(out), k, v
@@ -105,6 +112,15 @@ class Block:
         return self.finish(x, attn), k, v
 
 
+@dataclass(frozen=True)
+class Placed:
+    """A StepGeometry on the device, as the layers consume it: cos/sin (B|1, n, S, 1, d) and the mask bias."""
+
+    cos: Array
+    sin: Array
+    bias: Array
+
+
 class Model(ABC):
     """A Llama-family causal LM plus the Quiet-STaR extras (<start>/<end> vectors, mixing head): what the core's
     algorithm (thinker, generate) computes with. Shapes: B rows, L tokens, R = B*P thought rows, S streams,
@@ -125,6 +141,10 @@ class Model(ABC):
     def call_layer(self, layer: Block, method: str, *args: Any) -> tuple[Array, ...]:
         """layer.<method>(*args), where a backend may recompute activations in backward (grad_checkpoint) or run a
         compiled version."""
+
+    def call_loop(self, loop: Callable[..., Array], *args: Any) -> Array:
+        """loop(*args): the thinker's sampling loop, which a backend may run compiled (captured whole)."""
+        return loop(*args)
 
     @property
     def dtype(self) -> Any:
@@ -169,16 +189,26 @@ class Model(ABC):
             kv.append((k, v))
         return self.model.norm(x), kv
 
-    def think(self, x: Array, geometry: StepGeometry, base_kv: Cache, cache: Cache | None) -> tuple[Array, Cache]:
-        """Thought steps for inputs x (R, n, S, D) placed by `geometry`: final-norm hidden (R, n, S, D) and the
-        stream cache extended by these steps."""
+    def place(self, geometry: StepGeometry) -> Placed:
+        """The geometry's RoPE tables and mask bias on the device."""
         cos, sin = self.rope(geometry.positions)
-        cos, sin = cos[..., None, :], sin[..., None, :]
-        bias = self.ops.asarray(attention.mask_bias(geometry))
+        return Placed(cos[..., None, :], sin[..., None, :], self.ops.constant(attention.mask_bias(geometry)))
+
+    def think(
+        self,
+        x: Array,
+        geometry: StepGeometry | Placed,
+        base_kv: Cache,
+        cache: Cache | None,
+        slot: int | None = None,
+    ) -> tuple[Array, Cache]:
+        """Thought steps for inputs x (R, n, S, D) placed by `geometry` (or its placed form): final-norm hidden
+        (R, n, S, D) and the stream cache extended by these steps (with `slot`: written into, see Attention.think)."""
+        placed = geometry if isinstance(geometry, Placed) else self.place(geometry)
         new_cache = []
         for i, layer in enumerate(self.model.layers):
             past = None if cache is None else cache[i]
-            x, k, v = self.call_layer(layer, "think", x, cos, sin, base_kv[i], past, bias)
+            x, k, v = self.call_layer(layer, "think", x, placed.cos, placed.sin, base_kv[i], past, placed.bias, slot)
             new_cache.append((k, v))
         return self.model.norm(x), new_cache
 

@@ -28,12 +28,19 @@ class Ops(Protocol):
     def asarray(self, x: np.ndarray, like: Array | None = None) -> Array:
         """A backend array on the model's device, with the dtype of `like` when given, else x's own."""
 
+    def constant(self, x: np.ndarray) -> Array:
+        """asarray of a host constant (a mask, an index, a table), kept on the device where the backend can: the same
+        geometry every step is then copied to the device once."""
+
     def to_numpy(self, x: Array) -> np.ndarray: ...
 
     def no_grad(self) -> AbstractContextManager[Any]:
         """Context in which nothing is recorded for differentiation."""
 
     def stop_gradient(self, x: Array) -> Array: ...
+
+    def zeros(self, shape: Sequence[int], like: Array) -> Array:
+        """A zero array of `shape` in like's dtype (and device)."""
 
     def concat(self, xs: Sequence[Array], axis: int) -> Array: ...
 
@@ -93,6 +100,9 @@ class Ops(Protocol):
 
     def all_finite(self, xs: Sequence[Array]) -> bool:
         """Whether every entry of every array is finite (one device-to-host read)."""
+
+    def on_accelerator(self) -> bool:
+        """Whether the model computes on a GPU (CUDA, or Apple silicon through MLX)."""
 
     def device_name(self) -> str:
         """Where the model computes, for people ("cuda:0 (NVIDIA H100)", "cpu")."""

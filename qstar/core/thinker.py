@@ -25,10 +25,23 @@ import numpy as np
 
 from qstar.core import losses
 from qstar.core.layout import ThoughtLayout
-from qstar.core.llama import Cache, Model
+from qstar.core.llama import Cache, Model, Placed
 from qstar.core.ops import Array, Ops
 from qstar.core.recipe import Recipe
 from qstar.core.sampling import NoiseFn, sample_tokens
+
+STEP_MODES = ("one-pass", "two-pass")
+"""How a training step scores the thoughts it samples: "one-pass" keeps the k sampling steps in the differentiable
+graph (their hidden states and log-probabilities are the ones the policy gradient needs; fewest FLOPs, many small
+operations); "two-pass" samples without gradient on the base pass's detached keys/values, then scores all k+A+1
+steps in one differentiable pass (more FLOPs, few large operations). Same thoughts for the same noise, same loss and
+gradients to float rounding."""
+
+
+def check_step_mode(mode: str) -> str:
+    if mode not in STEP_MODES:
+        raise ValueError(f"unknown step mode {mode!r}: choose {' or '.join(STEP_MODES)} (--step-mode)")
+    return mode
 
 
 @dataclass
@@ -104,12 +117,10 @@ def thought_steps(
     layout: ThoughtLayout,
     banned: Array | None,
     noise: NoiseFn | None,
-    score: bool = True,
-) -> tuple[Array, Array | None, Array, Cache | None]:
-    """Sample every stream's thought, k steps of one token each (differentiable unless under no_grad). Returns the
-    hidden states (R, k, S, D) of steps 1..k, the policy's log-probabilities (R, k, S) of the drawn tokens (R, S, k)
-    (None unless `score`: sampling alone needs no pass over the logits for them), and the cache. Each step's
-    (R, S, V) logits live only until its log-probability is taken."""
+) -> tuple[Array, Array, Array, Cache | None]:
+    """Sample every stream's thought inside the differentiable graph (one-pass steps), k steps of one token each.
+    Returns the hidden states (R, k, S, D) of steps 1..k, the policy's log-probabilities (R, k, S) of the drawn tokens
+    (R, S, k), and the cache. Each step's (R, S, V) logits live only until its log-probability is taken."""
     ops = model.ops
     hidden: list[Array] = []
     logprobs: list[Array] = []
@@ -123,10 +134,55 @@ def thought_steps(
         z = model.logits(h[:, 0])
         tokens.append(sample_tokens(ops, ops.stop_gradient(z), banned, recipe.sample_temperature, noise))
         hidden.append(h)
-        if score:
-            logprobs.append(losses.token_logprob(ops, z, tokens[-1], banned, recipe.policy_temperature))
-    scored = ops.stack(logprobs, axis=1) if score else None
-    return ops.concat(hidden, axis=1), scored, ops.stack(tokens, axis=-1), cache
+        logprobs.append(losses.token_logprob(ops, z, tokens[-1], banned, recipe.policy_temperature))
+    return ops.concat(hidden, axis=1), ops.stack(logprobs, axis=1), ops.stack(tokens, axis=-1), cache
+
+
+def sampling_loop(
+    model: Model,
+    recipe: Recipe,
+    x: Array,
+    base_kv: Cache,
+    placed: list[Placed],
+    banned: Array | None,
+    noise: NoiseFn | None,
+) -> Array:
+    """The k sampling steps on device arrays alone: one stream cache per layer, (R, k, S, h, d), made at the start and
+    written in place (step s fills slot s), every step the same shapes, a token drawn with the noise, nothing on the
+    host between the first step and the last: a backend can capture the loop whole (Model.call_loop). Returns the
+    (R, S, k) ids of the rows of x (R, 1, S, D), the <start> inputs."""
+    ops, k = model.ops, recipe.thought_tokens
+    rows, streams = x.shape[0], x.shape[2]
+    caches = [
+        tuple(ops.zeros((rows, k, streams, t.shape[1], t.shape[3]), t) for t in layer)  # (h, d) of (B, h, T, d)
+        for layer in base_kv
+    ]
+    tokens: list[Array] = []
+    for step in range(k):
+        if step:
+            x = model.embed(tokens[-1])[:, None]
+        h, _ = model.think(x, placed[step], base_kv, caches, slot=step)
+        z = ops.stop_gradient(model.logits(h[:, 0]))  # a draw has no gradient (MLX has no no_grad to say so)
+        tokens.append(sample_tokens(ops, z, banned, recipe.sample_temperature, noise))
+    return ops.stack(tokens, axis=-1)
+
+
+def draw_thoughts(
+    model: Model,
+    recipe: Recipe,
+    base_kv: Cache,
+    rows: int,
+    layout: ThoughtLayout,
+    banned: Array | None,
+    noise: NoiseFn | None,
+) -> Array:
+    """Draw every stream's thought without gradient (two-pass steps, inference), with the geometry placed on the device
+    before the loop. Returns (R, S, k) ids."""
+    k = recipe.thought_tokens
+    with model.ops.no_grad():
+        placed = [model.place(layout.steps(step, 1, keys=k)) for step in range(1, k + 1)]
+        x = start_inputs(model, rows, layout.num_streams)
+        return model.call_loop(sampling_loop, model, recipe, x, base_kv, placed, banned, noise)
 
 
 def sample_thoughts(
@@ -135,8 +191,7 @@ def sample_thoughts(
     """Draw every stream's thought without gradient. Returns (R, S, k) ids."""
     with model.ops.no_grad():
         _, base_kv = model.base(ids)
-        rows = ids.shape[0] * recipe.thoughts_per_position
-        return thought_steps(model, recipe, base_kv, rows, layout, banned, noise, score=False)[2]
+        return draw_thoughts(model, recipe, base_kv, ids.shape[0] * recipe.thoughts_per_position, layout, banned, noise)
 
 
 def future_ids(ops: Ops, ids: Array, layout: ThoughtLayout, count: int, pad_id: int) -> Array:
@@ -247,16 +302,21 @@ def quietstar_loss(
     banned: Array | None,
     pad_id: int,
     noise: NoiseFn | None = None,
+    step_mode: str = "one-pass",
 ) -> LossTerms:
     """Loss terms for (B, L) ids, with thoughts (R, S, k) sampled with `noise` (None: greedy) or given. `valid`
     (B, L), 1.0 for real tokens of a right-padded batch (None: no padding), keeps padded targets out of every mean.
-    Only device arrays depend on the batch, so a backend can compile this once per shape."""
+    `step_mode` (STEP_MODES) says how sampled thoughts are scored: the same numbers either way. Only device arrays
+    depend on the batch, so a backend can compile this once per shape."""
     ops, A, P = model.ops, recipe.lookahead, recipe.thoughts_per_position
     streams = layout.streams
     padding = Padding(None if valid is None else repeat_rows(ops, valid, P))
 
     # 1. The text, once.
     h_base, base_kv = model.base(ids)
+    if thoughts is None and check_step_mode(step_mode) == "two-pass":  # sample first, then score them as given
+        detached = [(ops.stop_gradient(k), ops.stop_gradient(v)) for k, v in base_kv]
+        thoughts = draw_thoughts(model, recipe, detached, ids.shape[0] * P, layout, banned, noise)
     nll_base = losses.token_nll(ops, model.logits(h_base[:, :-1]), ids[:, 1:])  # (B, L-1)
     nll_base_rows = repeat_rows(ops, nll_base, P)  # (R, L-1)
     # 2. Think (and read the teacher-forced lookahead tokens after <end>).

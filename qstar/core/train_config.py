@@ -62,6 +62,9 @@ class TrainConfig:
     """Seed of the data order and the thought sampling."""
     grad_checkpoint: bool = False
     """Recompute layer activations in backward instead of storing them (less memory, more time)."""
+    step_mode: str | None = None
+    """How a step scores the thoughts it samples: one-pass (sampling inside the differentiable graph) or two-pass
+    (sample without gradient, then one differentiable pass); the same numbers. Default: the faster where it runs."""
     compile: bool = False
     """torch: compile the layers' thought steps with torch.compile (inductor); the first step compiles for minutes,
     later ones run faster (docs/PERFORMANCE.md). mlx always compiles its whole step."""
@@ -118,6 +121,7 @@ RESUMABLE = (
     "max_bad_steps",
     "grad_checkpoint",
     "compile",
+    "step_mode",
     "tensorboard",
     "wandb",
     "out",

@@ -198,7 +198,7 @@ def run(
     out = Path(cfg.out)
     with RunDirectory(out, say) as run_dir:
         latest = run_dir.prepare(resume, overwrite)
-        model = load(backend, latest or cfg.model, cfg.dtype, cfg.make_recipe())
+        model = load(backend, latest or cfg.model, cfg.dtype, cfg.make_recipe(), step_mode=cfg.step_mode)
         if model.tokenizer is None:
             raise ValueError(f"{cfg.model} has no tokenizer files: qstar train needs them to tokenize --data")
         train_stream, val_batches = make_streams(cfg, model.tokenizer, model.recipe.min_seq_len())
@@ -223,7 +223,7 @@ def run_header(cfg: TrainConfig, model: QStarModel, resumed: Path | None) -> str
     return "\n".join(
         [
             f"qstar train: {cfg.model} ({model.config.model_type}) on {cfg.backend}, {model.ops.device_name()}, "
-            f"{cfg.dtype}",
+            f"{cfg.dtype}, {model.step_mode} steps",
             f"  recipe {cfg.recipe}: {r.thought_tokens} thought tokens, lookahead {r.lookahead}, "
             f"{r.thoughts_per_position} thoughts per position, policy weight {r.policy_weight:g}"
             + (

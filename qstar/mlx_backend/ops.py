@@ -66,6 +66,9 @@ class MLXOps:
     def asarray(self, x: np.ndarray, like: mx.array | None = None) -> mx.array:
         return from_numpy(x, None if like is None else like.dtype)
 
+    def constant(self, x: np.ndarray) -> mx.array:
+        return from_numpy(x)  # a compiled step takes the constants into its graph: nothing to keep
+
     def to_numpy(self, x: mx.array) -> np.ndarray:
         # numpy has no bfloat16: half precision comes back as float32, like the torch backend.
         return np.array(x.astype(mx.float32) if x.dtype in HALF else x)
@@ -76,6 +79,9 @@ class MLXOps:
 
     def stop_gradient(self, x: mx.array) -> mx.array:
         return mx.stop_gradient(x)
+
+    def zeros(self, shape: Sequence[int], like: mx.array) -> mx.array:
+        return mx.zeros(tuple(shape), dtype=like.dtype)
 
     def concat(self, xs: Sequence[mx.array], axis: int) -> mx.array:
         return mx.concatenate(list(xs), axis=axis)
@@ -151,6 +157,9 @@ class MLXOps:
 
     def all_finite(self, xs: Sequence[mx.array]) -> bool:
         return bool(mx.all(mx.stack([mx.all(mx.isfinite(x)) for x in xs])))
+
+    def on_accelerator(self) -> bool:
+        return mx.default_device().type == mx.gpu
 
     def device_name(self) -> str:
         return str(mx.default_device())

@@ -112,7 +112,9 @@ class Session:
         m = self.model
         layout = m.layout(ids.shape[1])
         pad = m.config.fallback_pad_id
-        return quietstar_loss(m.backbone, m.recipe, ids, valid, thoughts, layout, m.device_banned, pad, m.ops.gumbel)
+        return quietstar_loss(
+            m.backbone, m.recipe, ids, valid, thoughts, layout, m.device_banned, pad, m.ops.gumbel, m.step_mode
+        )
 
     def gradients(self, ids: mx.array, valid: mx.array, acc: Tree | None, count: int) -> tuple[Metrics, Tree]:
         """Metrics of one micro-batch and acc + d(total / count)/d params, `count` micro-batches in the step (torch:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from qstar.core import llama
+from qstar.core import llama, thinker
 from qstar.core.hf_config import ModelConfig
 from qstar.torch_backend.ops import TorchOps
 
@@ -151,6 +151,7 @@ class Model(nn.Module, llama.Model):
         self.rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
         self.grad_checkpoint = False
         self.compiled_think: Callable[..., tuple[torch.Tensor, ...]] | None = None
+        self.compiled_loop: Callable[..., torch.Tensor] | None = None
 
     def compile_thought_steps(self, backend: str = "inductor") -> None:
         """torch.compile the thought step of a layer (one graph serves every layer; sizes are dynamic): a thought step
@@ -171,8 +172,17 @@ class Model(nn.Module, llama.Model):
         if table is None or table[0].shape[0] < needed or table[0].dtype != self.dtype:
             have = 0 if table is None else table[0].shape[0]
             table = self.rope_table = super().rope(np.arange(max(2 * have, needed, ROPE_TABLE_MIN)))
-        index = self.ops.asarray(positions)
+        index = self.ops.constant(positions)
         return table[0][index], table[1][index]
+
+    def compile_sampling_loop(self) -> None:
+        """torch.compile the thinker's sampling loop whole (fullgraph: it has no graph break); on CUDA as CUDA graphs
+        (mode "reduce-overhead"), replayed every step: the k steps' kernels launch as one."""
+        mode = "reduce-overhead" if self.ops.device.type == "cuda" else None
+        self.compiled_loop = torch.compile(thinker.sampling_loop, fullgraph=True, dynamic=False, mode=mode)
+
+    def call_loop(self, loop: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+        return (self.compiled_loop or loop)(*args)
 
     def call_layer(self, layer: llama.Block, method: str, *args: Any) -> tuple[torch.Tensor, ...]:
         fn = self.compiled_think if method == "think" and self.compiled_think else getattr(llama.Block, method)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -12,16 +13,28 @@ import torch
 from qstar.core.ops import peak_rss_gb
 
 HALF = (torch.float16, torch.bfloat16)
+MAX_CONSTANTS = 256
+"""Device copies of host constants kept, least recently used first out."""
 
 
 class TorchOps:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
-        self.generator: torch.Generator | None = None
+        self.constants: OrderedDict[tuple[bytes, str, tuple[int, ...]], torch.Tensor] = OrderedDict()
 
     def asarray(self, x: np.ndarray, like: torch.Tensor | None = None) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
         return t if like is None else t.to(like.dtype)
+
+    def constant(self, x: np.ndarray) -> torch.Tensor:
+        key = (x.tobytes(), x.dtype.str, x.shape)
+        if key in self.constants:
+            self.constants.move_to_end(key)
+            return self.constants[key]
+        self.constants[key] = value = self.asarray(x)
+        if len(self.constants) > MAX_CONSTANTS:  # generation's growing masks would otherwise pile up
+            self.constants.popitem(last=False)
+        return value
 
     def to_numpy(self, x: torch.Tensor) -> np.ndarray:
         x = x.detach().cpu()
@@ -32,6 +45,9 @@ class TorchOps:
 
     def stop_gradient(self, x: torch.Tensor) -> torch.Tensor:
         return x.detach()
+
+    def zeros(self, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(tuple(shape), dtype=like.dtype, device=like.device)
 
     def concat(self, xs: Sequence[torch.Tensor], axis: int) -> torch.Tensor:
         return torch.cat(list(xs), dim=axis)
@@ -108,6 +124,9 @@ class TorchOps:
     def all_finite(self, xs: Sequence[torch.Tensor]) -> bool:
         return bool(torch.stack([torch.isfinite(x).all() for x in xs]).all())
 
+    def on_accelerator(self) -> bool:
+        return self.device.type != "cpu"
+
     def device_name(self) -> str:
         return f"{self.device} ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else "cpu"
 
@@ -115,5 +134,5 @@ class TorchOps:
         return torch.cuda.max_memory_allocated() / 1e9 if self.device.type == "cuda" else peak_rss_gb()
 
     def gumbel(self, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-        u = torch.rand(tuple(shape), device=self.device, dtype=like.dtype, generator=self.generator)
+        u = torch.rand(tuple(shape), device=self.device, dtype=like.dtype)  # torch's default generator
         return u.clamp_min_(torch.finfo(like.dtype).tiny).log_().neg_().log_().neg_()  # -log(-log u), in place

@@ -19,8 +19,10 @@ FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
 
 def scalars(terms: LossTerms) -> dict[str, float]:
+    """The step's metrics, read from the device in one copy."""
     values = {"loss": terms.total, "lm": terms.lm, "policy": terms.policy, **terms.metrics}
-    return {k: float(v.detach()) for k, v in values.items()}
+    read = torch.stack([v.detach().float() for v in values.values()]).tolist()
+    return dict(zip(values, read, strict=True))
 
 
 class Session:
@@ -31,6 +33,7 @@ class Session:
         net.grad_checkpoint = cfg.grad_checkpoint
         if cfg.compile:
             net.compile_thought_steps()
+            net.compile_sampling_loop()
         self.params = list(net.parameters())
         # Half-precision compute keeps float32 master weights: at lr 1e-6 a bf16 update would round away.
         self.master = [p.detach().float().clone() if p.dtype in HALF else p for p in self.params]
@@ -43,8 +46,9 @@ class Session:
             eps=1e-8,
             fused=self.ops.device.type in FUSED_ADAMW_DEVICES,
         )
-        self.generator = torch.Generator(self.ops.device).manual_seed(cfg.seed)
-        self.ops.generator = self.generator
+        # Thoughts are drawn from torch's default generators, which a compiled (or CUDA-graph captured) sampling loop
+        # can draw from too; their state is saved with each checkpoint.
+        torch.manual_seed(cfg.seed)
 
     def step(self, batches: list[Batch], lr: float) -> dict[str, float]:
         records = []
@@ -69,19 +73,22 @@ class Session:
         self.optimizer.zero_grad(set_to_none=True)
         return {**mean_metrics(records), "grad_norm": norm, "skipped": float(skipped)}
 
+    @property
+    def cuda_devices(self) -> list[torch.device]:
+        return [self.ops.device] if self.ops.device.type == "cuda" else []
+
     def evaluate(self, batches: list[Batch], seed: int) -> dict[str, float]:
-        ops = self.ops
-        ops.generator = torch.Generator(ops.device).manual_seed(seed)
-        try:
-            with torch.no_grad():
-                records = [scalars(self.model.terms(b.ids, b.mask)) for b in batches]
-        finally:
-            ops.generator = self.generator
+        with torch.random.fork_rng(devices=self.cuda_devices), torch.no_grad():  # the training draws go on after it
+            torch.manual_seed(seed)
+            records = [scalars(self.model.terms(b.ids, b.mask)) for b in batches]
         return mean_metrics(records)
 
     def write_state(self, directory: Path) -> None:
         masters = [m.detach().cpu() for m, p in zip(self.master, self.params, strict=True) if m is not p]
-        state = {"optimizer": self.optimizer.state_dict(), "master": masters, "generator": self.generator.get_state()}
+        rng = {"cpu": torch.get_rng_state()}
+        if self.cuda_devices:
+            rng["cuda"] = torch.cuda.get_rng_state(self.cuda_devices[0])
+        state = {"optimizer": self.optimizer.state_dict(), "master": masters, "rng": rng}
         torch.save(state, directory / STATE_FILE)
 
     def read_state(self, directory: Path) -> None:
@@ -91,7 +98,9 @@ class Session:
         with torch.no_grad():
             for m, saved in zip(separate, state["master"], strict=True):
                 m.copy_(saved)
-        self.generator.set_state(state["generator"].cpu())
+        torch.set_rng_state(state["rng"]["cpu"].cpu())
+        for device in self.cuda_devices:
+            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
 
     def peak_memory(self) -> float:
         return self.ops.peak_memory_gb()

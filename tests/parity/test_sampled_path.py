@@ -49,3 +49,29 @@ def test_grad_checkpoint_same_gradients(mixing_checkpoint, backend):
     recomputed = m.gradients(ids, seed=5)
     for name, g in plain.items():
         assert rel(recomputed[name], g) < 1e-12, name
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_two_pass_steps_compute_what_one_pass_steps_compute(mixing_checkpoint, backend):
+    """Sampling without gradient on the detached base keys/values, then one differentiable pass over the given
+    thoughts: the same thoughts for the same noise, and the same loss terms and gradients (float64; checked at 1e-12
+    for the loss, 1e-10 for gradients)."""
+    one = qstar.load(str(mixing_checkpoint), backend=backend, dtype="float64", step_mode="one-pass", **RECIPE)
+    two = qstar.load(str(mixing_checkpoint), backend=backend, dtype="float64", step_mode="two-pass", **RECIPE)
+    ids = random_ids(2, 9, seed=6)
+    a, b = one.loss(ids, seed=8), two.loss(ids, seed=8)
+    assert (a.thoughts == b.thoughts).all() and a.policy != 0
+    for key in ("total", "lm", "policy"):
+        assert abs(getattr(a, key) - getattr(b, key)) <= 1e-12 * abs(getattr(a, key)), key
+    assert rel(b.advantage, a.advantage) < 1e-12
+    ga, gb = one.gradients(ids, seed=8), two.gradients(ids, seed=8)
+    given = two.gradients(ids, thoughts=a.thoughts)
+    for name, g in ga.items():
+        assert rel(gb[name], g) < 1e-10 and rel(given[name], gb[name]) < 1e-12, name
+
+
+def test_the_step_mode_is_checked():
+    with pytest.raises(ValueError, match="unknown step mode 'three-pass'"):
+        from qstar.core.thinker import check_step_mode
+
+        check_step_mode("three-pass")

@@ -24,7 +24,9 @@ def test_compiled_thought_steps_match_eager(mixing_checkpoint):
     from torch._dynamo.utils import counters
 
     ids = random_ids(2, 12, seed=4)
-    m = qstar.load(str(mixing_checkpoint), backend="torch", thought_tokens=2, lookahead=2, policy_weight=1.0)
+    m = qstar.load(
+        str(mixing_checkpoint), backend="torch", step_mode="one-pass", thought_tokens=2, lookahead=2, policy_weight=1.0
+    )
     want_total, want_thoughts, want_grads = loss_and_gradients(m, ids)
     torch._dynamo.reset()
     counters.clear()
@@ -36,3 +38,40 @@ def test_compiled_thought_steps_match_eager(mixing_checkpoint):
     assert abs(total - want_total) <= 1e-6 * abs(want_total)
     for name, g in want_grads.items():
         assert np.linalg.norm(grads[name] - g) <= 1e-5 * max(np.linalg.norm(g), 1e-8), name
+
+
+def test_the_sampling_loop_is_captured_whole_with_nothing_on_the_host(mixing_checkpoint, monkeypatch):
+    """Two-pass steps sample in `thinker.sampling_loop`: torch.compile(fullgraph=True) traces its k steps without a
+    graph break (fullgraph raises at the first), and between the first step and the last nothing is copied to the
+    device or read back from it (counted while the loop runs). It draws what the eager loop draws."""
+    from qstar.core import thinker
+
+    m = qstar.load(str(mixing_checkpoint), backend="torch", step_mode="two-pass", thought_tokens=3, lookahead=2)
+    ops, ids = m.ops, random_ids(2, 10, seed=5)
+    transfers: list[str] = []
+
+    def counted(name: str, fn):
+        def wrapper(*args, **kwargs):
+            transfers.append(name)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    def watched_loop(*args):
+        with monkeypatch.context() as inside:
+            for name in ("asarray", "constant", "to_numpy"):
+                inside.setattr(ops, name, counted(name, getattr(ops, name)))
+            for name in ("item", "tolist", "numpy", "cpu"):
+                inside.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+            inside.setattr(torch, "from_numpy", counted("from_numpy", torch.from_numpy))
+            return thinker.sampling_loop(*args)
+
+    monkeypatch.setattr(m.backbone, "call_loop", lambda loop, *args: watched_loop(*args))
+    torch.manual_seed(0)
+    eager = m.sample_thoughts(ids)
+    assert transfers == []
+    torch._dynamo.reset()
+    compiled = torch.compile(thinker.sampling_loop, fullgraph=True, dynamic=False, backend="aot_eager")
+    monkeypatch.setattr(m.backbone, "call_loop", lambda loop, *args: compiled(*args))
+    torch.manual_seed(0)
+    np.testing.assert_array_equal(m.sample_thoughts(ids), eager)

@@ -1,0 +1,125 @@
+"""The measured tables of the README and docs/, written only by the scripts that measure them.
+
+A script records what it measured as benchmarks/results/NAME.json (the rows, the command that produced them, the
+date and the machine) and `publish(NAME)` writes the rendered markdown between the markers
+`<!-- table:NAME -->` and `<!-- /table:NAME -->` of every document that has them. tests/test_docs_tables.py renders
+each block again from its JSON: a table edited by hand fails CI.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DOCUMENTS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
+BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
+
+
+def machine() -> str:
+    import os
+
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores"
+
+
+def record(name: str, rows: list[dict[str, Any]], command: str, **meta: Any) -> dict[str, Any]:
+    """Save a table's measurements: benchmarks/results/NAME.json."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    today = datetime.date.today().isoformat()
+    results = {"command": command, "date": today, "machine": machine(), **meta, "rows": rows}
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def load(name: str) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads((RESULTS / f"{name}.json").read_text())
+    return result
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def source(results: dict[str, Any]) -> str:
+    return f"Measured {results['date']} on {results['machine']} with `{results['command']}`."
+
+
+def overhead(results: dict[str, Any]) -> str:
+    """`thought_overhead.py`: qstar step vs LM step over the same tokens, and the memory each adds."""
+    rows = [
+        [
+            r["label"],
+            str(r["seq_len"]),
+            f"{r['qstar_step_s']:.3g} s",
+            f"{r['lm_step_s']:.3g} s",
+            f"{r['ratio']:.2f}",
+            f"{r['qstar_memory_added_gb']:.2f} / {r['lm_memory_added_gb']:.2f} GB",
+        ]
+        for r in results["rows"]
+    ]
+    header = ["backend", "L", "qstar step", "LM step over W", "ratio", "memory added (qstar / LM)"]
+    return markdown(header, rows) + "\n\n" + source(results)
+
+
+def generation(results: dict[str, Any]) -> str:
+    """Emitted tokens per second with and without thoughts, and the target 0.7 x plain / (k+3)."""
+    rows = [
+        [
+            r["backend"],
+            str(r["batch"]),
+            f"{r['plain_tokens_per_s']:.1f}",
+            f"{r['thought_tokens_per_s']:.1f}",
+            f"{r['target_tokens_per_s']:.1f}",
+        ]
+        for r in results["rows"]
+    ]
+    return markdown(["backend", "batch", "plain tokens/s", "with thoughts", "target"], rows) + "\n\n" + source(results)
+
+
+def operators(results: dict[str, Any]) -> str:
+    """`operator_count.py`: dispatched operators per step and phase, each step's total against the LM step's."""
+    lm_total, rows, out = results["lm_total"], results["rows"], []
+    for step in dict.fromkeys(r["step"] for r in rows):
+        mine = [r for r in rows if r["step"] == step]
+        total = sum(r["compute"] for r in mine)
+        out += [[step, r["phase"], str(r["compute"]), str(r["view"]), ""] for r in mine]
+        out.append([step, "**total**", f"**{total}**", "", f"**{total / lm_total:.2f}**"])
+    header = ["step", "phase", "compute operators", "views", "x LM step"]
+    return markdown(header, out) + f"\n\n{results['shape']}. " + source(results)
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "overhead": overhead,
+    "generation": generation,
+    "operators": operators,
+}
+"""Table name -> how its JSON is written as markdown (the name before the first "-" chooses: overhead-torch too)."""
+
+
+def render(name: str, results: dict[str, Any] | None = None) -> str:
+    return RENDERERS[name.split("-")[0]](load(name) if results is None else results)
+
+
+def blocks(text: str) -> list[tuple[str, str]]:
+    """(name, body) of every table block of a document."""
+    return [(m["name"], m["body"]) for m in BLOCK.finditer(text)]
+
+
+def publish(name: str) -> list[Path]:
+    """Write table NAME, rendered from its JSON, into every document that has its markers; returns those."""
+    body = render(name).rstrip("\n") + "\n"
+    written = []
+    for doc in DOCUMENTS:
+        text = doc.read_text()
+        if f"<!-- table:{name} -->" not in text:
+            continue
+        doc.write_text(BLOCK.sub(lambda m: m[1] + body + m[4] if m["name"] == name else m[0], text))
+        written.append(doc)
+    return written

@@ -1,0 +1,78 @@
+"""Every command and Python snippet of the README runs as written, from a fresh copy of the repository's files, in
+order (later ones use what earlier ones made): the ones that need the Hugging Face Hub fail at once with one clear
+line, as they do on a machine without network. Installation commands are left out (this environment is installed)
+and so is the README's own test command (it runs these tests)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, SHARED
+
+HUB = ("Qwen/Qwen2.5-0.5B", "open-web-math/open-web-math")
+"""Hub ids in the README: their commands need the network."""
+NEEDS_HUB_MADE = ("qwen-qstar",)
+"""What the Hub commands would have made: commands using it fail too, saying the path does not exist."""
+
+
+def blocks(text: str) -> list[tuple[str, str]]:
+    """(language, code) of every fenced code block, in order."""
+    return [(m[1], m[2]) for m in re.finditer(r"```(\w+)\n(.*?)```", text, re.S)]
+
+
+def commands(code: str) -> list[str]:
+    """The commands of a shell block: continued lines joined, `&&` chains split, comments, pip and pytest left out."""
+    joined = code.replace("\\\n", " ")
+    parts = [p.strip() for line in joined.splitlines() for p in line.split("&&")]
+    return [p for p in parts if p and not p.startswith(("#", "pip ", "pytest"))]
+
+
+def readme_steps() -> list[tuple[str, str]]:
+    steps: list[tuple[str, str]] = []
+    for language, code in blocks((ROOT / "README.md").read_text()):
+        if language == "bash":
+            steps += [("bash", c) for c in commands(code)]
+        elif language == "python":
+            steps.append(("python", code))
+    return steps
+
+
+def test_the_readme_has_what_a_newcomer_runs():
+    kinds = [kind for kind, _ in readme_steps()]
+    runnable = [c for k, c in readme_steps() if k == "bash"]
+    assert "python" in kinds and any(c == "qstar train" for c in runnable)
+    assert any(c.startswith("qstar eval gsm8k --model runs/qstar/model") for c in runnable)
+
+
+def test_every_readme_command_runs_as_written(tmp_path):
+    """~4 minutes: the default training run is one of them."""
+    clone = tmp_path / "qstar"
+    clone.mkdir()
+    for name in ("README.md", "weights"):  # what the commands read from the repository
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, clone / name)
+    if SHARED.exists():
+        (tmp_path / "shared").symlink_to(SHARED)
+    elif os.environ.get("CI") == "true":
+        pytest.fail(f"{SHARED} is missing (the README's eval command reads GSM8K from it)")
+    else:
+        pytest.skip(f"{SHARED} is missing (the README's eval command reads GSM8K from it)")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for kind, code in readme_steps():
+        if kind == "python":
+            done = subprocess.run([sys.executable, "-c", code], cwd=clone, env=env, capture_output=True, text=True)
+            assert done.returncode == 0, f"README snippet failed:\n{code}\n{done.stderr[-3000:]}"
+            continue
+        done = subprocess.run(code, shell=True, cwd=clone, env=env, capture_output=True, text=True, timeout=900)
+        output = done.stdout + done.stderr
+        if any(h in code for h in HUB + NEEDS_HUB_MADE):
+            errors = [line for line in output.splitlines() if line.startswith("error:")]
+            assert done.returncode == 1 and len(errors) == 1 and "Traceback" not in output, f"{code}\n{output[-2000:]}"
+            assert "Hugging Face Hub" in errors[0] or "does not exist" in errors[0], errors[0]
+        else:
+            assert done.returncode == 0, f"README command failed: {code}\n{output[-3000:]}"
