@@ -1,23 +1,33 @@
 #!/usr/bin/env bash
-# What a lent CUDA GPU runs, from the repository root (about 4 minutes on an H100 machine): the CUDA test subset, the
-# performance issue's GPU report (bfloat16, a random Qwen2-0.5B-shaped model, L=256, k=12, A=4, P=2: step time,
-# ratio, tokens/s, memory, MFU) and a profile of where a step's time goes. `gpu_check.sh --compile` measures the
-# report with the thought steps compiled instead (its first step compiles for more than 3 minutes).
+# What a lent CUDA GPU runs, from the repository root, in at most 8 minutes (each part has its own time limit):
+# 1. the CUDA test subset (tests/torch/test_cuda.py: logits against transformers, CPU vs GPU, bfloat16 training,
+#    two-pass vs one-pass, FlexAttention's backward vs the split attention, the CUDA-graph sampling loop);
+# 2. the performance issue's GPU report, bfloat16, a random Qwen2-0.5B-shaped model, L=256, k=12, A=4, P=2 (step time,
+#    ratio against transformers' LM step, tokens/s, memory, MFU): two-pass and one-pass eager, two-pass with
+#    FlexAttention, and two-pass compiled (CUDA graphs of the sampling loop; inductor's cache is kept in
+#    $QSTAR_INDUCTOR_CACHE, default /tmp/qstar-inductor, so a rerun on the same machine starts warm);
+# 3. the kernel counts of a two-pass step (benchmarks/profile_step.py).
 # Results go to $OUT (default: the current directory); a failing part does not stop the others.
 set -uo pipefail
 out="${OUT:-.}"
+export TORCHINDUCTOR_CACHE_DIR="${QSTAR_INDUCTOR_CACHE:-/tmp/qstar-inductor}"
 status=0
 python3 -c "import torch, transformers; assert torch.cuda.is_available(), 'no CUDA device'; \
 print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'transformers', transformers.__version__)" || exit 1
 report=(--backend torch --device cuda --dtype bfloat16 --shape qwen2-0.5b --seq-len 256 --thought-tokens 12
   --lookahead 4 --thoughts-per-position 2 --steps 5 --no-generation)
-if [[ "${1:-}" == "--compile" ]]; then
-  qstar bench "${report[@]}" --compile --out "$out/gpu-bench-compiled.json"
-  exit
-fi
-python3 -m pytest -q tests/torch/test_cuda.py || status=1
-qstar bench "${report[@]}" --out "$out/gpu-bench.json" || status=1
-python3 benchmarks/profile_step.py --device cuda --shape qwen2-0.5b --dtype bfloat16 --seq-len 256 \
-  --thought-tokens 12 --rows 30 >"$out/gpu-profile.txt" 2>&1 || status=1
+part() {  # part SECONDS NAME COMMAND...: run with a time limit, note a failure, go on
+  local limit=$1 name=$2
+  shift 2
+  echo "== $name" >&2
+  timeout "$limit" "$@" || { echo "== $name failed or ran out of time ($limit s)" >&2; status=1; }
+}
+part 120 "CUDA tests" python3 -m pytest -q tests/torch/test_cuda.py
+part 60 "two-pass" qstar bench "${report[@]}" --step-mode two-pass --out "$out/gpu-two-pass.json"
+part 60 "one-pass" qstar bench "${report[@]}" --step-mode one-pass --out "$out/gpu-one-pass.json"
+part 80 "two-pass, flex" qstar bench "${report[@]}" --step-mode two-pass --attention flex --out "$out/gpu-flex.json"
+part 120 "two-pass, compiled" qstar bench "${report[@]}" --step-mode two-pass --compile --out "$out/gpu-compiled.json"
+part 40 "profile" python3 benchmarks/profile_step.py --device cuda --shape qwen2-0.5b --dtype bfloat16 --seq-len 256 \
+  --thought-tokens 12 --step-mode two-pass --kind qstar --rows 30 >"$out/gpu-profile.txt" 2>&1
 grep -E "^== " "$out/gpu-profile.txt"
 exit $status

@@ -55,6 +55,7 @@ if __name__ == "__main__":
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--compile", action="store_true", help="compile the thought steps (TrainConfig.compile)")
+    parser.add_argument("--step-mode", choices=["one-pass", "two-pass"], default=None, help="default: the device's")
     parser.add_argument("--rows", type=int, default=25, help="operators listed per kind")
     parser.add_argument("--kind", choices=["qstar", "lm", "both"], default="both", help="which step to profile")
     args = parser.parse_args()
@@ -70,6 +71,7 @@ if __name__ == "__main__":
             device=args.device,
             threads=args.threads,
             compile=args.compile,
+            step_mode=args.step_mode,
         )
     )
     with tempfile.TemporaryDirectory() as tmp:

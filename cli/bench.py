@@ -41,6 +41,7 @@ def bench(
     ] = 5,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch")] = None,
     compile: Annotated[bool, typer.Option(help="torch: compile the thought steps (TrainConfig.compile)")] = False,
+    attention: Annotated[str, typer.Option(help="torch: split or flex (FlexAttention, CUDA)")] = "split",
     step_mode: Annotated[str | None, typer.Option(help="one-pass or two-pass [default: the device's]")] = None,
     peak_tflops: Annotated[
         float | None, typer.Option(help="Device peak TFLOP/s for MFU (default: known CUDA GPUs in bf16/fp16)")
@@ -70,6 +71,7 @@ def bench(
         threads=threads,
         compile=compile,
         step_mode=step_mode,
+        attention=attention,
         peak_tflops=peak_tflops,
     )
     console = Console()
@@ -77,7 +79,17 @@ def bench(
         title=f"thought overhead ({backend}, {dtype}, k={thought_tokens}, A={lookahead}, "
         f"P={thoughts_per_position}, B={batch}, {shape if model is None else model})"
     )
-    columns = ("L", "W", "qstar step s", "LM step s", "ratio", "qstar tok/s", "memory added GB (qstar / LM)", "MFU")
+    columns = (
+        "L",
+        "mode",
+        "W",
+        "qstar step s",
+        "LM step s",
+        "ratio",
+        "qstar tok/s",
+        "memory added GB (qstar / LM)",
+        "MFU",
+    )
     for column in columns:
         table.add_column(column, justify="right")
     results = []
@@ -86,6 +98,7 @@ def bench(
         results.append(r)
         table.add_row(
             str(length),
+            r["step_mode"],
             str(r["W"]),
             f"{r['qstar_step_s']:.3f}",
             f"{r['lm_step_s']:.3f}",

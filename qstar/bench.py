@@ -58,6 +58,8 @@ class BenchConfig:
     """torch: compile the thought steps (TrainConfig.compile)."""
     step_mode: str | None = None
     """one-pass or two-pass (TrainConfig.step_mode); None: the device's default."""
+    attention: str = "split"
+    """torch: split or flex (TrainConfig.attention)."""
     peak_tflops: float | None = None
     """The device's peak FLOP/s for the dtype, for model FLOPs utilisation; None: known CUDA GPUs in 16-bit, else
     no MFU."""
@@ -146,6 +148,7 @@ def make_step(cfg: BenchConfig, mode: str, path: Path) -> Callable[[], Any]:
         iters=10**6,
         compile=cfg.compile,
         step_mode=cfg.step_mode,
+        attention=cfg.attention,
         recipe_overrides=dict(
             thought_tokens=cfg.thought_tokens,
             lookahead=cfg.lookahead,

@@ -65,6 +65,8 @@ class TrainConfig:
     step_mode: str | None = None
     """How a step scores the thoughts it samples: one-pass (sampling inside the differentiable graph) or two-pass
     (sample without gradient, then one differentiable pass); the same numbers. Default: the faster where it runs."""
+    attention: str = "split"
+    """torch: split (qstar's split attention) or flex (FlexAttention for the passes over all thought steps, CUDA)."""
     compile: bool = False
     """torch: compile the layers' thought steps with torch.compile (inductor); the first step compiles for minutes,
     later ones run faster (docs/PERFORMANCE.md). mlx always compiles its whole step."""
@@ -96,6 +98,8 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("--learning-rate must be > 0 and --warmup-steps, --weight-decay, --max-grad-norm >= 0")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"--attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
         recipe = self.make_recipe()
         self.recipe_overrides = {k: getattr(recipe, k) for k in self.recipe_overrides}  # as validated: 2e0 -> 2.0
         if self.max_seq_length < recipe.min_seq_len():
@@ -111,6 +115,8 @@ class TrainConfig:
         return asdict(self)
 
 
+ATTENTIONS = ("split", "flex")
+
 RESUMABLE = (
     "iters",
     "steps_per_report",
@@ -122,6 +128,7 @@ RESUMABLE = (
     "grad_checkpoint",
     "compile",
     "step_mode",
+    "attention",
     "tensorboard",
     "wandb",
     "out",

@@ -8,6 +8,7 @@ layer's thought step.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,10 +19,15 @@ from torch.utils.checkpoint import checkpoint
 
 from qstar.core import llama, thinker
 from qstar.core.hf_config import ModelConfig
+from qstar.core.layout import StepGeometry
 from qstar.torch_backend.ops import TorchOps
 
 ROPE_TABLE_MIN = 256
+MAX_PLACED = 64
+"""Placed geometries kept (a layout's steps, and generation's)."""
 OPS = TorchOps()
+FLEX: Any = None
+"""flex_attention compiled, made on first use on CUDA."""
 """For the split attention, whose ops (einsum, softmax, ...) follow their inputs' device."""
 
 
@@ -92,9 +98,79 @@ class Attention(nn.Module, llama.Attention):
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return RotaryFunction.apply(x, cos, sin)
 
+    def think(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        base_kv: llama.KV,
+        cache: llama.KV | None,
+        bias: torch.Tensor | FlexBias,
+        slot: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The core's thought attention, or FlexAttention (Model.attention = "flex") for a pass over all steps."""
+        if not isinstance(bias, FlexBias):
+            return super().think(x, cos, sin, base_kv, cache, bias, slot)
+        if cache is not None or slot is not None:  # a step on top of a cache: split attention
+            return super().think(x, cos, sin, base_kv, cache, bias.dense, slot)
+        q, k, v = self.project(x, cos, sin)
+        return self.o_proj(flex_thought_attention(q, k, v, *base_kv, bias)), k, v
+
     def causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         gqa = self.cfg.num_heads != self.cfg.num_kv_heads
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+
+
+@dataclass(frozen=True)
+class FlexBias:
+    """A thought geometry for FlexAttention: the block mask over a row's [base keys, own keys stream by stream] and,
+    for the steps that attend on top of a cache, the split attention's additive bias."""
+
+    dense: torch.Tensor
+    block_mask: Any
+
+
+def flex_block_mask(base_mask: torch.Tensor, own_mask: torch.Tensor, device: torch.device) -> Any:
+    """Visibility of a thought row's queries, stream by stream (query q = stream * n + step), over its keys: the
+    base keys 0..L-1 (base_mask (S, L)), then the own keys stream by stream (L + stream * m + key step, own_mask (n, m)
+    within a stream, nothing across streams)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    (streams, length), (n, m) = base_mask.shape, own_mask.shape
+
+    def mask_mod(b: Any, h: Any, q: Any, kv: Any) -> Any:
+        stream, step, own = q // n, q % n, (kv - length).clamp(min=0)
+        base = base_mask[stream, kv.clamp(max=length - 1)]
+        return torch.where(kv < length, base, (own // m == stream) & own_mask[step, own % m])
+
+    return create_block_mask(mask_mod, None, None, streams * n, length + streams * m, device=device)
+
+
+def flex_thought_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, bias: FlexBias
+) -> torch.Tensor:
+    """What core.attention.thought_attention computes, as one FlexAttention call per thought row: q (R, n, S, H, d),
+    own k, v (R, m, S, h, d), base kb, vb (B, h, L, d) -> (R, n, S, H*d). The base keys are repeated once per
+    thought row of a sequence (P times), never per position."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    rows, n, streams, heads, dim = q.shape
+    kv_heads = kb.shape[1]
+
+    def stream_major(t: torch.Tensor) -> torch.Tensor:  # (R, steps, S, h, d) -> (R, h, S * steps, d)
+        return t.permute(0, 3, 2, 1, 4).reshape(rows, t.shape[3], streams * t.shape[1], dim)
+
+    repeat = rows // kb.shape[0]
+    keys = torch.cat([kb.repeat_interleave(repeat, dim=0), stream_major(k)], dim=2)
+    values = torch.cat([vb.repeat_interleave(repeat, dim=0), stream_major(v)], dim=2)
+    global FLEX
+    if q.is_cuda and FLEX is None:
+        FLEX = torch.compile(flex_attention, dynamic=False)
+    attend = FLEX if q.is_cuda else flex_attention  # compiled on CUDA, where it is one kernel; eager elsewhere
+    out = attend(
+        stream_major(q), keys, values, block_mask=bias.block_mask, scale=dim**-0.5, enable_gqa=heads != kv_heads
+    )
+    return out.reshape(rows, heads, streams, n, dim).permute(0, 3, 2, 1, 4).reshape(rows, n, streams, heads * dim)
 
 
 class MLP(nn.Module):
@@ -152,6 +228,9 @@ class Model(nn.Module, llama.Model):
         self.grad_checkpoint = False
         self.compiled_think: Callable[..., tuple[torch.Tensor, ...]] | None = None
         self.compiled_loop: Callable[..., torch.Tensor] | None = None
+        self.attention = "split"
+        """"split" (qstar/core/attention.py) or "flex": FlexAttention for the passes over all thought steps (CUDA)."""
+        self.placed: dict[tuple[str | bytes, ...], llama.Placed] = {}
 
     def compile_thought_steps(self, backend: str = "inductor") -> None:
         """torch.compile the thought step of a layer (one graph serves every layer; sizes are dynamic): a thought step
@@ -164,6 +243,22 @@ class Model(nn.Module, llama.Model):
             return compiled(layer, x.contiguous(), *args)  # one memory layout for every input: the graph guards on it
 
         self.compiled_think = think
+
+    def place(self, geometry: StepGeometry) -> llama.Placed:
+        """The core's placed geometry, kept per geometry (the same every step); with attention "flex", a geometry
+        shared by all rows also gets its FlexAttention block mask."""
+        arrays = (geometry.positions, geometry.base_mask, geometry.own_mask)
+        key: tuple[str | bytes, ...] = (self.attention, *(a.tobytes() + str(a.shape).encode() for a in arrays))
+        if key not in self.placed:
+            placed = super().place(geometry)
+            if self.attention == "flex" and geometry.base_mask.shape[0] == 1:
+                masks = self.ops.constant(geometry.base_mask[0]), self.ops.constant(geometry.own_mask)
+                flex = FlexBias(placed.bias, flex_block_mask(*masks, self.ops.device))
+                placed = llama.Placed(placed.cos, placed.sin, flex)
+            self.placed[key] = placed
+            if len(self.placed) > MAX_PLACED:
+                self.placed.pop(next(iter(self.placed)))
+        return self.placed[key]
 
     def rope(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """From one cos/sin table per model kept on the device and grown on demand, so that a call gathers rows

@@ -30,7 +30,7 @@ class Session:
         self.model, self.cfg = model, cfg
         net = model.backbone
         self.ops = net.ops
-        net.grad_checkpoint = cfg.grad_checkpoint
+        net.grad_checkpoint, net.attention = cfg.grad_checkpoint, cfg.attention
         if cfg.compile:
             net.compile_thought_steps()
             net.compile_sampling_loop()

@@ -10,6 +10,7 @@ import torch
 from helpers import random_ids
 
 import qstar
+from qstar.torch_backend.model import FlexBias
 
 
 def loss_and_gradients(m: qstar.QStarModel, ids: np.ndarray) -> tuple[float, np.ndarray, dict[str, np.ndarray]]:
@@ -75,3 +76,18 @@ def test_the_sampling_loop_is_captured_whole_with_nothing_on_the_host(mixing_che
     monkeypatch.setattr(m.backbone, "call_loop", lambda loop, *args: compiled(*args))
     torch.manual_seed(0)
     np.testing.assert_array_equal(m.sample_thoughts(ids), eager)
+
+
+def test_flex_attention_computes_the_split_attention(mixing_checkpoint):
+    """FlexAttention (Model.attention = "flex") for the pass over all thought steps, against qstar's split attention:
+    forward on the CPU (its backward exists on CUDA only: tests/torch/test_cuda.py). float32; measured 4e-7."""
+    m = qstar.load(str(mixing_checkpoint), backend="torch", thought_tokens=3, lookahead=2)
+    ids = random_ids(2, 10, seed=6)
+    thoughts = m.sample_thoughts(ids, seed=1)
+    split = m.loss(ids, thoughts=thoughts)
+    m.backbone.attention = "flex"
+    flex = m.loss(ids, thoughts=thoughts)
+    assert any(isinstance(p.bias, FlexBias) for p in m.backbone.placed.values())  # it did take the flex path
+    assert abs(flex.total - split.total) <= 1e-5 * abs(split.total)
+    for a, b in zip(flex.nll_talk + flex.mixing_weight, split.nll_talk + split.mixing_weight, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5)

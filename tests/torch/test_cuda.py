@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import qstar
 from qstar.core.train_config import TrainConfig
-from qstar.core.trainer import Batch
+from qstar.core.session import Batch
 from qstar.torch_backend.train import Session as TorchSession
 
 DEVICE = "cuda"
@@ -65,3 +65,41 @@ def test_sampled_training_step_in_bfloat16(llama_checkpoint):
     moved = [k for k, v in m.parameters().items() if not torch.equal(v.detach().float().cpu(), before[k])]
     assert "model.layers.0.mlp.down_proj.weight" in moved and "model.embed_tokens.weight" in moved
     assert session.peak_memory() > 0
+
+
+def test_two_pass_equals_one_pass_on_gpu(mixing_checkpoint):
+    """float32 on the GPU: the same thoughts for the same noise, losses and gradients to float32 rounding."""
+    ids = random_ids(2, 12, seed=6)
+    one = qstar.load(str(mixing_checkpoint), backend="torch", device=DEVICE, step_mode="one-pass", **RECIPE)
+    two = qstar.load(str(mixing_checkpoint), backend="torch", device=DEVICE, step_mode="two-pass", **RECIPE)
+    a, b = one.loss(ids, seed=3), two.loss(ids, seed=3)
+    assert (a.thoughts == b.thoughts).all()
+    assert abs(a.total - b.total) <= 1e-5 * abs(a.total)
+    ga, gb = one.gradients(ids, seed=3), two.gradients(ids, seed=3)
+    for name, g in ga.items():
+        assert np.linalg.norm(gb[name] - g) <= 1e-4 * max(np.linalg.norm(g), 1e-8), name
+
+
+def test_flex_attention_gradients_equal_split_attention(mixing_checkpoint):
+    """FlexAttention's backward (CUDA only) against the split attention's, float32, over all thought steps."""
+    ids = random_ids(2, 12, seed=7)
+    m = qstar.load(str(mixing_checkpoint), backend="torch", device=DEVICE, **RECIPE)
+    thoughts = m.sample_thoughts(ids, seed=2)
+    split = m.gradients(ids, thoughts=thoughts)
+    m.backbone.attention = "flex"
+    flex = m.gradients(ids, thoughts=thoughts)
+    assert any(type(p.bias).__name__ == "FlexBias" for p in m.backbone.placed.values())
+    for name, g in split.items():
+        assert np.linalg.norm(flex[name] - g) <= 1e-4 * max(np.linalg.norm(g), 1e-8), name
+
+
+def test_captured_sampling_loop_draws_what_eager_draws(mixing_checkpoint):
+    """The sampling loop compiled whole as CUDA graphs (TrainConfig.compile), replayed: the same thoughts."""
+    ids = random_ids(2, 12, seed=8)
+    m = qstar.load(str(mixing_checkpoint), backend="torch", device=DEVICE, step_mode="two-pass", **RECIPE)
+    torch.manual_seed(0)
+    eager = m.sample_thoughts(ids)
+    m.backbone.compile_sampling_loop()
+    for _ in range(3):  # record, then replay
+        torch.manual_seed(0)
+        np.testing.assert_array_equal(m.sample_thoughts(ids), eager)
