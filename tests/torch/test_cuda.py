@@ -12,8 +12,8 @@ from helpers import random_ids
 from transformers import AutoModelForCausalLM
 
 import qstar
-from qstar.core.train_config import TrainConfig
 from qstar.core.session import Batch
+from qstar.core.train_config import TrainConfig
 from qstar.torch_backend.train import Session as TorchSession
 
 DEVICE = "cuda"
