@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from qstar.cli.errors import user_errors
-from qstar.cli.options import recipe_options
+from qstar.cli.options import AdapterPath, recipe_options
 
 
 @user_errors
@@ -42,6 +42,7 @@ def evaluate(
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Start over in --out instead of resuming it")] = False,
     backend: Annotated[str, typer.Option(help="auto, torch or mlx")] = "auto",
+    adapter_path: AdapterPath = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or float64 (or fp32, bf16, fp16)")] = "float32",
     recipe_overrides: dict[str, Any] | None = None,
 ) -> None:
@@ -68,7 +69,7 @@ def evaluate(
     )
     out = out or Path("runs") / "eval" / f"{task}-{protocol}-{'thoughts' if thoughts else 'no-thoughts'}"
     examples = load_examples(spec, data)
-    m = qstar.load(model, backend=backend, dtype=dtype, **(recipe_overrides or {}))
+    m = qstar.load(model, backend=backend, dtype=dtype, adapter_path=adapter_path, **(recipe_overrides or {}))
     console = Console(stderr=True)
     chosen = len(examples) if settings.limit is None else min(settings.limit, len(examples))
     columns = [

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from qstar.cli.errors import user_errors
-from qstar.cli.options import recipe_options
+from qstar.cli.options import AdapterPath, recipe_options
 
 THOUGHT_OPEN, THOUGHT_CLOSE = "\x02", "\x03"
 """Around each thought when --show-thoughts writes to a pipe or file: ASCII start/end of text, which a tokenizer's
@@ -42,6 +42,7 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Seed of the sampling noise")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop at this text (repeatable)")] = None,
     backend: Annotated[str, typer.Option(help="auto, torch or mlx")] = "auto",
+    adapter_path: AdapterPath = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or float64 (or fp32, bf16, fp16)")] = "float32",
     recipe_overrides: dict[str, Any] | None = None,
 ) -> None:
@@ -52,7 +53,7 @@ def generate(
     text = sys.stdin.read() if prompt == "-" else prompt
     if temperature == 0 and (top_k is not None or top_p is not None):
         err.print("warning: greedy decoding (--temperature 0) ignores --top-k and --top-p: pass --temperature > 0")
-    m = qstar.load(model, backend=backend, dtype=dtype, **(recipe_overrides or {}))
+    m = qstar.load(model, backend=backend, dtype=dtype, adapter_path=adapter_path, **(recipe_overrides or {}))
     if m.tokenizer is None:
         raise ValueError(
             f"{model} has no tokenizer files, so it cannot read --prompt: convert a checkpoint that has them"

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from qstar.cli.errors import user_errors
-from qstar.cli.options import recipe_options
+from qstar.cli.options import AdapterPath, recipe_options
 
 
 @user_errors
@@ -21,6 +21,7 @@ def inspect_text(
     out: Annotated[Path, typer.Option(help="HTML report to write")] = Path("report.html"),
     seed: Annotated[int, typer.Option(help="Seed of the thoughts")] = 0,
     backend: Annotated[str, typer.Option(help="auto, torch or mlx")] = "auto",
+    adapter_path: AdapterPath = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or float64 (or fp32, bf16, fp16)")] = "float32",
     recipe_overrides: dict[str, Any] | None = None,
 ) -> None:
@@ -34,7 +35,7 @@ def inspect_text(
     content = text.read_text()
     if not content.strip():
         raise ValueError(f"{text} is empty: give it some text to inspect")
-    m = qstar.load(model, backend=backend, dtype=dtype, **(recipe_overrides or {}))
+    m = qstar.load(model, backend=backend, dtype=dtype, adapter_path=adapter_path, **(recipe_overrides or {}))
     if m.tokenizer is None:
         raise ValueError(f"{model} has no tokenizer files: inspect needs text in and out")
     ids = m.tokenizer(content)["input_ids"]

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from qstar.cli import bench, convert, evaluate, generate, inspect_text, train
+from qstar.cli import bench, convert, evaluate, fuse, generate, inspect_text, train
 
 app = typer.Typer(
     name="qstar",
@@ -22,6 +22,7 @@ app.command("generate")(generate.generate)
 app.command("eval")(evaluate.evaluate)
 app.command("inspect")(inspect_text.inspect_text)
 app.command("bench")(bench.bench)
+app.command("fuse")(fuse.fuse)
 
 
 def show_version(value: bool) -> None:

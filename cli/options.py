@@ -8,7 +8,7 @@ import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import MISSING, fields
-from typing import Any, Optional, TypeVar
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
@@ -18,6 +18,10 @@ from qstar.core.recipe import Recipe
 OPTIONAL = {"int": Optional[int], "float": Optional[float], "bool": Optional[bool], "str": Optional[str]}  # noqa: UP045
 """Flag annotation per field type: typer reads typing.Optional from a built signature; None means "not given"."""
 F = TypeVar("F", bound=Callable[..., Any])
+AdapterPath = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(help="An adapter directory (a --fine-tune-type lora/dora run's checkpoint) to apply to --model"),
+]
 
 
 def field_flags(cls: type, panel: str, skip: tuple[str, ...] = (), default_note: str = "") -> list[inspect.Parameter]:

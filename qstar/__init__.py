@@ -24,17 +24,22 @@ def load(
     recipe: str | Recipe | None = None,
     device: str | None = None,
     step_mode: str | None = None,
+    adapter_path: str | Path | None = None,
     **recipe_overrides: Any,
 ) -> QStarModel:
-    """Load a qstar, authors' or plain Hugging Face checkpoint (local directory or hub id).
+    """Load a qstar, authors' or plain Hugging Face checkpoint (local directory or hub id), or an adapter directory
+    (its base model with the adapter applied).
 
     `backend`: auto (mlx on Apple silicon when installed, else torch), torch or mlx.
     `recipe`: a preset name or Recipe; None uses the recipe saved in a qstar checkpoint, else "default".
     `step_mode`: how training steps score sampled thoughts, one-pass or two-pass (the same numbers); None: the faster
     one where the model computes.
+    `adapter_path`: an adapter (lora/dora) to apply to the model at `path`.
     `recipe_overrides`: recipe field values, e.g. thought_tokens=3.
     """
-    return _backend.load(backends.get(backend), path, dtype, recipe, device, step_mode, **recipe_overrides)
+    return _backend.load(
+        backends.get(backend), path, dtype, recipe, device, step_mode, adapter_path, **recipe_overrides
+    )
 
 
 def convert(

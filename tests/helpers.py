@@ -200,14 +200,15 @@ def short_training(backend: str, checkpoint: Path, tmp_path: Path) -> Path:
 
 
 def killed_at_random_and_uninterrupted(
-    backend: str, checkpoint: Path, tmp_path: Path, kills: int = 4, seed: int = 0
+    backend: str, checkpoint: Path, tmp_path: Path, kills: int = 4, seed: int = 0, extra: list[str] | None = None
 ) -> tuple[Path, Path]:
     """Fault injection: a 10-step run with a checkpoint after every step, once uninterrupted and once SIGKILLed at
     up to `kills` random moments (after a random number of steps, at a random time inside the next one: its forward,
     backward, log line or save), each time started again with `--resume` (or `--overwrite` while it had no checkpoint
     yet). After every kill each complete
     checkpoint must load; at the end no orphaned temporary directory is left, metrics.jsonl holds every step exactly
-    once, and every loss equals the uninterrupted run's bit for bit. Returns the two run directories."""
+    once, and every loss equals the uninterrupted run's bit for bit. `extra`: more train flags (an adapter run).
+    Returns the two run directories."""
     import random
     import signal
     import subprocess
@@ -219,7 +220,7 @@ def killed_at_random_and_uninterrupted(
     from qstar.core.rundir import checkpoints
 
     common = ["train", "--backend", backend, "--model", str(checkpoint), "--iters", "10", "--save-every", "1"]
-    common += ["--steps-per-eval", "5", "--keep-checkpoints", "3", *TRAIN_SMALL]
+    common += ["--steps-per-eval", "5", "--keep-checkpoints", "3", *TRAIN_SMALL, *(extra or [])]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert CliRunner().invoke(app, [*common, "--out", str(whole)]).exit_code == 0
     code = "import sys; from qstar.cli.main import app; sys.argv = ['qstar', *sys.argv[1:]]; app()"

@@ -11,13 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from qstar.core import checkpoint
+from qstar.core import checkpoint, lora
 from qstar.core.checkpoint import CheckpointInfo
 from qstar.core.files import atomic_directory
 from qstar.core.generate import Sampling, generate
 from qstar.core.hf_config import ModelConfig
 from qstar.core.layout import ThoughtLayout
 from qstar.core.llama import Model
+from qstar.core.lora import LoraConfig
 from qstar.core.ops import Ops
 from qstar.core.recipe import Recipe
 from qstar.core.sampling import NoiseFn, banned_mask, numpy_gumbel, row_gumbel
@@ -84,6 +85,10 @@ class QStarModel(ABC):
         self.ops = backbone.ops
         self.step_mode = default_step_mode(self.ops)
         """How training steps score sampled thoughts (thinker.STEP_MODES); qstar.load's step_mode sets it."""
+        self.adapter: LoraConfig | None = None
+        """The adapters' configuration when the model has some (add_adapters, load_adapter)."""
+        self.source = str(info.path)
+        """What the model was loaded from (a directory or hub id): an adapter records it as its base model."""
         self.banned = banned_mask(info.config.vocab_size, [info.start_id, info.end_id])
         """(V,) bool: ids a thought never draws (the delimiters, where the vocabulary holds them)."""
         self.device_banned = self.ops.asarray(self.banned) if self.banned.any() else None
@@ -297,9 +302,71 @@ class QStarModel(ABC):
             return {}
         return {src: (2, self.config.hidden_size) for src in checkpoint.AUTHORS_EXTRAS}
 
+    def add_adapters(self, cfg: LoraConfig) -> None:
+        """Wrap the configured Linear layers with fresh adapters (qstar/core/lora.py); from then on only the adapters,
+        the thought vectors and the mixing head train."""
+        if self.adapter is not None:
+            raise ValueError("this model has adapters already")
+        self._wrap(cfg)
+        self.adapter = cfg
+        self._freeze(lora.trainable)
+
+    def adapter_tensors(self) -> dict[str, Any]:
+        """What an adapter file holds: the adapters, the thought vectors and the mixing head."""
+        return {k: v for k, v in self.parameters().items() if lora.trainable(k)}
+
+    def save_adapter(
+        self, path: str | Path, overwrite: bool = False, extra: Callable[[Path], None] | None = None
+    ) -> Path:
+        """Write the adapter directory atomically (adapter_config.json, adapters.safetensors), as save() does."""
+        if self.adapter is None:
+            raise ValueError("this model has no adapters: save() writes the whole checkpoint")
+        config = {
+            **self.adapter.to_file(),
+            "base_model": self.source,
+            "qstar": {"format_version": checkpoint.FORMAT_VERSION, "recipe": self.recipe.to_dict()},
+        }
+        with atomic_directory(path, overwrite) as tmp:
+            self._write_tensors(self.adapter_tensors(), tmp / lora.WEIGHTS_FILE)
+            (tmp / lora.CONFIG_FILE).write_text(json.dumps(config, indent=2))
+            if extra is not None:
+                extra(tmp)
+        return Path(path)
+
+    def load_adapter(self, path: str | Path) -> None:
+        """Wrap the layers an adapter directory says and load its weights (a directory save_adapter wrote)."""
+        path = Path(path)
+        self.add_adapters(lora.LoraConfig.from_file(path))
+        file = path / lora.WEIGHTS_FILE
+        try:
+            tensors = self._read_tensors(file)
+        except Exception as err:  # missing, truncated: the frameworks' errors have no common type
+            raise checkpoint.damaged(file, err) from None
+        expected = {k: tuple(v.shape) for k, v in self.adapter_tensors().items()}
+        got = {k: tuple(v.shape) for k, v in tensors.items()}
+        if got != expected:
+            missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+            raise ValueError(
+                f"{file} does not fit {self.info.path} (missing {missing[:3]}, unexpected {unexpected[:3]}, or other "
+                "shapes): pass the --model the adapter was trained on"
+            )
+        self._assign(tensors)
+
+    def fuse(self) -> None:
+        """Merge the adapters into the weights: a plain model that computes what the adapted one does."""
+        if self.adapter is None:
+            raise ValueError("this model has no adapters to fuse")
+        self._fuse()
+        self.adapter = None
+        self._freeze(lambda name: True)
+
     def save(self, path: str | Path, overwrite: bool = False, extra: Callable[[Path], None] | None = None) -> Path:
         """Write a qstar checkpoint atomically: base weights (HF names), extras, config, tokenizer.
         `extra(tmp_dir)` may add files (training state) that appear in the same atomic rename."""
+        if self.adapter is not None:
+            raise ValueError(
+                "this model has adapters: fuse() merges them first (qstar fuse), save_adapter() writes them"
+            )
         params = self.parameters()
         extras = {k: v for k, v in params.items() if k.startswith(("thought.", "mixing_head."))}
         base = {k: v for k, v in params.items() if k not in extras}
@@ -331,3 +398,23 @@ class QStarModel(ABC):
     @staticmethod
     @abstractmethod
     def _nbytes(tensor: Any) -> int: ...
+
+    @abstractmethod
+    def _read_tensors(self, file: Path) -> dict[str, Any]:
+        """A safetensors file as backend tensors."""
+
+    @abstractmethod
+    def _assign(self, tensors: dict[str, Any]) -> None:
+        """Set parameters (internal names) to these values."""
+
+    @abstractmethod
+    def _wrap(self, cfg: LoraConfig) -> None:
+        """Wrap the configured Linear layers with adapters (LoRALinear / mlx-lm's layers)."""
+
+    @abstractmethod
+    def _freeze(self, trainable: Callable[[str], bool]) -> None:
+        """Train exactly the parameters whose internal name `trainable` accepts."""
+
+    @abstractmethod
+    def _fuse(self) -> None:
+        """Replace every adapted layer by the plain one that computes the same."""

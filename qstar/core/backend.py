@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from qstar.core import checkpoint
+from qstar.core import checkpoint, lora
 from qstar.core.api import QStarModel, check_dtype
 from qstar.core.checkpoint import CheckpointInfo
 from qstar.core.hub import resolve
@@ -32,17 +32,43 @@ def load(
     recipe: str | Recipe | None = None,
     device: str | None = None,
     step_mode: str | None = None,
+    adapter_path: str | Path | None = None,
     **recipe_overrides: Any,
 ) -> QStarModel:
     """A qstar, authors' or plain Hugging Face checkpoint (local directory or hub id) on `backend`.
 
-    `recipe`: a preset name or Recipe; None uses the recipe saved in a qstar checkpoint, else "default".
+    `recipe`: a preset name or Recipe; None uses the recipe saved in a qstar checkpoint (or adapter), else "default".
     `step_mode`: one-pass or two-pass (thinker.STEP_MODES); None: the faster where the model computes.
+    `adapter_path`: an adapter directory (lora/dora) to apply; `path` may also be one, then its base model is the one
+    it records.
     `recipe_overrides`: recipe field values, e.g. thought_tokens=3."""
     dtype = check_dtype(dtype)
-    info = checkpoint.inspect(resolve(path))
-    chosen = make_recipe(recipe if recipe is not None else (info.saved_recipe or "default"), **recipe_overrides)
+    adapter = Path(adapter_path) if adapter_path is not None else Path(path) if lora.is_adapter(path) else None
+    if lora.is_adapter(path):
+        path = base_model(Path(path), lora.read_adapter_config(Path(path)))
+    if adapter is not None and recipe is None:
+        recipe = (lora.read_adapter_config(adapter).get("qstar") or {}).get("recipe")
+    local = resolve(path)
+    info = checkpoint.inspect(local)
+    chosen = make_recipe(info.saved_recipe if recipe is None else recipe, **recipe_overrides)
     model = backend.load(info, chosen, dtype, device)
+    model.source = str(local.resolve()) if Path(path).is_dir() else str(path)  # a hub id stays one
+    if adapter is not None:
+        model.load_adapter(adapter)
     if step_mode is not None:
         model.step_mode = check_step_mode(step_mode)
     return model
+
+
+def base_model(adapter: Path, meta: dict[str, Any]) -> str:
+    """The base model an adapter directory records (qstar writes it; mlx-lm's have none)."""
+    base = meta.get("base_model")
+    if not isinstance(base, str):
+        raise ValueError(
+            f"{adapter / lora.CONFIG_FILE} names no base_model: pass --model BASE --adapter-path {adapter}"
+        )
+    if base.startswith(("/", ".")) and not Path(base).is_dir():
+        raise FileNotFoundError(
+            f"{adapter} was trained on {base}, which is not there any more: pass --model BASE --adapter-path {adapter}"
+        )
+    return base

@@ -9,6 +9,7 @@ from typing import Any
 
 from qstar.core.api import check_dtype
 from qstar.core.fields import check_fields
+from qstar.core.lora import FINE_TUNE_TYPES, LINEAR_KEYS, LoraConfig
 from qstar.core.recipe import Recipe, make_recipe
 from qstar.weights import DEFAULT_MODEL
 
@@ -70,6 +71,21 @@ class TrainConfig:
     compile: bool = False
     """torch: compile the layers' thought steps with torch.compile (inductor); the first step compiles for minutes,
     later ones run faster (docs/PERFORMANCE.md). mlx always compiles its whole step."""
+    fine_tune_type: str = "full"
+    """full (every weight trains), lora or dora (adapters on the Linear layers of the last --num-layers decoder
+    layers; the thought vectors and the mixing head always train)."""
+    num_layers: int = 16
+    """lora/dora: adapt the last N decoder layers (-1: all)."""
+    lora_rank: int = 8
+    """lora/dora: the adapters' rank."""
+    lora_scale: float = 20.0
+    """lora/dora: the update is scale * x @ lora_a @ lora_b (mlx-lm's convention, not alpha / rank)."""
+    lora_dropout: float = 0.0
+    """lora/dora: dropout on the adapters' input."""
+    lora_keys: str | None = None
+    """lora/dora: comma-separated Linear layers of a decoder layer to adapt (default: all seven)."""
+    adapter_path: str | None = None
+    """lora/dora: start from this adapter (a directory an adapter run wrote) instead of fresh adapters."""
     recipe: str = "default"
     """Recipe preset (default or paper); recipe fields given as flags override it."""
     recipe_overrides: dict[str, Any] = field(default_factory=dict)
@@ -100,6 +116,13 @@ class TrainConfig:
             raise ValueError("--learning-rate must be > 0 and --warmup-steps, --weight-decay, --max-grad-norm >= 0")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"--attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
+        if self.fine_tune_type not in FINE_TUNE_TYPES:
+            raise ValueError(
+                f"--fine-tune-type must be one of {', '.join(FINE_TUNE_TYPES)}, got {self.fine_tune_type!r}"
+            )
+        if self.fine_tune_type == "full" and self.adapter_path is not None:
+            raise ValueError("--adapter-path starts from an adapter: pass --fine-tune-type lora or dora too")
+        self.lora_config()  # checks the adapter settings
         recipe = self.make_recipe()
         self.recipe_overrides = {k: getattr(recipe, k) for k in self.recipe_overrides}  # as validated: 2e0 -> 2.0
         if self.max_seq_length < recipe.min_seq_len():
@@ -110,6 +133,15 @@ class TrainConfig:
 
     def make_recipe(self) -> Recipe:
         return make_recipe(self.recipe, **self.recipe_overrides)
+
+    def lora_config(self) -> LoraConfig | None:
+        """The adapters of a lora/dora run (None for full fine-tuning)."""
+        if self.fine_tune_type == "full":
+            return None
+        keys = [k.strip() for k in self.lora_keys.split(",")] if self.lora_keys else list(LINEAR_KEYS)
+        return LoraConfig(
+            self.fine_tune_type, self.num_layers, self.lora_rank, self.lora_scale, self.lora_dropout, keys
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,13 +198,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def merge_settings(file_settings: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
-    """One flat dict of settings: a file's (its recipe_overrides lifted to the top), then flags on top (flags left at
-    None do not override)."""
-    lifted = {k: v for k, v in file_settings.items() if k != "recipe_overrides"}
+    """One flat dict of settings: a file's (its recipe_overrides and mlx-lm's lora_parameters block lifted to the top),
+    then flags on top (flags left at None do not override)."""
+    lifted = {k: v for k, v in file_settings.items() if k not in ("recipe_overrides", "lora_parameters")}
     overrides = file_settings.get("recipe_overrides") or {}
-    if not isinstance(overrides, dict):
-        raise ValueError("recipe_overrides must be a mapping of recipe fields")
-    return {**lifted, **overrides, **{k: v for k, v in flags.items() if v is not None}}
+    lora = file_settings.get("lora_parameters") or {}
+    if not isinstance(overrides, dict) or not isinstance(lora, dict):
+        raise ValueError("recipe_overrides and lora_parameters must be mappings")
+    lora = {f"lora_{k}": ",".join(v) if k == "keys" and isinstance(v, list) else v for k, v in lora.items()}
+    return {**lifted, **lora, **overrides, **{k: v for k, v in flags.items() if v is not None}}
 
 
 def resolve_config(settings: dict[str, Any]) -> TrainConfig:

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from qstar.core import lora
 from qstar.core.api import QStarModel
 from qstar.core.backend import Backend, load
 from qstar.core.data import BlockStream, TokenCache, is_hub_spec, open_documents
@@ -140,8 +143,9 @@ def save_checkpoint(session: Session, out: Path, step: int, state: dict[str, Any
         session.write_state(tmp)
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state, "config": cfg.to_dict()}))
 
+    model = session.model
     try:
-        session.model.save(target, overwrite=True, extra=extra)
+        (model.save if model.adapter is None else model.save_adapter)(target, overwrite=True, extra=extra)
     except DiskFull as err:
         last = checkpoints(out)
         resume = f"; --resume continues from the last complete checkpoint, {last[-1].name}" if last else ""
@@ -198,7 +202,7 @@ def run(
     out = Path(cfg.out)
     with RunDirectory(out, say) as run_dir:
         latest = run_dir.prepare(resume, overwrite)
-        model = load(backend, latest or cfg.model, cfg.dtype, cfg.make_recipe(), step_mode=cfg.step_mode)
+        model = load_for_training(cfg, backend, latest)
         if model.tokenizer is None:
             raise ValueError(f"{cfg.model} has no tokenizer files: qstar train needs them to tokenize --data")
         train_stream, val_batches = make_streams(cfg, model.tokenizer, model.recipe.min_seq_len())
@@ -217,6 +221,24 @@ def run(
     return out
 
 
+def load_for_training(cfg: TrainConfig, backend: Backend, latest: Path | None) -> QStarModel:
+    """The model a run trains: its newest checkpoint on resume; else --model, with --adapter-path's adapter or fresh
+    adapters in a lora/dora run."""
+    adapters = cfg.lora_config()
+    if latest is not None and adapters is not None:  # an adapter run's checkpoints hold the adapter alone
+        return load(backend, cfg.model, cfg.dtype, cfg.make_recipe(), step_mode=cfg.step_mode, adapter_path=latest)
+    source = latest or cfg.model
+    model = load(backend, source, cfg.dtype, cfg.make_recipe(), step_mode=cfg.step_mode, adapter_path=cfg.adapter_path)
+    if model.adapter is not None and adapters is None:
+        raise ValueError(
+            f"--model {source} is an adapter: pass --fine-tune-type {model.adapter.fine_tune_type} to train it on, or "
+            "merge it first (qstar fuse) to train every weight"
+        )
+    if model.adapter is None and adapters is not None:
+        model.add_adapters(adapters)
+    return model
+
+
 def run_header(cfg: TrainConfig, model: QStarModel, resumed: Path | None) -> str:
     """What the run is, before it starts: model, where it computes, recipe, data, length, where it writes."""
     r = model.recipe
@@ -231,11 +253,27 @@ def run_header(cfg: TrainConfig, model: QStarModel, resumed: Path | None) -> str
                 if cfg.recipe_overrides
                 else ""
             ),
+            *([f"  {adapter_line(model)}"] if model.adapter else []),
             f"  data {cfg.data}: {cfg.iters} steps of {cfg.batch_size} x {cfg.max_seq_length} tokens"
             + (f" x {cfg.grad_accumulation_steps} accumulated" if cfg.grad_accumulation_steps > 1 else "")
             + f", learning rate {cfg.learning_rate:g}",
             f"  writing to {cfg.out}" + (f" (resuming {resumed.name})" if resumed else ""),
         ]
+    )
+
+
+def adapter_line(model: QStarModel) -> str:
+    """What an adapter run trains, and how much of the model that is."""
+    a = model.adapter
+    assert a is not None
+    params = model.parameters()
+    trained = sum(int(np.prod(v.shape)) for k, v in params.items() if lora.trainable(k))
+    total = sum(int(np.prod(v.shape)) for v in params.values())
+    layers = "all" if a.num_layers < 0 else f"the last {min(a.num_layers, model.config.num_layers)}"
+    return (
+        f"{a.fine_tune_type} rank {a.rank} scale {a.scale:g} on {len(a.keys)} Linear layers of {layers} decoder "
+        "layers, "
+        f"with the thought vectors and mixing head: {trained:,} of {total:,} parameters train ({trained / total:.2%})"
     )
 
 

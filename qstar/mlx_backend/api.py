@@ -16,7 +16,9 @@ from safetensors.numpy import save_file
 from qstar.core import checkpoint
 from qstar.core.api import QStarModel
 from qstar.core.checkpoint import CheckpointInfo
+from qstar.core.lora import LoraConfig
 from qstar.core.recipe import Recipe
+from qstar.mlx_backend import lora
 from qstar.mlx_backend.model import Model
 from qstar.mlx_backend.ops import HALF, MLXOps, flat, from_numpy
 
@@ -49,7 +51,8 @@ class MLXQStar(QStarModel):
     ops: MLXOps
 
     def parameters(self) -> dict[str, mx.array]:
-        return flat(self.backbone.parameters())
+        # an adapted layer keeps its Linear as `.linear` (mlx-lm's layers): its weights keep their checkpoint names
+        return {name.replace(".linear.", "."): v for name, v in flat(self.backbone.parameters()).items()}
 
     def _gradients(self, loss_fn: Callable[[], mx.array]) -> dict[str, np.ndarray]:
         params = self.backbone.trainable_parameters()
@@ -68,6 +71,27 @@ class MLXQStar(QStarModel):
     @staticmethod
     def _nbytes(tensor: mx.array) -> int:
         return tensor.nbytes
+
+    def _read_tensors(self, file: Path) -> dict[str, mx.array]:
+        return read_safetensors(file)
+
+    def _assign(self, tensors: dict[str, mx.array]) -> None:
+        dtypes = {k: v.dtype for k, v in self.parameters().items()}
+        self.backbone.update(tree_unflatten([(k, v.astype(dtypes[k])) for k, v in tensors.items()]))
+        mx.eval(self.backbone.parameters())
+
+    def _wrap(self, cfg: LoraConfig) -> None:
+        lora.wrap(self.backbone, cfg, self.config.num_layers)
+
+    def _freeze(self, trainable: Callable[[str], bool]) -> None:
+        self.backbone.freeze()
+        for name in self.parameters():
+            if trainable(name):
+                owner, _, leaf = name.rpartition(".")
+                lora.module(self.backbone, owner).unfreeze(keys=[leaf], recurse=False)
+
+    def _fuse(self) -> None:
+        lora.fuse(self.backbone)
 
 
 def to_float64(x: mx.array) -> np.ndarray:

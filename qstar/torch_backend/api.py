@@ -12,7 +12,9 @@ from safetensors.torch import load_file, save_file
 from qstar.core import checkpoint
 from qstar.core.api import QStarModel
 from qstar.core.checkpoint import CheckpointInfo
+from qstar.core.lora import LoraConfig
 from qstar.core.recipe import Recipe
+from qstar.torch_backend import lora
 from qstar.torch_backend.model import Model
 from qstar.torch_backend.ops import TorchOps
 
@@ -41,6 +43,7 @@ class TorchQStar(QStarModel):
         return {
             name: self.ops.to_numpy(p.grad) if p.grad is not None else np.zeros(tuple(p.shape))
             for name, p in self.backbone.named_parameters()
+            if p.requires_grad
         }
 
     def _write_tensors(self, tensors: dict[str, torch.Tensor], file: Path) -> None:
@@ -49,6 +52,25 @@ class TorchQStar(QStarModel):
     @staticmethod
     def _nbytes(tensor: torch.Tensor) -> int:
         return tensor.numel() * tensor.element_size()
+
+    def _read_tensors(self, file: Path) -> dict[str, torch.Tensor]:
+        return read_file(file)
+
+    def _assign(self, tensors: dict[str, torch.Tensor]) -> None:
+        params = self.parameters()
+        with torch.no_grad():
+            for name, value in tensors.items():
+                params[name].copy_(value)
+
+    def _wrap(self, cfg: LoraConfig) -> None:
+        lora.wrap(self.backbone, cfg, self.config.num_layers)
+
+    def _freeze(self, trainable: Callable[[str], bool]) -> None:
+        for name, p in self.backbone.named_parameters():
+            p.requires_grad_(trainable(name))
+
+    def _fuse(self) -> None:
+        lora.fuse(self.backbone)
 
 
 def embedding_rows(embedding: torch.Tensor, ids: list[int]) -> np.ndarray:

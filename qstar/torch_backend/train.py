@@ -34,7 +34,7 @@ class Session:
         if cfg.compile:
             net.compile_thought_steps()
             net.compile_sampling_loop()
-        self.params = list(net.parameters())
+        self.params = [p for p in net.parameters() if p.requires_grad]  # an adapter run trains a few
         # Half-precision compute keeps float32 master weights: at lr 1e-6 a bf16 update would round away.
         self.master = [p.detach().float().clone() if p.dtype in HALF else p for p in self.params]
         decay = [m for m, p in zip(self.master, self.params, strict=True) if p.ndim >= 2]

@@ -1,0 +1,72 @@
+"""LoRA and DoRA in PyTorch, computing what mlx-lm's LoRALinear and DoRALinear compute (qstar/core/lora.py).
+
+A wrapped Linear keeps its own parameters under their names (`q_proj.weight`, frozen) beside `q_proj.lora_a`,
+`q_proj.lora_b` (and `q_proj.m`), so checkpoints and adapters read the same on both backends.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qstar.core.lora import LoraConfig, fused_weight, initial_lora_a
+
+
+class LoRALinear(nn.Module):
+    """linear(x) + scale * (dropout(x) @ lora_a) @ lora_b; DoRA: that, rescaled row by row to the magnitude m over the
+    adapted weight's norm (not differentiated), bias added after (mlx-lm's order of operations, for parity)."""
+
+    def __init__(self, linear: nn.Linear, name: str, cfg: LoraConfig) -> None:
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        out_features, in_features = linear.weight.shape
+        dtype, device = linear.weight.dtype, linear.weight.device
+        lora_a = torch.from_numpy(initial_lora_a(name, in_features, cfg.rank))
+        self.lora_a = nn.Parameter(lora_a.to(dtype=dtype, device=device))
+        self.lora_b = nn.Parameter(torch.zeros(cfg.rank, out_features, dtype=dtype, device=device))
+        self.scale, self.dropout = cfg.scale, nn.Dropout(cfg.dropout)
+        self.dora = cfg.fine_tune_type == "dora"
+        if self.dora:
+            precise = torch.float64 if dtype == torch.float64 else torch.float32  # mlx-lm: float32 at least
+            self.m = nn.Parameter(linear.weight.detach().to(precise).norm(dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = (self.dropout(x) @ self.lora_a) @ self.lora_b
+        if not self.dora:
+            return F.linear(x, self.weight, self.bias) + (self.scale * z).to(x.dtype)
+        out = x @ self.weight.T + (self.scale * z).to(x.dtype)
+        adapted = self.weight + (self.scale * self.lora_b.T) @ self.lora_a.T
+        out = (self.m / adapted.norm(dim=1).detach()).to(x.dtype) * out
+        return out if self.bias is None else out + self.bias
+
+    def fused(self) -> nn.Linear:
+        """A plain Linear computing what this adapted one does."""
+        w, a, b = (t.detach().double().cpu().numpy() for t in (self.weight, self.lora_a, self.lora_b))
+        m = self.m.detach().double().cpu().numpy() if self.dora else None
+        linear = nn.Linear(
+            w.shape[1], w.shape[0], bias=self.bias is not None, device=self.weight.device, dtype=self.weight.dtype
+        )
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(fused_weight(w, a, b, self.scale, m)))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+
+def wrap(model: nn.Module, cfg: LoraConfig, num_layers: int) -> None:
+    """Replace the target Linear layers of `model` by LoRALinear, in place."""
+    for path in cfg.targets(num_layers):
+        linear = model.get_submodule(path)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{path} is a {type(linear).__name__}, not a Linear: check --lora-keys")
+        parent, _, attr = path.rpartition(".")
+        setattr(model.get_submodule(parent), attr, LoRALinear(linear, path, cfg))
+
+
+def fuse(model: nn.Module) -> None:
+    """Replace every LoRALinear of `model` by its fused Linear, in place."""
+    for path, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent, _, attr = path.rpartition(".")
+            setattr(model.get_submodule(parent), attr, module.fused())
