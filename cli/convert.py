@@ -29,7 +29,15 @@ def convert(
         str | None, typer.Option(help="Recipe preset: default or paper [default: the checkpoint's own, else default]")
     ] = None,
     gguf_file: Annotated[str | None, typer.Option(help="The .gguf file inside SRC, a directory")] = None,
-    backend: Annotated[str, typer.Option(help="auto, torch or mlx (only used to read the weights)")] = "auto",
+    backend: Annotated[str, typer.Option(help="auto, torch or mlx (reads the weights; --quantize needs mlx)")] = "auto",
+    quantize: Annotated[
+        bool,
+        typer.Option(
+            help="Quantize the base weights (MLX, mlx-lm's format) for QLoRA: train it with --fine-tune-type lora"
+        ),
+    ] = False,
+    q_bits: Annotated[int, typer.Option(help="Bits per quantized weight (with --quantize)")] = 4,
+    q_group_size: Annotated[int, typer.Option(help="Weights per quantization group (with --quantize)")] = 64,
     recipe_overrides: dict[str, Any] | None = None,
 ) -> None:
     """Convert a checkpoint: base weights under their HF names, <start>/<end> thought tokens initialised from the
@@ -39,11 +47,20 @@ def convert(
     console = Console(stderr=True, highlight=False)
     with console.status(f"converting {src}"):
         model = qstar.convert(
-            src, dst, dtype=dtype, recipe=recipe, backend=backend, gguf_file=gguf_file, **(recipe_overrides or {})
+            src,
+            dst,
+            dtype=dtype,
+            recipe=recipe,
+            backend=backend,
+            gguf_file=gguf_file,
+            quantize=(q_bits, q_group_size) if quantize else None,
+            **(recipe_overrides or {}),
         )
     info, r = model.info, model.recipe
     console.print(
-        f"wrote {dst}: {info.config.model_type}, {model.dtype}, {r.thought_tokens} thought tokens, lookahead "
+        f"wrote {dst}: {info.config.model_type}, {model.dtype}"
+        + (f" quantized to {q_bits} bits (groups of {q_group_size})" if quantize else "")
+        + f", {r.thought_tokens} thought tokens, lookahead "
         f"{r.lookahead}, <start>={info.start_id} <end>={info.end_id}"
     )
     if model.tokenizer is None:

@@ -49,6 +49,7 @@ def convert(
     recipe: str | None = None,
     backend: str = "auto",
     gguf_file: str | None = None,
+    quantize: tuple[int, int] | None = None,
     **recipe_overrides: Any,
 ) -> QStarModel:
     """Write a qstar checkpoint at `dst` from an HF or authors' checkpoint (local or hub id), a GGUF file (or a
@@ -56,6 +57,7 @@ def convert(
 
     `dtype` None keeps the checkpoint's own dtype where it has one (else float32). `recipe` None keeps the
     checkpoint's own recipe (a qstar or authors' one), else "default"; `recipe_overrides` change single fields.
+    `quantize` (bits, group_size): quantize the base weights (MLX, mlx-lm's format: a QLoRA base).
     Nothing is left at `dst` if anything fails.
     """
     import tempfile
@@ -73,6 +75,8 @@ def convert(
     with tempfile.TemporaryDirectory(prefix="qstar-gguf-") if gguf else nullcontext("") as scratch:
         local = gguf_to_hf(*gguf, Path(scratch)) if gguf else resolve(src)
         model = load(local, backend=backend, dtype=dtype or source_dtype(local), recipe=recipe, **recipe_overrides)
+        if quantize is not None:
+            model.quantize(*quantize)
 
         def generation_config(tmp: Path) -> None:  # eos ids and sampling defaults travel with the checkpoint
             if (local / "generation_config.json").is_file():

@@ -18,7 +18,7 @@ from qstar.core.generate import Sampling, generate
 from qstar.core.hf_config import ModelConfig
 from qstar.core.layout import ThoughtLayout
 from qstar.core.llama import Model
-from qstar.core.lora import LoraConfig
+from qstar.core.lora import QUANTIZE_BITS, QUANTIZE_GROUPS, LoraConfig
 from qstar.core.ops import Ops
 from qstar.core.recipe import Recipe
 from qstar.core.sampling import NoiseFn, banned_mask, numpy_gumbel, row_gumbel
@@ -302,6 +302,21 @@ class QStarModel(ABC):
             return {}
         return {src: (2, self.config.hidden_size) for src in checkpoint.AUTHORS_EXTRAS}
 
+    @property
+    def quantization(self) -> dict[str, int] | None:
+        """mlx-lm's {"group_size", "bits"} of a quantized base model (config.json "quantization"), else None."""
+        return self.info.raw_config.get("quantization")
+
+    def quantize(self, bits: int, group_size: int) -> None:
+        """Quantize the base weights for QLoRA (MLX, mlx-lm's format); the thought vectors and mixing head stay."""
+        if self.quantization is not None or self.adapter is not None:
+            raise ValueError("quantize a plain model: this one is quantized already or has adapters")
+        if bits not in QUANTIZE_BITS or group_size not in QUANTIZE_GROUPS:
+            raise ValueError(f"--q-bits must be one of {QUANTIZE_BITS} and --q-group-size one of {QUANTIZE_GROUPS}")
+        self._quantize(bits, group_size)
+        config = {**self.info.raw_config, "quantization": {"group_size": group_size, "bits": bits}}
+        self.info = replace(self.info, raw_config=config)
+
     def add_adapters(self, cfg: LoraConfig) -> None:
         """Wrap the configured Linear layers with fresh adapters (qstar/core/lora.py); from then on only the adapters,
         the thought vectors and the mixing head train."""
@@ -414,6 +429,9 @@ class QStarModel(ABC):
     @abstractmethod
     def _freeze(self, trainable: Callable[[str], bool]) -> None:
         """Train exactly the parameters whose internal name `trainable` accepts."""
+
+    def _quantize(self, bits: int, group_size: int) -> None:
+        raise ValueError("quantized models are MLX's (mlx-lm's format): pass --backend mlx")
 
     @abstractmethod
     def _fuse(self) -> None:

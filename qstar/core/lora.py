@@ -33,6 +33,9 @@ LINEAR_KEYS = (
     "mlp.down_proj",
 )
 """The Linear layers of a decoder layer, mlx-lm's default keys for the Llama family."""
+QUANTIZE_BITS = (2, 3, 4, 5, 6, 8)
+QUANTIZE_GROUPS = (32, 64, 128)
+"""What MLX's affine quantization takes (QLoRA: `qstar convert --quantize`)."""
 ALWAYS_TRAINED = ("thought.", "mixing_head.")
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
 

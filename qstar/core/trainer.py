@@ -234,6 +234,11 @@ def load_for_training(cfg: TrainConfig, backend: Backend, latest: Path | None) -
             f"--model {source} is an adapter: pass --fine-tune-type {model.adapter.fine_tune_type} to train it on, or "
             "merge it first (qstar fuse) to train every weight"
         )
+    if model.quantization is not None and adapters is None:
+        raise ValueError(
+            f"--model {source} is quantized (QLoRA base): pass --fine-tune-type lora or dora, or train a model "
+            "converted without --quantize"
+        )
     if model.adapter is None and adapters is not None:
         model.add_adapters(adapters)
     return model

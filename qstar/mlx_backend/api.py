@@ -93,6 +93,10 @@ class MLXQStar(QStarModel):
     def _fuse(self) -> None:
         lora.fuse(self.backbone)
 
+    def _quantize(self, bits: int, group_size: int) -> None:
+        self.backbone.quantize(bits, group_size)
+        mx.eval(self.backbone.parameters())
+
 
 def to_float64(x: mx.array) -> np.ndarray:
     """Exact float64 copy (numpy has no bfloat16; every half value is exact in float32)."""
@@ -115,9 +119,14 @@ def load(info: CheckpointInfo, recipe: Recipe, dtype: str, device: str | None = 
     """Build the model (MLX initialises lazily, so nothing is computed), then fill it from the checkpoint."""
     mx.set_default_device(select_device(dtype, device))
     model = Model(info.config, recipe.embedding_scale)
+    quantization = info.raw_config.get("quantization")
+    if quantization is not None:  # a QLoRA base (qstar convert --quantize): quantized layers before their weights
+        model.quantize(quantization["bits"], quantization["group_size"])
     expected = {k: tuple(v.shape) for k, v in flat(model.parameters()).items()}
     tensors = checkpoint.model_tensors(info, recipe, read_safetensors, embedding_rows, from_numpy, expected)
     mlx_dtype = MLX_DTYPES[dtype]
-    model.update(tree_unflatten([(k, v.astype(mlx_dtype, stream=mx.cpu)) for k, v in tensors.items()]))
+    floating = {k for k, v in tensors.items() if mx.issubdtype(v.dtype, mx.floating)}  # not the packed weights
+    arrays = [(k, v.astype(mlx_dtype, stream=mx.cpu) if k in floating else v) for k, v in tensors.items()]
+    model.update(tree_unflatten(arrays))
     mx.eval(model.parameters())
     return MLXQStar(model, recipe, info, dtype)

@@ -114,6 +114,24 @@ class Model(nn.Module, llama.Model):
         self.mixing_head = [nn.Linear(2 * h, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1, bias=False)]
         self.grad_checkpoint = False
 
+    def logits(self, h: mx.array) -> mx.array:
+        """Logits (..., V) through the head layer itself, which may be quantized (QLoRA), not its weight."""
+        return self.model.embed_tokens.as_linear(h) if self.cfg.tie_word_embeddings else self.lm_head(h)
+
+    def quantize(self, bits: int, group_size: int) -> None:
+        """Quantize the base model's Linear and Embedding layers in place, those whose rows split into whole groups
+        (mlx-lm's rule, so that its loader, which looks for `.scales`, rebuilds the same layers); the mixing head
+        stays."""
+
+        def chosen(path: str, m: nn.Module) -> bool:
+            return (
+                hasattr(m, "to_quantized")
+                and not path.startswith("mixing_head")
+                and m.weight.shape[-1] % group_size == 0
+            )
+
+        nn.quantize(self, group_size, bits, class_predicate=chosen)
+
     def call_layer(self, layer: llama.Block, method: str, *args: Any) -> tuple[mx.array, ...]:
         fn = getattr(layer, method)
         return nn.utils.checkpoint(cast(nn.Module, layer), fn)(*args) if self.grad_checkpoint else fn(*args)

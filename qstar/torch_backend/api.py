@@ -83,6 +83,11 @@ def read_file(file: Path) -> dict[str, torch.Tensor]:
 
 def load(info: CheckpointInfo, recipe: Recipe, dtype: str, device: str | None = None) -> TorchQStar:
     """Build the model on the meta device, then fill it from the checkpoint (extras created for plain HF)."""
+    if "quantization" in info.raw_config:
+        raise ValueError(
+            f"{info.path / 'config.json'} is an MLX-quantized model (qstar convert --quantize): pass --backend mlx, "
+            "or convert the source again without --quantize"
+        )
     device = device or default_device()
     with torch.device("meta"):
         model = Model(info.config, recipe.embedding_scale, device)
