@@ -95,10 +95,21 @@ def operators(results: dict[str, Any]) -> str:
     return markdown(header, out) + f"\n\n{results['shape']}. " + source(results)
 
 
+def modes(results: dict[str, Any]) -> str:
+    """`step_modes.py`: one-pass and two-pass step times side by side."""
+    rows = [
+        [str(r["seq_len"]), f"{r['one-pass']:.3g} s", f"{r['two-pass']:.3g} s", f"{r['two-pass'] / r['one-pass']:.2f}"]
+        for r in results["rows"]
+    ]
+    header = ["L", "one-pass step", "two-pass step", "two-pass / one-pass"]
+    return markdown(header, rows) + f"\n\n{results['threads']} CPU thread(s). " + source(results)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "overhead": overhead,
     "generation": generation,
     "operators": operators,
+    "modes": modes,
 }
 """Table name -> how its JSON is written as markdown (the name before the first "-" chooses: overhead-torch too)."""
 

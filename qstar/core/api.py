@@ -26,7 +26,7 @@ from qstar.core.thinker import LossTerms, quietstar_loss, sample_thoughts, thoug
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 DEFAULT_CPU_STEP_MODE = "two-pass"
-"""Measured on CPU by benchmarks/thought_overhead.py (docs/PERFORMANCE.md)."""
+"""The faster on a CPU at short sequences, one-pass at L >= 128: benchmarks/step_modes.py (docs/PERFORMANCE.md)."""
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 
 
