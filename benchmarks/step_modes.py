@@ -46,7 +46,8 @@ if __name__ == "__main__":
             for _ in range(args.steps + 2):
                 for mode in STEP_MODES:
                     m.step_mode = mode
-                    m.backbone.zero_grad(set_to_none=True)
+                    for p in m.parameters().values():
+                        p.grad = None
                     start = time.perf_counter()
                     m.terms(ids).total.backward()
                     times[mode].append(time.perf_counter() - start)
