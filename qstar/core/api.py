@@ -331,3 +331,7 @@ class QStarModel(ABC):
     @staticmethod
     @abstractmethod
     def _nbytes(tensor: Any) -> int: ...
+
+    @abstractmethod
+    def _freeze(self, trainable: Callable[[str], bool]) -> None:
+        """Train exactly the parameters whose internal name `trainable` accepts."""

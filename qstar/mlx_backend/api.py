@@ -69,6 +69,16 @@ class MLXQStar(QStarModel):
     def _nbytes(tensor: mx.array) -> int:
         return tensor.nbytes
 
+    def _freeze(self, trainable: Callable[[str], bool]) -> None:
+        self.backbone.freeze()
+        for name in self.parameters():
+            if trainable(name):
+                *path, leaf = name.split(".")
+                owner = self.backbone
+                for part in path:
+                    owner = owner[int(part)] if isinstance(owner, list) else getattr(owner, part)
+                owner.unfreeze(keys=[leaf], recurse=False)
+
 
 def to_float64(x: mx.array) -> np.ndarray:
     """Exact float64 copy (numpy has no bfloat16; every half value is exact in float32)."""

@@ -50,6 +50,10 @@ class TorchQStar(QStarModel):
     def _nbytes(tensor: torch.Tensor) -> int:
         return tensor.numel() * tensor.element_size()
 
+    def _freeze(self, trainable: Callable[[str], bool]) -> None:
+        for name, p in self.backbone.named_parameters():
+            p.requires_grad_(trainable(name))
+
 
 def embedding_rows(embedding: torch.Tensor, ids: list[int]) -> np.ndarray:
     return (embedding[ids] if ids else embedding).double().numpy()
