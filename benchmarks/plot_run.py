@@ -1,4 +1,5 @@
-"""A dependency-free SVG of a run's curves: training LM loss, held-out NLL without and with thoughts.
+"""A dependency-free SVG of a run's curves: training LM loss, held-out NLL without and with thoughts (and on the
+hard tokens alone, when the data marks them: the answers of the synthetic corpus).
 
 python benchmarks/plot_run.py runs/qstar docs/default-run.svg
 """
@@ -14,30 +15,39 @@ SERIES = [
     ("train", "lm", "#888", "train LM loss"),
     ("val", "nll_base", "#1f77b4", "held-out NLL, no thought"),
     ("val", "nll_talk", "#d62728", "held-out NLL, with thought"),
+    ("val", "nll_base_hard", "#6baed6", "held-out answers, no thought"),
+    ("val", "nll_talk_hard", "#fc9272", "held-out answers, with thought"),
 ]
 
 
 def render(records: list[dict]) -> str:
-    points = {key: [(r["step"], r[key]) for r in records if r["split"] == split] for split, key, _, _ in SERIES}
+    points = {
+        key: [(r["step"], r[key]) for r in records if r["split"] == split and key in r] for split, key, _, _ in SERIES
+    }
+    series = [s for s in SERIES if points[s[1]]]
     values = [v for series in points.values() for _, v in series]
     lo, hi, last = min(values), max(values), max(s for series in points.values() for s, _ in series)
 
     def x(step: float) -> float:
         return PAD + (WIDTH - 2 * PAD) * step / last
 
+    legend = 16 * len(series)  # the labels go under the plot
+    height = HEIGHT + legend
+
     def y(value: float) -> float:
         return HEIGHT - PAD - (HEIGHT - 2 * PAD) * (value - lo) / max(hi - lo, 1e-9)
 
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" font-family="sans-serif" '
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" font-family="sans-serif" '
         'font-size="12"><rect width="100%" height="100%" fill="white"/>',
-        f'<text x="{PAD}" y="{HEIGHT - 12}">step (0..{last})</text>',
+        f'<text x="{PAD}" y="{HEIGHT - 16}">step (0..{last})</text>',
         f'<text x="4" y="{PAD - 8}">nats: {lo:.3f} .. {hi:.3f}</text>',
     ]
-    for i, (_, key, colour, label) in enumerate(SERIES):
+    for i, (_, key, colour, label) in enumerate(series):
         line = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points[key])
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{line}"/>')
-        parts.append(f'<text x="{WIDTH - 250}" y="{PAD + 16 * i}" fill="{colour}">{label}</text>')
+        dash = ' stroke-dasharray="6 3"' if key.endswith("_hard") else ""
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2"{dash} points="{line}"/>')
+        parts.append(f'<text x="{PAD}" y="{HEIGHT + 16 * i}" fill="{colour}">{label}</text>')
     return "\n".join(parts + ["</svg>"])
 
 

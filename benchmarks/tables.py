@@ -105,7 +105,59 @@ def modes(results: dict[str, Any]) -> str:
     return markdown(header, rows) + f"\n\n{results['threads']} CPU thread(s). " + source(results)
 
 
+def toy(results: dict[str, Any]) -> str:
+    """`toy_table.py`: held-out NLL of the toy corpus's answers and of all tokens, without -> with thoughts (runs), or
+    per chain length (the rows of one run)."""
+
+    def value(r: dict[str, Any], key: str, digits: int = 3) -> str:
+        if r.get(key) is None:
+            return "-"
+        sd = r.get(key + "_sd")
+        return f"{r[key]:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+    def share(r: dict[str, Any]) -> str:
+        if r.get("thoughts_correct") is None:
+            return "-"
+        sd = r.get("thoughts_correct_sd")
+        return f"{100 * r['thoughts_correct']:.1f}%" + (f" ± {100 * sd:.1f}" if sd is not None else "")
+
+    rows = results["rows"]
+    if "chain" in rows[0]:
+        header = ["functions", "documents", "answer NLL without", "with thoughts", "all-token NLL without", "with"]
+        header.append("thoughts with the intermediates")
+        body = [
+            [str(r["chain"]), str(r["documents"]), value(r, "answer_nll_base"), value(r, "answer_nll_thought")]
+            + [value(r, "all_nll_base"), value(r, "all_nll_thought"), share(r)]
+            for r in rows
+        ]
+        return markdown(header, body) + "\n\n" + source(results)
+    header = ["run", "answer NLL without -> with thoughts", "gain", "all-token NLL without -> with", "gain"]
+    header += ["mixing weight", "thoughts with the intermediates", "train wall (1 core)"]
+    body = []
+    for r in rows:
+        bold = "**" if r["name"] == "mean" else ""
+        wall = (
+            "-"
+            if r.get("wall_s") is None
+            else f"{r['wall_s']:.0f} s" + (f" ± {r['wall_s_sd']:.0f}" if r.get("wall_s_sd") is not None else "")
+        )
+        body.append(
+            [
+                f"{bold}{r['flags']}{bold}",
+                f"{value(r, 'answer_nll_base')} -> {value(r, 'answer_nll_thought')}",
+                f"{bold}{value(r, 'answer_gain')}{bold}",
+                f"{value(r, 'all_nll_base')} -> {value(r, 'all_nll_thought')}",
+                value(r, "all_gain"),
+                value(r, "mixing_weight", 2),
+                share(r),
+                wall,
+            ]
+        )
+    return markdown(header, body) + "\n\n" + source(results)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "toy": toy,
     "overhead": overhead,
     "generation": generation,
     "operators": operators,

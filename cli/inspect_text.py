@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from math import nan
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,33 +26,57 @@ def inspect_text(
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or float64 (or fp32, bf16, fp16)")] = "float32",
     recipe_overrides: dict[str, Any] | None = None,
 ) -> None:
-    """For every token: log-prob without thought vs after the thought sampled before it, the thought on hover."""
+    """For every token: log-prob without thought vs after the thought sampled before it, the thought on hover. Blank
+    lines separate documents, each scored on its own (as `qstar train` reads a .txt); the hard tokens of synthetic
+    documents (their answers) are scored apart."""
     import qstar
+    from qstar.core import synthetic
+    from qstar.core.data import txt_documents
     from qstar.core.files import write_atomic
-    from qstar.core.report import render_html, summary_line
+    from qstar.core.report import hard_line, render_html, summary_line
 
     if not text.is_file():
         raise FileNotFoundError(f"{text} not found: pass a text file with --text")
     content = text.read_text()
     if not content.strip():
         raise ValueError(f"{text} is empty: give it some text to inspect")
-    m = qstar.load(model, backend=backend, dtype=dtype, adapter_path=adapter_path, **(recipe_overrides or {}))
-    if m.tokenizer is None:
-        raise ValueError(f"{model} has no tokenizer files: inspect needs text in and out")
-    ids = m.tokenizer(content)["input_ids"]
-    m.config.check_length(len(ids))
-    plain, mixed, thoughts = m.next_token_logits(np.array([ids]), seed=seed)
 
-    def logprob(logits: np.ndarray) -> list[float]:
+    def logprob(logits: np.ndarray, ids: list[int]) -> list[float]:
         z = logits[0, :-1].astype(np.float64)
         top = z.max(-1, keepdims=True)
         lse = (top + np.log(np.exp(z - top).sum(-1, keepdims=True)))[:, 0]
-        return [float("nan")] + (z[np.arange(len(ids) - 1), ids[1:]] - lse).tolist()
+        return [nan] + (z[np.arange(len(ids) - 1), ids[1:]] - lse).tolist()
 
-    tokens = [m.tokenizer.decode([t]) for t in ids]
-    thought_text = [""] + [m.tokenizer.decode(t, skip_special_tokens=True) for t in thoughts[0, :-1]]
-    base, thoughtful = logprob(plain), logprob(mixed)
-    write_atomic(out, render_html(tokens, base, thoughtful, thought_text, title=f"qstar inspect: {text.name}"))
+    m = qstar.load(model, backend=backend, dtype=dtype, adapter_path=adapter_path, **(recipe_overrides or {}))
+    if m.tokenizer is None:
+        raise ValueError(f"{model} has no tokenizer files: inspect needs text in and out")
+    tokens: list[str] = []
+    base: list[float] = []
+    thoughtful: list[float] = []
+    thought_text: list[str] = []
+    hard: list[bool] = []
+    for n, document in enumerate(txt_documents(text)):  # blank lines separate documents, as `qstar train` reads
+        if n:  # an unscored separator on the page
+            tokens.append("\n")
+            base.append(nan)
+            thoughtful.append(nan)
+            thought_text.append("")
+            hard.append(False)
+        encoded = m.tokenizer(document, return_offsets_mapping=True)
+        ids = encoded["input_ids"]
+        m.config.check_length(len(ids))
+        chars = synthetic.hard_mask(document)  # the answers of synthetic documents, if the text holds any
+        hard += [any(chars[a:b]) for a, b in encoded["offset_mapping"]]
+        plain, mixed, thoughts = m.next_token_logits(np.array([ids]), seed=seed + n)
+        tokens += [m.tokenizer.decode([t]) for t in ids]
+        thought_text += [""] + [m.tokenizer.decode(t, skip_special_tokens=True) for t in thoughts[0, :-1]]
+        base += logprob(plain, ids)
+        thoughtful += logprob(mixed, ids)
+    page = render_html(tokens, base, thoughtful, thought_text, title=f"qstar inspect: {text.name}", hard=hard)
+    write_atomic(out, page)
     console = Console(stderr=True)
     console.print(summary_line(tokens, base, thoughtful))
+    line = hard_line(base, thoughtful, hard)
+    if line is not None:
+        console.print(line)
     console.print(f"wrote {out}")

@@ -24,7 +24,7 @@ from qstar.core.train_config import (
 
 @user_errors
 def train(config: Optional[Path] = None, resume: bool = False, overwrite: bool = False, **flags: Any) -> None:  # noqa: UP045
-    """Train Quiet-STaR. With no arguments: the shipped arithmetic model on fresh synthetic data, minutes on a CPU."""
+    """Train Quiet-STaR. With no arguments: the shipped toy model on fresh synthetic data, about 2 minutes on a CPU."""
     from qstar import backends
     from qstar.core import trainer
     from qstar.core.rundir import saved_config

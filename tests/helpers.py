@@ -162,6 +162,28 @@ def train_records(out: Path, split: str = "train") -> dict[int, dict]:
     return {r["step"]: r for r in lines if r["split"] == split}
 
 
+def mixing_head_only_training(backend: str, checkpoint: Path, tmp_path: Path) -> None:
+    """--train-only mixing_head: the mixing head changes and nothing else does; validation on the synthetic corpus
+    reports the NLL of its hard tokens (the answers) without and with thoughts."""
+    import qstar
+    from qstar.cli.main import app
+
+    out = tmp_path / "only"
+    args = ["train", "--backend", backend, "--model", str(checkpoint), "--out", str(out), "--iters", "3"]
+    args += ["--learning-rate", "1e-2", "--steps-per-eval", "3", "--train-only", "mixing_head", *TRAIN_SMALL]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "training only mixing_head" in result.output and "nll_talk_hard=" in result.output
+    before = qstar.load(str(checkpoint), backend="torch", thought_tokens=2, lookahead=2).parameters()
+    after = qstar.load(str(out / "model"), backend="torch").parameters()
+    changed = {k for k in before if not bool((before[k] == after[k]).all())}
+    assert changed and all(k.startswith("mixing_head.") for k in changed), changed
+    val = train_records(out, "val")[3]
+    assert np.isfinite(val["nll_base_hard"]) and np.isfinite(val["nll_talk_hard"]) and "hard_tokens" not in val
+    bad = CliRunner().invoke(app, [*args[:5], "--out", str(tmp_path / "none"), "--train-only", "nothing_such"])
+    assert bad.exit_code == 1 and "matches no parameter" in " ".join(bad.output.split()), bad.output
+
+
 def short_training(backend: str, checkpoint: Path, tmp_path: Path) -> Path:
     """30 CLI training steps at a high learning rate: the LM loss falls, validations and checkpoints land where
     asked, the resolved config is saved. Returns the run directory."""

@@ -54,7 +54,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
     """~4 minutes: the default training run is one of them."""
     clone = tmp_path / "qstar"
     clone.mkdir()
-    for name in ("README.md", "weights"):  # what the commands read from the repository
+    for name in ("README.md", "weights", "docs"):  # what the commands read from the repository
         (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, clone / name)
     if SHARED.exists():
         (tmp_path / "shared").symlink_to(SHARED)

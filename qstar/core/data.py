@@ -34,7 +34,7 @@ PARTS = ("all", "train", "validation")
 HELD_OUT = 0.01
 WHAT_TO_PASS = (
     "pass a .txt (documents separated by blank lines), .jsonl or .parquet file, 'synthetic' (or 'synthetic:N', "
-    "'synthetic:LOW-HIGH' operations per problem), or a Hugging Face dataset id (owner/name or owner/name:config)"
+    "'synthetic:LOW-HIGH' functions per chain), or a Hugging Face dataset id (owner/name or owner/name:config)"
 )
 STATE_VERSION = 1
 
@@ -84,6 +84,12 @@ def is_hub_spec(spec: str) -> bool:
     )
 
 
+def hard_characters(spec: str) -> Callable[[str], list[bool]] | None:
+    """What marks the hard tokens of a source's documents, per character (the synthetic corpus marks its answers:
+    synthetic.hard_mask); None for sources without such a notion."""
+    return synthetic.hard_mask if spec == "synthetic" or spec.startswith("synthetic:") else None
+
+
 def synthetic_difficulty(spec: str) -> tuple[int, int]:
     """`synthetic` -> the default range, `synthetic:3` -> (3, 3), `synthetic:1-4` -> (1, 4)."""
     _, _, text = spec.partition(":")
@@ -91,7 +97,7 @@ def synthetic_difficulty(spec: str) -> tuple[int, int]:
         return synthetic.DEFAULT_DIFFICULTY
     match = re.fullmatch(r"(\d+)(?:-(\d+))?", text)
     if match is None:
-        raise ValueError(f"{spec}: write synthetic:N or synthetic:LOW-HIGH (operations per problem)")
+        raise ValueError(f"{spec}: write synthetic:N or synthetic:LOW-HIGH (functions per chain)")
     low = int(match[1])
     return synthetic.steps_range((low, int(match[2] or low)))
 
@@ -278,9 +284,12 @@ class BlockStream:
         min_len: int = 1,
         shuffle_buffer: int = 0,
         state: dict[str, Any] | None = None,
+        mark: Callable[[Any], list[bool]] | None = None,
     ) -> None:
         """min_len: the shortest seq_len the caller can use (Recipe.min_seq_len()); shuffle_buffer: documents held in
-        a seeded streaming shuffle (0 keeps the source's order)."""
+        a seeded streaming shuffle (0 keeps the source's order); mark: per token of encode(document), whether it is
+        a hard token; then each batch is (ids, mask, hard) with hard (B, L) bool packed along with the ids (a marked
+        stream is for held-out batches: a restored one forgets the marks of the tokens it was holding)."""
         if seq_len < min_len:
             raise ValueError(f"max-seq-length {seq_len} is shorter than thought+lookahead needs ({min_len})")
         checks = [
@@ -300,6 +309,8 @@ class BlockStream:
         self.eos_id = eos_id
         self.pad_id = pad_id
         self.shuffle_buffer = shuffle_buffer
+        self.mark = mark
+        self.pending_hard: list[bool] = []
         self.epoch = 0
         self.documents = 0
         self.pending: list[int] = []
@@ -334,41 +345,49 @@ class BlockStream:
         self.epoch = int(state["epoch"])
         self.documents = int(state["documents"])
         self.pending = [int(t) for t in state["pending"]]
+        self.pending_hard = [False] * len(self.pending)
         self.epoch_has_tokens = self.documents > 0
         self.source = None
 
     def __iter__(self) -> BlockStream:
         return self
 
-    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+    def __next__(self) -> tuple[np.ndarray, ...]:
         ids = np.full((self.batch_size, self.seq_len), self.pad_id, dtype=np.int64)
         mask = np.zeros((self.batch_size, self.seq_len), dtype=bool)
+        hard = np.zeros((self.batch_size, self.seq_len), dtype=bool)
         for b in range(self.batch_size):
-            row = self.next_row()
+            row, flags = self.next_row()
             ids[b, : len(row)] = row
             mask[b, : len(row)] = True
-        return ids, mask
+            hard[b, : len(row)] = flags
+        return (ids, mask) if self.mark is None else (ids, mask, hard)
 
-    def next_row(self) -> list[int]:
-        """seq_len tokens, or fewer for the last row of an epoch."""
+    def next_row(self) -> tuple[list[int], list[bool]]:
+        """seq_len tokens, or fewer for the last row of an epoch, and their hard-token flags."""
         while len(self.pending) < self.seq_len:
             text = self.next_document()
             if text is None:
-                row, self.pending = self.pending, []
+                row, flags, self.pending, self.pending_hard = self.pending, self.pending_hard, [], []
                 self.end_epoch()
                 if row:
-                    return row
+                    return row, flags
                 continue
             tokens = [int(t) for t in self.encode(text)]
+            marks = [bool(m) for m in self.mark(text)] if self.mark is not None else [False] * len(tokens)
+            if len(marks) != len(tokens):
+                raise ValueError(f"mark gave {len(marks)} flags for {len(tokens)} tokens: one per token")
             self.epoch_has_tokens = self.epoch_has_tokens or bool(tokens)
             if len(tokens) >= self.seq_len:
                 rng = np.random.default_rng([self.seed, self.epoch, 0, self.documents])
                 start = int(rng.integers(len(tokens) - self.seq_len + 1))
-                return tokens[start : start + self.seq_len]
+                return tokens[start : start + self.seq_len], marks[start : start + self.seq_len]
             if tokens:
                 self.pending += [*tokens, self.eos_id]
+                self.pending_hard += [*marks, False]
         row, self.pending = self.pending[: self.seq_len], self.pending[self.seq_len :]
-        return row
+        flags, self.pending_hard = self.pending_hard[: self.seq_len], self.pending_hard[self.seq_len :]
+        return row, flags
 
     def next_document(self) -> str | None:
         """The epoch's next document (counted in self.documents), or None when the epoch is over."""

@@ -91,6 +91,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         think_every=1,
     ),
     "default": {},
+    # The shipped toy model (weights/arith-llama, qstar/core/synthetic.py); docs/TOY.md measures what each value
+    # that differs from "default" brings (each set back to its default in a run of its own).
+    "toy": dict(
+        thought_tokens=4,  # the width of a worked document's field: a thought ends where the field does
+        lookahead=2,  # the answer and the `.` after it
+        embedding_scale=1.0,  # <start>/<end> start as `|` and train at the same speed as every other weight
+        init_token="|",  # a thought opens (and closes) like the field of a worked document
+    ),
 }
 
 

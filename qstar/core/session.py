@@ -18,6 +18,8 @@ class Batch:
     """(B, L) int64."""
     mask: np.ndarray
     """(B, L) bool, right-padded."""
+    hard: np.ndarray | None = None
+    """(B, L) bool: the hard tokens (e.g. the answers of the synthetic corpus), when the data marks them."""
 
 
 class Session(Protocol):
@@ -42,3 +44,33 @@ class Session(Protocol):
 def mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
     """Per-key mean over micro-batches or report windows."""
     return {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+
+
+HARD_SUMS = ("hard_tokens", "nll_base_hard_sum", "nll_talk_hard_sum")
+
+
+def hard_token_sums(
+    nll_base: np.ndarray, nll_talk: np.ndarray, streams: np.ndarray, hard: np.ndarray
+) -> dict[str, float]:
+    """Over the hard tokens of a batch that a thought precedes: how many, and the sums of their NLL without and after
+    the thought (the next-token prediction, lookahead j = 1). nll_base (R, L-1) and nll_talk (R, S_1) per thought
+    row (LossTerms), `streams` the layout's thinking positions, hard (B, L) (Batch.hard); stream p predicts token
+    p + 1."""
+    scored = streams[: nll_talk.shape[1]]
+    flags = np.repeat(hard[:, scored + 1], nll_base.shape[0] // hard.shape[0], axis=0).astype(np.float64)
+    return {
+        "hard_tokens": float(flags.sum()),
+        "nll_base_hard_sum": float((nll_base[:, scored] * flags).sum()),
+        "nll_talk_hard_sum": float((nll_talk * flags).sum()),
+    }
+
+
+def evaluation_metrics(records: list[dict[str, float]]) -> dict[str, float]:
+    """The mean metrics of held-out batches; with hard_token_sums in them, the mean NLL over all their hard tokens
+    without (nll_base_hard) and with (nll_talk_hard) the thought, in place of the sums."""
+    means = mean_metrics(records)
+    if "hard_tokens" not in means:
+        return means
+    count = max(means.pop("hard_tokens"), 1e-12)
+    base, talk = means.pop("nll_base_hard_sum"), means.pop("nll_talk_hard_sum")
+    return {**means, "nll_base_hard": base / count, "nll_talk_hard": talk / count}

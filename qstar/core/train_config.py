@@ -19,7 +19,7 @@ class TrainConfig:
     backend: str = "auto"
     """auto (mlx on Apple silicon when installed, else torch), torch or mlx."""
     model: str = DEFAULT_MODEL
-    """Checkpoint directory or hub id (default: the small arithmetic model shipped in weights/)."""
+    """Checkpoint directory or hub id (default: the toy model shipped in weights/, docs/TOY.md)."""
     data: str = "synthetic"
     """synthetic, a .txt/.jsonl/.parquet file, or a Hugging Face dataset id (streamed)."""
     text_field: str = "text"
@@ -30,7 +30,7 @@ class TrainConfig:
     """Run directory: checkpoints/, metrics.jsonl, config.json and the `model` link to the newest checkpoint."""
     dtype: str = "float32"
     """Compute dtype; the optimizer keeps float32 master weights for bfloat16/float16."""
-    iters: int = 200
+    iters: int = 400
     """Optimizer steps."""
     batch_size: int = 4
     """Sequences per micro-batch (each thinks thoughts_per_position times)."""
@@ -86,8 +86,12 @@ class TrainConfig:
     """lora/dora: comma-separated Linear layers of a decoder layer to adapt (default: all seven)."""
     adapter_path: str | None = None
     """lora/dora: start from this adapter (a directory an adapter run wrote) instead of fresh adapters."""
-    recipe: str = "default"
-    """Recipe preset (default or paper); recipe fields given as flags override it."""
+    train_only: str | None = None
+    """Comma-separated parameter-name prefixes that train; every other weight stays frozen (default: all train).
+    `mixing_head` trains the mixing head alone, so the thoughts stay the pretrained model's (an ablation)."""
+    recipe: str = "auto"
+    """Recipe preset (default, paper or toy; auto: toy for the shipped model, else default, resolved when the settings
+    are read); recipe fields given as flags override it."""
     recipe_overrides: dict[str, Any] = field(default_factory=dict)
     tensorboard: bool = False
     """Also log to TensorBoard (needs tensorboard)."""
@@ -123,6 +127,8 @@ class TrainConfig:
         if self.fine_tune_type == "full" and self.adapter_path is not None:
             raise ValueError("--adapter-path starts from an adapter: pass --fine-tune-type lora or dora too")
         self.lora_config()  # checks the adapter settings
+        self.trained_prefixes()
+        self.recipe = self.recipe_name()  # saved resolved: the run's config.json says which preset it used
         recipe = self.make_recipe()
         self.recipe_overrides = {k: getattr(recipe, k) for k in self.recipe_overrides}  # as validated: 2e0 -> 2.0
         if self.max_seq_length < recipe.min_seq_len():
@@ -131,8 +137,21 @@ class TrainConfig:
                 f"({recipe.min_seq_len()} tokens)"
             )
 
+    def recipe_name(self) -> str:
+        """The preset the recipe starts from: `auto` is toy for the shipped model (docs/TOY.md), else default."""
+        if self.recipe != "auto":
+            return self.recipe
+        return "toy" if Path(self.model).expanduser().resolve() == Path(DEFAULT_MODEL).resolve() else "default"
+
     def make_recipe(self) -> Recipe:
-        return make_recipe(self.recipe, **self.recipe_overrides)
+        return make_recipe(self.recipe_name(), **self.recipe_overrides)
+
+    def trained_prefixes(self) -> tuple[str, ...]:
+        """--train-only as a tuple of parameter-name prefixes."""
+        prefixes = tuple(p.strip() for p in (self.train_only or "").split(",") if p.strip())
+        if self.train_only is not None and not prefixes:
+            raise ValueError("--train-only names no parameters: pass prefixes such as mixing_head or thought.")
+        return prefixes
 
     def lora_config(self) -> LoraConfig | None:
         """The adapters of a lora/dora run (None for full fine-tuning)."""

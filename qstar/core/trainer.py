@@ -21,7 +21,7 @@ import numpy as np
 from qstar.core import lora
 from qstar.core.api import QStarModel
 from qstar.core.backend import Backend, load
-from qstar.core.data import BlockStream, TokenCache, is_hub_spec, open_documents
+from qstar.core.data import BlockStream, TokenCache, hard_characters, is_hub_spec, open_documents
 from qstar.core.files import DiskFull, write_atomic
 from qstar.core.rundir import CONFIG_FILE, STATE_FILE, RunDirectory, checkpoints
 from qstar.core.session import Batch, Session, mean_metrics
@@ -163,12 +163,25 @@ def save_checkpoint(session: Session, out: Path, step: int, state: dict[str, Any
 
 def make_streams(cfg: TrainConfig, tokenizer: Any, min_len: int) -> tuple[BlockStream, list[Batch]]:
     """The training stream and a fixed list of held-out batches (a disjoint part of --data unless --val-data).
-    A streamed hub dataset is tokenized once into OUT/token-cache/, which resumes and later epochs read."""
+    A streamed hub dataset is tokenized once into OUT/token-cache/, which resumes and later epochs read. Held-out
+    batches of a source that marks hard tokens (data.hard_characters) carry them (Batch.hard)."""
 
     def encode(text: str) -> list[int]:
         return tokenizer(text)["input_ids"]
 
-    def stream(spec: str, part: str) -> BlockStream:
+    def marker(spec: str) -> Callable[[str], list[bool]] | None:
+        """A token is hard when a character it covers is (the tokenizer's offsets; special tokens cover none)."""
+        hard = hard_characters(spec)
+        if hard is None:
+            return None
+
+        def mark(text: str) -> list[bool]:
+            chars = hard(text)
+            return [any(chars[a:b]) for a, b in tokenizer(text, return_offsets_mapping=True)["offset_mapping"]]
+
+        return mark
+
+    def stream(spec: str, part: str, held_out: bool = False) -> BlockStream:
         def documents(seed: int) -> Iterator[Any]:
             return open_documents(spec, cfg.text_field, seed=seed, part=part)
 
@@ -178,12 +191,13 @@ def make_streams(cfg: TrainConfig, tokenizer: Any, min_len: int) -> tuple[BlockS
             key = hashlib.sha1(f"{spec}\n{cfg.text_field}".encode()).hexdigest()[:12]
             cache = TokenCache(Path(cfg.out) / "token-cache" / f"{part}-{key}")
             factory, encoder = (lambda seed: cache.documents(lambda: documents(seed), encode)), list
-        return BlockStream(factory, encoder, cfg.max_seq_length, cfg.batch_size, cfg.seed, eos, pad, min_len)
+        mark = marker(spec) if held_out else None
+        return BlockStream(factory, encoder, cfg.max_seq_length, cfg.batch_size, cfg.seed, eos, pad, min_len, mark=mark)
 
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     train = stream(cfg.data, "all" if cfg.val_data else "train")
-    val = stream(*((cfg.val_data, "all") if cfg.val_data else (cfg.data, "validation")))
+    val = stream(*((cfg.val_data, "all") if cfg.val_data else (cfg.data, "validation")), held_out=True)
     return train, [Batch(*next(val)) for _ in range(cfg.val_batches)]
 
 
@@ -241,6 +255,16 @@ def load_for_training(cfg: TrainConfig, backend: Backend, latest: Path | None) -
         )
     if model.adapter is None and adapters is not None:
         model.add_adapters(adapters)
+    if cfg.train_only:
+        prefixes = cfg.trained_prefixes()
+        if not any(name.startswith(prefixes) for name in model.parameters()):
+            tops = sorted({name.split(".")[0] for name in model.parameters()})
+            raise ValueError(
+                f"--train-only {cfg.train_only} matches no parameter of {cfg.model}: its parameter names start "
+                f"with {', '.join(tops)} (e.g. --train-only mixing_head)"
+            )
+        kept = lora.trainable if model.adapter is not None else (lambda name: True)  # within an adapter run's set
+        model._freeze(lambda name: name.startswith(prefixes) and kept(name))
     return model
 
 
@@ -251,7 +275,7 @@ def run_header(cfg: TrainConfig, model: QStarModel, resumed: Path | None) -> str
         [
             f"qstar train: {cfg.model} ({model.config.model_type}) on {cfg.backend}, {model.ops.device_name()}, "
             f"{cfg.dtype}, {model.step_mode} steps",
-            f"  recipe {cfg.recipe}: {r.thought_tokens} thought tokens, lookahead {r.lookahead}, "
+            f"  recipe {cfg.recipe_name()}: {r.thought_tokens} thought tokens, lookahead {r.lookahead}, "
             f"{r.thoughts_per_position} thoughts per position, policy weight {r.policy_weight:g}"
             + (
                 f" (changed: {', '.join(f'{k}={v}' for k, v in cfg.recipe_overrides.items())})"
@@ -262,6 +286,7 @@ def run_header(cfg: TrainConfig, model: QStarModel, resumed: Path | None) -> str
             f"  data {cfg.data}: {cfg.iters} steps of {cfg.batch_size} x {cfg.max_seq_length} tokens"
             + (f" x {cfg.grad_accumulation_steps} accumulated" if cfg.grad_accumulation_steps > 1 else "")
             + f", learning rate {cfg.learning_rate:g}",
+            *([f"  training only {cfg.train_only} (every other weight frozen)"] if cfg.train_only else []),
             f"  writing to {cfg.out}" + (f" (resuming {resumed.name})" if resumed else ""),
         ]
     )
@@ -364,6 +389,8 @@ def format_record(record: dict[str, Any]) -> str:
         "policy",
         "nll_base",
         "nll_talk",
+        "nll_base_hard",
+        "nll_talk_hard",
         "mixing_weight",
         "positive_advantage",
         "grad_norm",

@@ -21,7 +21,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
-from qstar.core.session import Batch, mean_metrics
+from qstar.core.session import Batch, evaluation_metrics, hard_token_sums, mean_metrics
 from qstar.core.thinker import LossTerms, quietstar_loss
 from qstar.core.train_config import TrainConfig
 from qstar.mlx_backend.api import MLXQStar, read_safetensors
@@ -163,9 +163,11 @@ class Session:
         net.update(new)
         return metrics, norm, mx.logical_not(ok)
 
-    def evaluate_fn(self, ids: mx.array, valid: mx.array) -> Metrics:
+    def evaluate_fn(self, ids: mx.array, valid: mx.array) -> tuple[Metrics, mx.array, mx.array]:
+        """The metrics, and the NLL without and after the thought of the next token (hard_token_sums)."""
         self.traces["evaluate"] += 1
-        return scalars(self.terms(ids, valid))
+        terms = self.terms(ids, valid)
+        return scalars(terms), terms.nll_base, terms.nll_talk[0]
 
     # ---- the Session protocol ----
 
@@ -200,12 +202,16 @@ class Session:
         try:
             records = []
             for batch in batches:
-                metrics = self._evaluate(*self.inputs(batch))
-                mx.eval(metrics)
+                metrics, nll_base, nll_talk = self._evaluate(*self.inputs(batch))
+                mx.eval(metrics, nll_base, nll_talk)
                 records.append({k: float(v) for k, v in metrics.items()})
+                if batch.hard is not None:
+                    streams = self.model.layout(batch.ids.shape[1]).streams
+                    base, talk = np.array(nll_base.astype(mx.float32)), np.array(nll_talk.astype(mx.float32))
+                    records[-1].update(hard_token_sums(base, talk, streams, batch.hard))
         finally:
             set_random_key(training_key)
-        return mean_metrics(records)
+        return evaluation_metrics(records)
 
     def write_state(self, directory: Path) -> None:
         tensors = {f"optimizer.{k}": v for k, v in flat(self.optimizer.state).items()}

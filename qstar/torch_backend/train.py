@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from qstar.core.session import Batch, mean_metrics
+from qstar.core.session import Batch, evaluation_metrics, hard_token_sums, mean_metrics
 from qstar.core.thinker import LossTerms
 from qstar.core.train_config import TrainConfig
 from qstar.torch_backend.api import TorchQStar
@@ -80,8 +80,15 @@ class Session:
     def evaluate(self, batches: list[Batch], seed: int) -> dict[str, float]:
         with torch.random.fork_rng(devices=self.cuda_devices), torch.no_grad():  # the training draws go on after it
             torch.manual_seed(seed)
-            records = [scalars(self.model.terms(b.ids, b.mask)) for b in batches]
-        return mean_metrics(records)
+            records = []
+            for batch in batches:
+                terms = self.model.terms(batch.ids, batch.mask)
+                records.append(scalars(terms))
+                if batch.hard is not None:
+                    streams = self.model.layout(batch.ids.shape[1]).streams
+                    base, talk = self.ops.to_numpy(terms.nll_base), self.ops.to_numpy(terms.nll_talk[0])
+                    records[-1].update(hard_token_sums(base, talk, streams, batch.hard))
+        return evaluation_metrics(records)
 
     def write_state(self, directory: Path) -> None:
         masters = [m.detach().cpu() for m, p in zip(self.master, self.params, strict=True) if m is not p]

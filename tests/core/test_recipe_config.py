@@ -40,7 +40,16 @@ def test_unknown_names_are_rejected():
         make_recipe("fast")
     with pytest.raises(ValueError, match="unknown recipe field"):
         make_recipe("paper", n_ahead=3)
-    assert set(PRESETS) == {"paper", "default"}
+    assert set(PRESETS) == {"paper", "default", "toy"}
+
+
+def test_auto_recipe_is_the_toy_one_for_the_shipped_model_only():
+    from qstar.core.train_config import DEFAULT_MODEL, TrainConfig
+
+    assert TrainConfig().make_recipe() == make_recipe("toy")
+    assert TrainConfig(model="someone/else").make_recipe() == make_recipe("default")
+    assert TrainConfig(model=DEFAULT_MODEL, recipe="paper").make_recipe() == make_recipe("paper")
+    assert TrainConfig(recipe_overrides={"lookahead": 3}).make_recipe().lookahead == 3
 
 
 def base_config(**extra):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qstar.core.report import render_html, summarize_tokens, summary_line
+from qstar.core.report import hard_line, render_html, summarize_tokens, summary_line
 
 CHROMIUM = Path("/usr/bin/chromium")
 TOKENS = ["The", " cat", " <script>document.title='pwned'</script>", "\n", "  sat", " &", " on", " mat"]
@@ -47,6 +47,19 @@ def test_one_span_per_token_escaped_with_whitespace_kept():
     assert html.count("rgba(22, 163, 74, 0.850)") >= 2  # " mat" saturates (beyond the 95th percentile), legend too
     assert "rgba(220, 38, 38" in html  # " <script>..." was hurt
     assert "+0.929 nats/token" in html and "&#x27; mat&#x27; +4.000" in html
+
+
+def test_hard_tokens_are_scored_apart_and_underlined():
+    hard = [False, False, False, False, True, False, False, True]  # "  sat" (+1.5) and " mat" (+4)
+    assert hard_line(BASE, THOUGHT, hard) == (
+        "2 hard tokens: NLL 4.500 without thoughts, 1.750 with (-2.750); "
+        "5 other tokens: NLL 2.600 without thoughts, 2.400 with (-0.200)"
+    )
+    assert hard_line(BASE, THOUGHT, [True] + [False] * 7) is None  # the first token is not scored
+    html = render_html(TOKENS, BASE, THOUGHT, THOUGHTS, "t", hard=hard)
+    assert html.count('class="tok hard"') == 2 and "2 hard tokens: NLL 4.500" in html
+    assert html.count("<tr><td>") == 2 and "<td>  sat</td><td>verb</td><td>3.000</td><td>1.500</td>" in html
+    assert '<table class="hard-table">' not in page()
 
 
 def test_lengths_must_agree():

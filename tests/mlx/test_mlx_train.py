@@ -14,7 +14,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import killed_at_random_and_uninterrupted, random_ids, short_training, train_records
+from helpers import (
+    killed_at_random_and_uninterrupted,
+    mixing_head_only_training,
+    random_ids,
+    short_training,
+    train_records,
+)
 from mlx.utils import tree_flatten
 
 import qstar
@@ -66,6 +72,10 @@ def test_short_training_lowers_the_loss_and_saves_a_loadable_model(llama_checkpo
     assert all(np.array_equal(np.array(wm[k]), wt[k].detach().numpy()) for k in wm)
     start = qstar.load(str(llama_checkpoint), backend="mlx", **RECIPE).parameters()
     assert not np.array_equal(np.array(start["lm_head.weight"]), np.array(wm["lm_head.weight"]))
+
+
+def test_training_only_the_mixing_head(llama_checkpoint, tmp_path):
+    mixing_head_only_training("mlx", llama_checkpoint, tmp_path)
 
 
 def test_killed_run_resumes_exactly(llama_checkpoint, tmp_path):

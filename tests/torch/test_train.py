@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from helpers import TRAIN_SMALL, killed_at_random_and_uninterrupted, short_training, train_records
+from helpers import (
+    TRAIN_SMALL,
+    killed_at_random_and_uninterrupted,
+    mixing_head_only_training,
+    short_training,
+    train_records,
+)
 from typer.testing import CliRunner
 
 import qstar
@@ -13,6 +19,10 @@ def test_short_training_lowers_the_loss_and_saves_a_loadable_model(llama_checkpo
     out = short_training("torch", llama_checkpoint, tmp_path)
     model = qstar.load(str(out / "model"), backend="torch")
     assert model.recipe.thought_tokens == 2 and model.recipe.policy_weight == 1
+
+
+def test_training_only_the_mixing_head(llama_checkpoint, tmp_path):
+    mixing_head_only_training("torch", llama_checkpoint, tmp_path)
 
 
 def test_killed_run_resumes_exactly(llama_checkpoint, tmp_path):
