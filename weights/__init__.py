@@ -1,6 +1,12 @@
 """The shipped default model, `arith-llama/` (installed with the package), and `build_default.py`, which rebuilds it."""
 
 from importlib.resources import files
+from pathlib import Path
 
 DEFAULT_MODEL = str(files(__name__) / "arith-llama")
 """The directory of the shipped model, wherever qstar is installed."""
+
+
+def default_preset(model: str | Path) -> str:
+    """The recipe preset of a model that records none: toy for the shipped model (docs/TOY.md), else default."""
+    return "toy" if Path(model).expanduser().resolve() == Path(DEFAULT_MODEL).resolve() else "default"

@@ -14,6 +14,7 @@ from qstar.core.hub import resolve
 from qstar.core.recipe import Recipe, make_recipe
 from qstar.core.session import Session
 from qstar.core.thinker import check_step_mode
+from qstar.weights import default_preset
 
 
 class Backend(Protocol):
@@ -50,7 +51,8 @@ def load(
         recipe = (lora.read_adapter_config(adapter).get("qstar") or {}).get("recipe")
     local = resolve(path)
     info = checkpoint.inspect(local)
-    chosen = make_recipe(info.saved_recipe if recipe is None else recipe, **recipe_overrides)
+    saved = info.saved_recipe or default_preset(local)
+    chosen = make_recipe(saved if recipe is None else recipe, **recipe_overrides)
     model = backend.load(info, chosen, dtype, device)
     model.source = str(local.resolve()) if Path(path).is_dir() else str(path)  # a hub id stays one
     if adapter is not None:

@@ -11,7 +11,7 @@ from qstar.core.api import check_dtype
 from qstar.core.fields import check_fields
 from qstar.core.lora import FINE_TUNE_TYPES, LINEAR_KEYS, LoraConfig
 from qstar.core.recipe import Recipe, make_recipe
-from qstar.weights import DEFAULT_MODEL
+from qstar.weights import DEFAULT_MODEL, default_preset
 
 
 @dataclass
@@ -141,7 +141,7 @@ class TrainConfig:
         """The preset the recipe starts from: `auto` is toy for the shipped model (docs/TOY.md), else default."""
         if self.recipe != "auto":
             return self.recipe
-        return "toy" if Path(self.model).expanduser().resolve() == Path(DEFAULT_MODEL).resolve() else "default"
+        return default_preset(self.model)
 
     def make_recipe(self) -> Recipe:
         return make_recipe(self.recipe_name(), **self.recipe_overrides)

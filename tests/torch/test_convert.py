@@ -131,3 +131,12 @@ def test_checkpoint_of_another_format_version_is_refused(llama_checkpoint, tmp_p
     advice = "upgrade qstar" if version == 2 else "convert the checkpoint again"
     with pytest.raises(ValueError, match=f"format version {version}, but this qstar reads version 1: {advice}"):
         qstar.load(str(dst), backend="torch")
+
+
+def test_the_shipped_model_starts_from_the_toy_recipe(tmp_path):
+    """A plain checkpoint records no recipe: the shipped one takes `toy` (what `qstar train` uses), others default."""
+    from qstar.core.recipe import make_recipe
+    from qstar.weights import DEFAULT_MODEL
+
+    assert qstar.load(DEFAULT_MODEL, backend="torch").recipe == make_recipe("toy")
+    assert qstar.convert(DEFAULT_MODEL, tmp_path / "c", backend="torch").recipe == make_recipe("toy")
