@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
@@ -39,7 +40,8 @@ def train(config: Optional[Path] = None, resume: bool = False, overwrite: bool =
         cfg = resolve_config(settings)
     cfg = replace(cfg, backend=backends.available(cfg.backend))
     out = trainer.run(cfg, backends.get(cfg.backend), resume=resume, overwrite=overwrite)
-    typer.echo(f"done: {out / 'model'}")
+    if os.environ.get("RANK", "0") == "0":  # one line from a torchrun run too
+        typer.echo(f"done: {out / 'model'}")
 
 
 train.__signature__ = inspect.Signature(

@@ -163,7 +163,8 @@ class QStarModel(ABC):
         layout = self.layout(ids.shape[1])
         rows = ids.shape[0] * self.recipe.thoughts_per_position
         given = None if thoughts is None else self.ops.asarray(self.check_thoughts(thoughts, rows, layout.num_streams))
-        valid = None if mask.all() else self.ops.asarray(mask.astype(np.float32))
+        # with several ranks every one takes the masked path: its denominators are collectives (losses.masked_mean)
+        valid = None if mask.all() and self.ops.ranks == 1 else self.ops.asarray(mask.astype(np.float32))
         return quietstar_loss(
             self.backbone,
             self.recipe,

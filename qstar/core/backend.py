@@ -10,6 +10,7 @@ from typing import Any, Protocol
 from qstar.core import checkpoint, lora
 from qstar.core.api import QStarModel, check_dtype
 from qstar.core.checkpoint import CheckpointInfo
+from qstar.core.distributed import World
 from qstar.core.hub import resolve
 from qstar.core.recipe import Recipe, make_recipe
 from qstar.core.session import Session
@@ -23,7 +24,10 @@ class Backend(Protocol):
 
     @property
     def Session(self) -> Callable[..., Session]:  # noqa: N802 - the backend's session class
-        """Session(model, train_config): a model's training session."""
+        """Session(model, train_config, world): a model's training session."""
+
+    def join(self) -> World:
+        """This process's place in a data-parallel run (alone without a launcher)."""
 
 
 def load(

@@ -29,10 +29,12 @@ def mix(ops: Ops, recipe: Recipe, head_out: Array) -> Array:
 
 
 def masked_mean(ops: Ops, x: Array, weight: Array | None) -> Array:
-    """Mean over the entries of weight 1 (padding excluded); None: no padding, a plain mean."""
+    """Mean over the entries of weight 1 (padding excluded); None: no padding, a plain mean. In a data-parallel run
+    the denominator is the count over all ranks, divided by their number: the mean of the ranks' gradients is then
+    the gradient of the global mean, however the padding falls."""
     if weight is None:
         return ops.mean(x)
-    return ops.sum(x * weight) / ops.maximum(ops.sum(weight), 1.0)
+    return ops.sum(x * weight) / (ops.maximum(ops.all_sum(ops.sum(weight)), 1.0) / ops.ranks)
 
 
 def group_advantage(ops: Ops, reward: Array, group: int, clamp: bool) -> Array:

@@ -25,6 +25,12 @@ def peak_rss_gb() -> float:
 
 
 class Ops(Protocol):
+    ranks: int
+    """Processes of a data-parallel run (qstar/core/distributed.py); 1 alone."""
+
+    def all_sum(self, x: Array) -> Array:
+        """The sum of x over the ranks, not differentiated (x itself alone): a masked mean's global denominator."""
+
     def asarray(self, x: np.ndarray, like: Array | None = None) -> Array:
         """A backend array on the model's device, with the dtype of `like` when given, else x's own."""
 

@@ -32,8 +32,11 @@ class Session(Protocol):
     def evaluate(self, batches: list[Batch], seed: int) -> dict[str, float]:
         """Mean metrics without gradient, thoughts drawn from a generator seeded with `seed`."""
 
+    def gather_state(self) -> None:
+        """Collect every rank's random state for write_state (a collective: every rank calls it before a save)."""
+
     def write_state(self, directory: Path) -> None:
-        """Optimizer state, master weights and random state into `directory`."""
+        """Optimizer state, master weights and random state (every rank's) into `directory`."""
 
     def read_state(self, directory: Path) -> None: ...
 

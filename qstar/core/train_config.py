@@ -33,7 +33,7 @@ class TrainConfig:
     iters: int = 400
     """Optimizer steps."""
     batch_size: int = 4
-    """Sequences per micro-batch (each thinks thoughts_per_position times)."""
+    """Sequences per micro-batch (each thinks thoughts_per_position times); per process under torchrun."""
     learning_rate: float = 1e-4
     """Peak learning rate (linear warmup, then linear decay to 0)."""
     warmup_steps: int = 20

@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from qstar.core import lora
 from qstar.core.api import QStarModel
 from qstar.core.backend import Backend, load
 from qstar.core.data import BlockStream, TokenCache, hard_characters, is_hub_spec, open_documents
+from qstar.core.distributed import World
 from qstar.core.files import DiskFull, write_atomic
 from qstar.core.rundir import CONFIG_FILE, STATE_FILE, RunDirectory, checkpoints
 from qstar.core.session import Batch, Session, mean_metrics
@@ -161,10 +163,15 @@ def save_checkpoint(session: Session, out: Path, step: int, state: dict[str, Any
     return target
 
 
-def make_streams(cfg: TrainConfig, tokenizer: Any, min_len: int) -> tuple[BlockStream, list[Batch]]:
-    """The training stream and a fixed list of held-out batches (a disjoint part of --data unless --val-data).
+def make_streams(
+    cfg: TrainConfig, tokenizer: Any, min_len: int, world: World | None = None
+) -> tuple[BlockStream, list[Batch]]:
+    """The training stream of global batches (world.size * batch_size rows) and a fixed list of this rank's held-out
+    batches (a disjoint part of --data unless --val-data).
     A streamed hub dataset is tokenized once into OUT/token-cache/, which resumes and later epochs read. Held-out
     batches of a source that marks hard tokens (data.hard_characters) carry them (Batch.hard)."""
+
+    world = world or World()
 
     def encode(text: str) -> list[int]:
         return tokenizer(text)["input_ids"]
@@ -192,13 +199,14 @@ def make_streams(cfg: TrainConfig, tokenizer: Any, min_len: int) -> tuple[BlockS
             cache = TokenCache(Path(cfg.out) / "token-cache" / f"{part}-{key}")
             factory, encoder = (lambda seed: cache.documents(lambda: documents(seed), encode)), list
         mark = marker(spec) if held_out else None
-        return BlockStream(factory, encoder, cfg.max_seq_length, cfg.batch_size, cfg.seed, eos, pad, min_len, mark=mark)
+        rows = cfg.batch_size * world.size
+        return BlockStream(factory, encoder, cfg.max_seq_length, rows, cfg.seed, eos, pad, min_len, mark=mark)
 
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     train = stream(cfg.data, "all" if cfg.val_data else "train")
     val = stream(*((cfg.val_data, "all") if cfg.val_data else (cfg.data, "validation")), held_out=True)
-    return train, [Batch(*next(val)) for _ in range(cfg.val_batches)]
+    return train, [world.share(Batch(*next(val))) for _ in range(cfg.val_batches)]
 
 
 def run(
@@ -209,19 +217,25 @@ def run(
     from rich.console import Console
 
     console = Console(stderr=True)
+    world = backend.join()
 
     def say(message: str) -> None:
-        console.print(message, highlight=False, soft_wrap=True)
+        if world.main:
+            console.print(message, highlight=False, soft_wrap=True)
 
     out = Path(cfg.out)
-    with RunDirectory(out, say) as run_dir:
-        latest = run_dir.prepare(resume, overwrite)
+    with RunDirectory(out, say) if world.main else nullcontext() as run_dir:  # rank 0 owns the directory
+        chosen = run_dir.prepare(resume, overwrite) if run_dir is not None else None
+        found = world.gather(None if chosen is None else str(chosen))[0]  # every rank resumes from rank 0's choice
+        latest = None if found is None else Path(found)
         model = load_for_training(cfg, backend, latest)
         if model.tokenizer is None:
             raise ValueError(f"{cfg.model} has no tokenizer files: qstar train needs them to tokenize --data")
-        train_stream, val_batches = make_streams(cfg, model.tokenizer, model.recipe.min_seq_len())
-        session: Session = backend.Session(model, cfg)
+        train_stream, val_batches = make_streams(cfg, model.tokenizer, model.recipe.min_seq_len(), world)
+        session: Session = backend.Session(model, cfg, world)
         say(run_header(cfg, model, latest))
+        if world.size > 1:
+            say(f"  data parallel: {world.size} processes x {cfg.batch_size} sequences a micro-batch")
         start, guard, window = 0, Guard(cfg.max_bad_steps), []
         if latest is not None:
             state = json.loads((latest / STATE_FILE).read_text())
@@ -229,9 +243,10 @@ def run(
             train_stream.restore(state["data"])
             start, window = state["step"], state.get("window", [])
             guard = Guard(cfg.max_bad_steps, **state.get("guard", {}))
-        write_atomic(out / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2))
-        run_dir.started()
-        train_loop(cfg, session, train_stream, val_batches, out, start, guard, window, say, show_progress)
+        if run_dir is not None:
+            write_atomic(out / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2))
+            run_dir.started()
+        train_loop(cfg, session, train_stream, val_batches, out, start, guard, window, say, show_progress, world)
     return out
 
 
@@ -318,9 +333,11 @@ def train_loop(
     window: list[dict[str, float]],
     say: Callable[[str], None],
     show_progress: bool,
+    world: World,
 ) -> None:
     """Steps start+1..iters: reports every steps_per_report, validation every steps_per_eval, a checkpoint every
-    save_every (and at the end). `window` holds the steps since the last report (restored on resume)."""
+    save_every (and at the end). `window` holds the steps since the last report (restored on resume). Every rank
+    steps; rank 0 alone reports, logs and writes the checkpoints."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -331,7 +348,7 @@ def train_loop(
         TimeRemainingColumn,
     )
 
-    log = MetricLog(out, cfg)
+    log = MetricLog(out, cfg) if world.main else None
     columns = [
         TextColumn("[bold]train"),
         BarColumn(),
@@ -341,18 +358,23 @@ def train_loop(
         TextColumn("eta"),
         TimeRemainingColumn(),
     ]
-    tokens_per_step = cfg.batch_size * cfg.grad_accumulation_steps * cfg.max_seq_length
+    tokens_per_step = world.size * cfg.batch_size * cfg.grad_accumulation_steps * cfg.max_seq_length
     try:
-        with Progress(*columns, console=Console(stderr=True), disable=not show_progress) as progress:
+        with Progress(*columns, console=Console(stderr=True), disable=not (show_progress and world.main)) as progress:
+
+            def show(line: str) -> None:
+                if world.main:
+                    progress.console.print(line)
+
             task = progress.add_task("", total=cfg.iters, completed=start)
             tic, timed = time.perf_counter(), 0
             for step in range(start, cfg.iters):
-                batches = [Batch(*next(train_stream)) for _ in range(cfg.grad_accumulation_steps)]
+                batches = [world.share(Batch(*next(train_stream))) for _ in range(cfg.grad_accumulation_steps)]
                 lr = learning_rate(cfg, step)
                 window.append(session.step(batches, lr))
                 done, timed = step + 1, timed + 1
                 progress.update(task, advance=1, description=f"loss {window[-1]['loss']:.4g}")
-                stop = guard.check(done, window[-1], lr, out, progress.console.print)
+                stop = guard.check(done, window[-1], lr, out, show)
                 if stop or done % cfg.steps_per_report == 0 or done == cfg.iters:
                     record = {
                         "split": "train",
@@ -362,22 +384,28 @@ def train_loop(
                         "tokens_per_s": tokens_per_step * timed / (time.perf_counter() - tic),
                         "peak_memory_gb": session.peak_memory(),
                     }
-                    log.write(record)
-                    progress.console.print(format_record(record))
+                    if log is not None:
+                        log.write(record)
+                    show(format_record(record))
                     window, tic, timed = [], time.perf_counter(), 0
                 if stop:
                     raise stop
                 if done % cfg.steps_per_eval == 0 or done == cfg.iters:
                     record = {"split": "val", "step": done, **session.evaluate(val_batches, cfg.seed + 1)}
-                    log.write(record)
-                    progress.console.print(format_record(record))
+                    if log is not None:
+                        log.write(record)
+                    show(format_record(record))
                 if (done % cfg.save_every == 0 or done == cfg.iters) and guard.bad:
-                    progress.console.print(f"step {done}: no checkpoint after a skipped step")
+                    show(f"step {done}: no checkpoint after a skipped step")
                 elif done % cfg.save_every == 0 or done == cfg.iters:
                     state = {"data": train_stream.state(), "window": window, "guard": guard.state()}
-                    save_checkpoint(session, out, done, state, cfg)
+                    session.gather_state()
+                    if world.main:
+                        save_checkpoint(session, out, done, state, cfg)
+                    world.barrier()  # no rank runs ahead of a checkpoint it may have to resume from
     finally:
-        log.close()
+        if log is not None:
+            log.close()
     if guard.skipped:
         say(f"{guard.skipped} of the steps had a non-finite loss or gradient norm; their updates were skipped")
 

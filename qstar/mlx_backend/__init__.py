@@ -1,6 +1,6 @@
 """The MLX backend (Apple silicon, or CPU): `load` a checkpoint into the core API, train it with a `Session`."""
 
 from qstar.mlx_backend.api import load
-from qstar.mlx_backend.train import Session
+from qstar.mlx_backend.train import Session, join
 
-__all__ = ["load", "Session"]
+__all__ = ["load", "Session", "join"]

@@ -21,6 +21,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
+from qstar.core.distributed import World, launched_size
 from qstar.core.session import Batch, evaluation_metrics, hard_token_sums, mean_metrics
 from qstar.core.thinker import LossTerms, quietstar_loss
 from qstar.core.train_config import TrainConfig
@@ -75,7 +76,9 @@ def scalars(terms: LossTerms) -> Metrics:
 
 
 class Session:
-    def __init__(self, model: MLXQStar, cfg: TrainConfig) -> None:
+    def __init__(self, model: MLXQStar, cfg: TrainConfig, world: World | None = None) -> None:
+        if world is not None and world.size > 1:
+            raise ValueError("the MLX backend trains in one process so far: use --backend torch under torchrun")
         self.model, self.cfg = model, cfg
         net = model.backbone
         net.grad_checkpoint = cfg.grad_checkpoint
@@ -213,6 +216,9 @@ class Session:
             set_random_key(training_key)
         return evaluation_metrics(records)
 
+    def gather_state(self) -> None:
+        """One process: its own random state is all there is."""
+
     def write_state(self, directory: Path) -> None:
         tensors = {f"optimizer.{k}": v for k, v in flat(self.optimizer.state).items()}
         tensors.update({f"master.{k}": v for k, v in flat(self.master).items()})
@@ -257,3 +263,12 @@ class Session:
 
     def peak_memory(self) -> float:
         return self.model.ops.peak_memory_gb()
+
+
+def join() -> World:
+    """One process: MLX's mx.distributed is not wired in yet, so a launcher's several processes are refused."""
+    if launched_size() > 1:
+        raise ValueError(
+            "the MLX backend trains in one process so far (WORLD_SIZE is set): use --backend torch under torchrun"
+        )
+    return World()

@@ -20,6 +20,8 @@ MAX_CONSTANTS = 256
 class TorchOps:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
+        self.ranks = 1
+        """Set by a data-parallel Session (torch.distributed)."""
         self.constants: OrderedDict[tuple[bytes, str, tuple[int, ...]], torch.Tensor] = OrderedDict()
 
     def asarray(self, x: np.ndarray, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,6 +83,13 @@ class TorchOps:
 
     def sigmoid(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(x)
+
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ranks == 1:
+            return x
+        total = x.detach().clone()
+        torch.distributed.all_reduce(total)
+        return total
 
     def maximum(self, x: torch.Tensor, y: float) -> torch.Tensor:
         return torch.clamp_min(x, y)

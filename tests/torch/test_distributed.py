@@ -1,0 +1,92 @@
+"""Data-parallel training under torchrun (gloo, 2 processes on this CPU): N ranks of batch b compute exactly what one
+process computes on the N * b rows, and a 2-rank run killed with SIGKILL resumes to what a straight 2-rank run gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from helpers import TRAIN_SMALL, random_ids, train_records
+
+import qstar
+
+HERE = Path(__file__).resolve().parent
+
+
+def torchrun(*args: str) -> list[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
+    return [*launch, "--master-addr", "127.0.0.1", *args]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_two_ranks_compute_the_gradient_of_the_whole_batch(mixing_checkpoint, tmp_path):
+    """Float64, given thoughts, rows padded unevenly (rank 0 has padding, rank 1 none): the averaged gradients and
+    the mean loss equal one process's on the four rows, so the masked means use the global counts."""
+    reference = qstar.load(str(mixing_checkpoint), backend="torch", dtype="float64")
+    ids = random_ids(4, 9, seed=3)
+    mask = np.ones(ids.shape, bool)
+    mask[0, 6:] = mask[1, 4:] = False
+    thoughts = reference.sample_thoughts(ids, seed=5)
+    np.savez(tmp_path / "in.npz", ids=ids, mask=mask, thoughts=thoughts)
+    args = [str(HERE / "ddp_worker.py"), str(mixing_checkpoint), str(tmp_path / "in.npz"), str(tmp_path / "out.npz")]
+    done = subprocess.run(torchrun(*args), env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = dict(np.load(tmp_path / "out.npz"))
+    want = reference.gradients(ids, mask, thoughts=thoughts)
+    assert abs(float(got.pop("loss")) - reference.loss(ids, mask, thoughts=thoughts).total) < 1e-12
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert np.abs(got[name] - want[name]).max() <= 1e-10 * max(np.abs(want[name]).max(), 1e-30), name
+
+
+def train(checkpoint: Path, out: Path, *extra: str) -> list[str]:
+    args = ["-m", "qstar.cli.main", "train", "--backend", "torch", "--model", str(checkpoint), "--out", str(out)]
+    return torchrun(*args, "--iters", "12", "--save-every", "1", "--steps-per-eval", "4", *TRAIN_SMALL, *extra)
+
+
+def test_a_killed_two_rank_run_resumes_exactly(llama_checkpoint, tmp_path):
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    done = subprocess.run(train(llama_checkpoint, whole), env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    process = subprocess.Popen(
+        train(llama_checkpoint, broken),
+        env=ENV,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not (broken / "checkpoints" / "step-0000003").exists():
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.001)
+    workers = [int(c) for c in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
+    os.kill(workers[-1], signal.SIGKILL)  # one rank dies mid-run: torchrun stops the other and fails
+    assert process.wait(timeout=120) != 0
+    assert not (broken / "checkpoints" / "step-0000012").exists()  # killed before the end: the resume reruns steps
+    done = subprocess.run(
+        train(llama_checkpoint, broken, "--resume"), env=ENV, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = train_records(whole), train_records(broken)
+    assert set(a) == set(b) == set(range(1, 13))
+    for step in a:
+        for key in ("loss", "lm", "policy", "grad_norm", "nll_base", "nll_talk"):
+            assert a[step][key] == b[step][key], (step, key)
+    assert train_records(whole, "val") == train_records(broken, "val")
+    config = json.loads((whole / "config.json").read_text())
+    assert config["batch_size"] == 2  # per rank: the run stepped on 4 rows
+    wa = qstar.load(str(whole / "model"), backend="torch").parameters()  # a checkpoint one process loads
+    wb = qstar.load(str(broken / "model"), backend="torch").parameters()
+    assert all(bool((wa[k] == wb[k]).all()) for k in wa)
