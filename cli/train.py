@@ -40,7 +40,7 @@ def train(config: Optional[Path] = None, resume: bool = False, overwrite: bool =
         cfg = resolve_config(settings)
     cfg = replace(cfg, backend=backends.available(cfg.backend))
     out = trainer.run(cfg, backends.get(cfg.backend), resume=resume, overwrite=overwrite)
-    if os.environ.get("RANK", "0") == "0":  # one line from a torchrun run too
+    if os.environ.get("RANK", os.environ.get("MLX_RANK", "0")) == "0":  # one line from torchrun or mlx.launch too
         typer.echo(f"done: {out / 'model'}")
 
 

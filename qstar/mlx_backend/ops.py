@@ -63,10 +63,11 @@ def from_numpy(x: np.ndarray, dtype: mx.Dtype | None = None) -> mx.array:
 
 
 class MLXOps:
-    ranks = 1  # one process (mx.distributed is not wired in yet)
+    ranks = 1
+    """Set by a data-parallel Session (mx.distributed under mlx.launch)."""
 
     def all_sum(self, x: mx.array) -> mx.array:
-        return x
+        return x if self.ranks == 1 else mx.distributed.all_sum(mx.stop_gradient(x))
 
     def asarray(self, x: np.ndarray, like: mx.array | None = None) -> mx.array:
         return from_numpy(x, None if like is None else like.dtype)

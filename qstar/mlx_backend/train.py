@@ -19,9 +19,10 @@ from typing import Any
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
+from mlx.nn.utils import average_gradients
 from mlx.utils import tree_map
 
-from qstar.core.distributed import World, launched_size
+from qstar.core.distributed import World
 from qstar.core.session import Batch, evaluation_metrics, hard_token_sums, mean_metrics
 from qstar.core.thinker import LossTerms, quietstar_loss
 from qstar.core.train_config import TrainConfig
@@ -77,10 +78,10 @@ def scalars(terms: LossTerms) -> Metrics:
 
 class Session:
     def __init__(self, model: MLXQStar, cfg: TrainConfig, world: World | None = None) -> None:
-        if world is not None and world.size > 1:
-            raise ValueError("the MLX backend trains in one process so far: use --backend torch under torchrun")
-        self.model, self.cfg = model, cfg
+        self.model, self.cfg, self.world = model, cfg, world or World()
         net = model.backbone
+        model.ops.ranks = self.world.size  # masked means over every rank's count (losses.masked_mean)
+        self.rank_keys: list[np.ndarray] = []
         net.grad_checkpoint = cfg.grad_checkpoint
         self.dtype = net.dtype
         self.half = self.dtype in HALF
@@ -94,7 +95,7 @@ class Session:
         self.optimizer.init(self.masters())
         self.lr_dtype = mx.float64 if self.dtype == mx.float64 else mx.float32  # the dtype of the AdamW update
         self.optimizer.learning_rate = mx.array(cfg.learning_rate, self.lr_dtype)
-        mx.random.seed(cfg.seed)
+        mx.random.seed(cfg.seed + self.world.rank)  # each rank draws its own thoughts
         mx.eval(self.master, self.optimizer.state)
         self.traces: Counter[str] = Counter()
         """How often each compiled function was traced (a Python side effect runs only while tracing)."""
@@ -149,13 +150,14 @@ class Session:
         self.traces["step"] += 1
         net = self.model.backbone
         metrics, grads = self.gradients(ids, valid, acc, count)
+        grads = self.averaged(grads)
         if self.half:
             grads = tree_map(lambda g: g.astype(mx.float32), grads)
         if self.cfg.max_grad_norm > 0:
             grads, norm = optim.clip_grad_norm(grads, self.cfg.max_grad_norm)
         else:
             norm = mx.sqrt(sum((mx.sum(mx.square(g)) for g in flat(grads).values()), mx.array(0.0)))
-        ok = finite & mx.isfinite(norm) & mx.isfinite(metrics["loss"])
+        ok = finite & mx.isfinite(norm) & mx.isfinite(self.model.ops.all_sum(metrics["loss"]))  # alike on every rank
         old, old_state = self.masters(), flat(self.optimizer.state)
         new = self.optimizer.apply_gradients(grads, old)
         new = tree_map(lambda n, o: mx.where(ok, n, o), new, old)
@@ -165,6 +167,10 @@ class Session:
             new = tree_map(lambda m: m.astype(self.dtype), new)
         net.update(new)
         return metrics, norm, mx.logical_not(ok)
+
+    def averaged(self, grads: Tree) -> Tree:
+        """The mean of every rank's gradients (mlx's average_gradients, inside the compiled step), or grads alone."""
+        return grads if self.world.size == 1 else average_gradients(grads)
 
     def evaluate_fn(self, ids: mx.array, valid: mx.array) -> tuple[Metrics, mx.array, mx.array]:
         """The metrics, and the NLL without and after the thought of the next token (hard_token_sums)."""
@@ -192,11 +198,12 @@ class Session:
             metrics, acc = self._accumulate(*self.inputs(batch), acc, count)
             mx.eval(metrics, acc, random_state())  # one micro-batch at a time in memory
             records.append(metrics)
-        finite = mx.array(all(math.isfinite(float(r["loss"])) for r in records))
+        losses = [float(r["loss"]) for r in records]
+        finite = mx.array(all(math.isfinite(x) for x in self.world.mean({"loss": sum(losses)}).values()))
         metrics, norm, skipped = self._step(*self.inputs(batches[-1]), acc, count, finite)
         mx.eval(metrics, norm, skipped, self.model.backbone.state, self.optimizer.state, self.master, random_state())
         records.append(metrics)
-        means = mean_metrics([{k: float(v) for k, v in r.items()} for r in records])
+        means = self.world.mean(mean_metrics([{k: float(v) for k, v in r.items()} for r in records]))
         return {**means, "grad_norm": float(norm), "skipped": float(skipped)}
 
     def evaluate(self, batches: list[Batch], seed: int) -> dict[str, float]:
@@ -214,15 +221,18 @@ class Session:
                     records[-1].update(hard_token_sums(base, talk, streams, batch.hard))
         finally:
             set_random_key(training_key)
-        return evaluation_metrics(records)
+        return evaluation_metrics([self.world.mean(mean_metrics(records))])  # hard-token sums over every rank
 
     def gather_state(self) -> None:
-        """One process: its own random state is all there is."""
+        if self.world.size > 1:
+            self.rank_keys = self.world.gather(random_key())
 
     def write_state(self, directory: Path) -> None:
         tensors = {f"optimizer.{k}": v for k, v in flat(self.optimizer.state).items()}
         tensors.update({f"master.{k}": v for k, v in flat(self.master).items()})
         tensors["random.key"] = mx.array(random_key())
+        if self.rank_keys:
+            tensors["random.ranks"] = mx.array(np.stack(self.rank_keys))
         self.model._write_tensors(tensors, directory / STATE_FILE)  # float64 optimizer state goes through numpy
         meta = {"format": FORMAT, "dtype": self.model.dtype, "master": self.half}
         (directory / META_FILE).write_text(json.dumps(meta))
@@ -241,8 +251,14 @@ class Session:
             if group not in groups:
                 raise ValueError(f"{directory}: unexpected entry {key} in {STATE_FILE}")
             groups[group][name] = value
-        if set(groups["random"]) != {"key"}:
+        if "key" not in groups["random"]:
             raise ValueError(f"{directory}: {STATE_FILE} holds no random key")
+        keys = np.array(groups["random"].get("ranks", groups["random"]["key"][None]))  # (ranks, 2)
+        if len(keys) != self.world.size:
+            raise ValueError(
+                f"{directory} was saved by a run of {len(keys)} process(es), this one has {self.world.size}: resume "
+                f"it with as many (mlx.launch -n {len(keys)})"
+            )
         for group, tree in (("optimizer", self.optimizer.state), ("master", self.master)):
             current = flat(tree)
             if set(current) != set(groups[group]):
@@ -258,17 +274,8 @@ class Session:
             assign(tree, groups[group])
         if self.half:  # the saved half weights are the rounded masters already; copy to be exact either way
             self.model.backbone.update(tree_map(lambda m: m.astype(self.dtype), self.master))
-        set_random_key(np.array(groups["random"]["key"]))
+        set_random_key(keys[self.world.rank])
         mx.eval(self.optimizer.state, self.master, self.model.backbone.state)
 
     def peak_memory(self) -> float:
         return self.model.ops.peak_memory_gb()
-
-
-def join() -> World:
-    """One process: MLX's mx.distributed is not wired in yet, so a launcher's several processes are refused."""
-    if launched_size() > 1:
-        raise ValueError(
-            "the MLX backend trains in one process so far (WORLD_SIZE is set): use --backend torch under torchrun"
-        )
-    return World()
