@@ -8,6 +8,7 @@ import json
 import os
 import string
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -283,10 +284,39 @@ def killed_at_random_and_uninterrupted(
     assert leftovers == []
     lines = [json.loads(line) for line in (broken / "metrics.jsonl").read_text().splitlines()]
     assert len({(r["split"], r["step"]) for r in lines}) == len(lines)  # every step exactly once
+    assert_same_runs(whole, broken, 10)
+    return whole, broken
+
+
+def assert_same_runs(whole: Path, broken: Path, steps: int) -> None:
+    """Both run directories logged steps 1..steps with the same losses, bit for bit, and the same validations."""
     a, b = train_records(whole), train_records(broken)
-    assert set(a) == set(b) == set(range(1, 11))
+    assert set(a) == set(b) == set(range(1, steps + 1))
     for step in a:
         for key in ("loss", "lm", "policy", "grad_norm", "nll_base", "nll_talk"):
             assert a[step][key] == b[step][key], (step, key)
     assert train_records(whole, "val") == train_records(broken, "val")
-    return whole, broken
+
+
+def uneven_batch(model: Any, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """4 rows padded unevenly (the first two padded, the others not) and thoughts for them, saved to `path` (.npz)
+    for a data-parallel worker: what 2 ranks split and 1 process computes whole."""
+    ids = random_ids(4, 9, seed=3)
+    mask = np.ones(ids.shape, bool)
+    mask[0, 6:] = mask[1, 4:] = False
+    thoughts = model.sample_thoughts(ids, seed=5)
+    np.savez(path, ids=ids, mask=mask, thoughts=thoughts)
+    return ids, mask, thoughts
+
+
+def assert_whole_batch_gradients(
+    worker_out: Path, model: Any, ids: np.ndarray, mask: np.ndarray, thoughts: np.ndarray
+) -> None:
+    """The ranks' averaged gradients and mean loss (a worker's .npz) are the one-process ones on the whole batch:
+    float64, gradients to 1e-10 of their largest entry, loss to 1e-12."""
+    got = dict(np.load(worker_out))
+    want = model.gradients(ids, mask, thoughts=thoughts)
+    assert abs(float(got.pop("loss")) - model.loss(ids, mask, thoughts=thoughts).total) < 1e-12
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert np.abs(got[name] - want[name]).max() <= 1e-10 * max(np.abs(want[name]).max(), 1e-30), name

@@ -12,8 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from helpers import TRAIN_SMALL, random_ids, train_records
+from helpers import TRAIN_SMALL, assert_same_runs, assert_whole_batch_gradients, uneven_batch
 
 import qstar
 
@@ -35,20 +34,11 @@ def test_two_ranks_compute_the_gradient_of_the_whole_batch(mixing_checkpoint, tm
     """Float64, given thoughts, rows padded unevenly (rank 0 has padding, rank 1 none): the averaged gradients and
     the mean loss equal one process's on the four rows, so the masked means use the global counts."""
     reference = qstar.load(str(mixing_checkpoint), backend="torch", dtype="float64")
-    ids = random_ids(4, 9, seed=3)
-    mask = np.ones(ids.shape, bool)
-    mask[0, 6:] = mask[1, 4:] = False
-    thoughts = reference.sample_thoughts(ids, seed=5)
-    np.savez(tmp_path / "in.npz", ids=ids, mask=mask, thoughts=thoughts)
+    ids, mask, thoughts = uneven_batch(reference, tmp_path / "in.npz")
     args = [str(HERE / "ddp_worker.py"), str(mixing_checkpoint), str(tmp_path / "in.npz"), str(tmp_path / "out.npz")]
     done = subprocess.run(torchrun(*args), env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    got = dict(np.load(tmp_path / "out.npz"))
-    want = reference.gradients(ids, mask, thoughts=thoughts)
-    assert abs(float(got.pop("loss")) - reference.loss(ids, mask, thoughts=thoughts).total) < 1e-12
-    assert sorted(got) == sorted(want)
-    for name in want:
-        assert np.abs(got[name] - want[name]).max() <= 1e-10 * max(np.abs(want[name]).max(), 1e-30), name
+    assert_whole_batch_gradients(tmp_path / "out.npz", reference, ids, mask, thoughts)
 
 
 def train(checkpoint: Path, out: Path, *extra: str) -> list[str]:
@@ -79,12 +69,7 @@ def test_a_killed_two_rank_run_resumes_exactly(llama_checkpoint, tmp_path):
         train(llama_checkpoint, broken, "--resume"), env=ENV, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    a, b = train_records(whole), train_records(broken)
-    assert set(a) == set(b) == set(range(1, 13))
-    for step in a:
-        for key in ("loss", "lm", "policy", "grad_norm", "nll_base", "nll_talk"):
-            assert a[step][key] == b[step][key], (step, key)
-    assert train_records(whole, "val") == train_records(broken, "val")
+    assert_same_runs(whole, broken, 12)
     config = json.loads((whole / "config.json").read_text())
     assert config["batch_size"] == 2  # per rank: the run stepped on 4 rows
     wa = qstar.load(str(whole / "model"), backend="torch").parameters()  # a checkpoint one process loads
