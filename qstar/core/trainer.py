@@ -254,10 +254,12 @@ def load_for_training(cfg: TrainConfig, backend: Backend, latest: Path | None) -
     """The model a run trains: its newest checkpoint on resume; else --model, with --adapter-path's adapter or fresh
     adapters in a lora/dora run."""
     adapters = cfg.lora_config()
+    adapter_path: str | None
     if latest is not None and adapters is not None:  # an adapter run's checkpoints hold the adapter alone
-        return load(backend, cfg.model, cfg.dtype, cfg.make_recipe(), step_mode=cfg.step_mode, adapter_path=latest)
-    source = latest or cfg.model
-    model = load(backend, source, cfg.dtype, cfg.make_recipe(), step_mode=cfg.step_mode, adapter_path=cfg.adapter_path)
+        source, adapter_path = cfg.model, str(latest)
+    else:
+        source, adapter_path = str(latest or cfg.model), cfg.adapter_path
+    model = load(backend, source, cfg.dtype, cfg.make_recipe(), step_mode=cfg.step_mode, adapter_path=adapter_path)
     if model.adapter is not None and adapters is None:
         raise ValueError(
             f"--model {source} is an adapter: pass --fine-tune-type {model.adapter.fine_tune_type} to train it on, or "
