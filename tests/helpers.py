@@ -61,14 +61,13 @@ TINY = {
 VOCAB = 128
 
 
-def require(*modules: str) -> None:
-    """Skip the calling conftest's directory where a backend's packages are not installed; under CI=true, where
-    everything is installed, a missing one is a failure."""
+def require(*modules: str) -> Any:
+    """Skip the calling test (or conftest's directory) where these packages are not installed; under CI=true, where
+    everything is installed, a missing one is a failure. Returns the last module."""
+    module = None
     for name in modules:
-        if os.environ.get("CI") == "true":
-            importlib.import_module(name)
-        else:
-            pytest.importorskip(name)
+        module = importlib.import_module(name) if os.environ.get("CI") == "true" else pytest.importorskip(name)
+    return module
 
 
 def backend_params(*cases: str | tuple) -> list:

@@ -384,7 +384,7 @@ class QStarModel(ABC):
                 "this model has adapters: fuse() merges them first (qstar fuse), save_adapter() writes them"
             )
         params = self.parameters()
-        extras = {k: v for k, v in params.items() if k.startswith(("thought.", "mixing_head."))}
+        extras = {k: v for k, v in params.items() if k.startswith(checkpoint.EXTRA_PREFIXES)}
         base = {k: v for k, v in params.items() if k not in extras}
         with atomic_directory(path, overwrite) as tmp:
             sizes = {k: self._nbytes(v) for k, v in base.items()}

@@ -48,8 +48,9 @@ def load(
     it records.
     `recipe_overrides`: recipe field values, e.g. thought_tokens=3."""
     dtype = check_dtype(dtype)
-    adapter = Path(adapter_path) if adapter_path is not None else Path(path) if lora.is_adapter(path) else None
-    if lora.is_adapter(path):
+    adapter = None if adapter_path is None else Path(adapter_path)
+    if lora.is_adapter(path):  # the adapter (unless another is given) on the base model it records
+        adapter = adapter or Path(path)
         path = base_model(Path(path), lora.read_adapter_config(Path(path)))
     if adapter is not None and recipe is None:
         recipe = (lora.read_adapter_config(adapter).get("qstar") or {}).get("recipe")

@@ -24,6 +24,8 @@ from qstar.core.recipe import PRESETS, Recipe, make_recipe
 START_TOKEN = "<|startthought|>"
 END_TOKEN = "<|endthought|>"
 EXTRAS_FILE = "qstar.safetensors"
+EXTRA_PREFIXES = ("thought.", "mixing_head.")
+"""Names of the parameters qstar adds to a base model (the thought vectors, the mixing head): qstar.safetensors."""
 FORMAT_VERSION = 1
 TOKENIZER_FILES = (
     "tokenizer.json",

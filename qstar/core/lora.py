@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from qstar.core.checkpoint import EXTRA_PREFIXES
 from qstar.core.fields import check_fields
 
 FINE_TUNE_TYPES = ("full", "lora", "dora")
@@ -36,7 +37,6 @@ LINEAR_KEYS = (
 QUANTIZE_BITS = (2, 3, 4, 5, 6, 8)
 QUANTIZE_GROUPS = (32, 64, 128)
 """What MLX's affine quantization takes (QLoRA: `qstar convert --quantize`)."""
-ALWAYS_TRAINED = ("thought.", "mixing_head.")
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
 
 
@@ -126,7 +126,7 @@ def initial_lora_a(name: str, in_features: int, rank: int) -> np.ndarray:
 
 def trainable(name: str) -> bool:
     """Whether a parameter trains in an adapter run: the adapters, the thought vectors and the mixing head."""
-    return name.startswith(ALWAYS_TRAINED) or name.rsplit(".", 1)[-1] in ADAPTER_LEAVES
+    return name.startswith(EXTRA_PREFIXES) or name.rsplit(".", 1)[-1] in ADAPTER_LEAVES
 
 
 def fused_weight(weight: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, m: np.ndarray | None) -> np.ndarray:

@@ -198,8 +198,8 @@ class Session:
             metrics, acc = self._accumulate(*self.inputs(batch), acc, count)
             mx.eval(metrics, acc, random_state())  # one micro-batch at a time in memory
             records.append(metrics)
-        losses = [float(r["loss"]) for r in records]
-        finite = mx.array(all(math.isfinite(x) for x in self.world.mean({"loss": sum(losses)}).values()))
+        earlier = self.world.mean({"loss": sum(float(r["loss"]) for r in records)})["loss"]  # alike on every rank
+        finite = mx.array(math.isfinite(earlier))
         metrics, norm, skipped = self._step(*self.inputs(batches[-1]), acc, count, finite)
         mx.eval(metrics, norm, skipped, self.model.backbone.state, self.optimizer.state, self.master, random_state())
         records.append(metrics)

@@ -78,7 +78,7 @@ class Session:
         """The loss terms of this rank's rows (through DDP, which all-reduces the gradients, under torchrun)."""
         if self.ddp is not None:
             return cast(LossTerms, self.ddp(ids, mask, thoughts))
-        return self.model.terms(ids, mask) if thoughts is None else self.model.terms(ids, mask, thoughts)
+        return self.model.terms(ids, mask, thoughts)
 
     def step(self, batches: list[Batch], lr: float) -> dict[str, float]:
         records = []

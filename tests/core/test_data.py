@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import shared_file
+from helpers import require, shared_file
 
 from qstar.core import synthetic
 from qstar.core.data import BlockStream, TokenCache, is_held_out, is_hub_spec, open_documents
@@ -51,7 +51,7 @@ def test_gsm8k_train_file_reads_as_question_and_answer():
 
 
 def test_parquet(tmp_path):
-    pytest.importorskip("pyarrow")
+    require("pyarrow")
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -114,7 +114,7 @@ def test_a_failing_hub_client_says_what_to_pass_instead(monkeypatch, online):
 
 
 def test_offline_with_the_real_datasets_package(monkeypatch):
-    datasets = pytest.importorskip("datasets")
+    datasets = require("datasets")
     import huggingface_hub.constants
 
     for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import require
 
 from qstar.core.eval.answers import majority_vote, score_votes
 from qstar.core.eval.protocols import (
@@ -73,7 +74,7 @@ def test_lm_evaluation_harness_filters(reasoning, strict, flexible):
 
 
 def test_the_paper_order_is_hugging_face_datasets_shuffle():
-    datasets = pytest.importorskip("datasets")
+    datasets = require("datasets")
     examples = [Example(i, f"q{i}", "1", "#### 1") for i in range(1319)]
     hf = datasets.Dataset.from_dict({"i": list(range(1319))}).shuffle(seed=42)["i"]
     paper = select(examples, EvalSettings(protocol="paper"))

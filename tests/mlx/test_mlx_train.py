@@ -128,7 +128,7 @@ def test_one_step_matches_torch(mixing_checkpoint, thoughts):
     if thoughts == "given":
         given = tm.sample_thoughts(batch[0].ids, seed=4)
         terms = tm.terms
-        tm.terms = lambda ids, mask: terms(ids, mask, thoughts=given)
+        tm.terms = lambda ids, mask, thoughts=None: terms(ids, mask, thoughts=given)
         terms_m = ms.terms  # replaces the sampler inside the traced step
         ms.terms = lambda ids, valid: terms_m(ids, valid, mx.array(given))
     before = {k: v.detach().numpy().copy() for k, v in tm.parameters().items()}

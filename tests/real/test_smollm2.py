@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import backend_params, shared_file
+from helpers import backend_params, require, shared_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -49,7 +49,7 @@ def test_torch_logits_equal_transformers(smollm2):
 
 def test_mlx_logits_equal_mlx_lm_and_transformers(smollm2):
     """float32; measured: against mlx-lm 3e-5, against transformers 5e-5 (MLX's CPU kernels round differently)."""
-    pytest.importorskip("mlx.core")
+    require("mlx.core")
     import mlx.core as mx
     from mlx_lm.utils import load_model
 
