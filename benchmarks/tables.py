@@ -156,12 +156,29 @@ def toy(results: dict[str, Any]) -> str:
     return markdown(header, body) + "\n\n" + source(results)
 
 
+def fsdp(results: dict[str, Any]) -> str:
+    """`fsdp_collectives.py`: FSDP2's collectives and time per step, resharding after each call or not."""
+    rows = [
+        [
+            "yes (default)" if r["reshard_after_forward"] else "no",
+            f"{r['all_gathers']} ({r['all_gathers'] / results['units']:.1f} per unit)",
+            str(r["reduce_scatters"]),
+            f"{r['step_s']:.3f} s",
+        ]
+        for r in results["rows"]
+    ]
+    header = ["reshard after forward", "all-gathers a step", "reduce-scatters a step", "step"]
+    units = f"{results['units']} FSDP units (a unit per decoder layer, the root), {results['ranks']} CPU ranks (gloo). "
+    return markdown(header, rows) + "\n\n" + units + source(results)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "toy": toy,
     "overhead": overhead,
     "generation": generation,
     "operators": operators,
     "modes": modes,
+    "fsdp": fsdp,
 }
 """Table name -> how its JSON is written as markdown (the name before the first "-" chooses: overhead-torch too)."""
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -23,6 +24,9 @@ class Batch:
 
 
 class Session(Protocol):
+    parallel: str
+    """How several processes hold the model (e.g. "weights sharded (FSDP2)"), for the run's header."""
+
     @property
     def model(self) -> QStarModel: ...
 
@@ -32,8 +36,9 @@ class Session(Protocol):
     def evaluate(self, batches: list[Batch], seed: int) -> dict[str, float]:
         """Mean metrics without gradient, thoughts drawn from a generator seeded with `seed`."""
 
-    def gather_state(self) -> None:
-        """Collect every rank's random state for write_state (a collective: every rank calls it before a save)."""
+    def gathered(self) -> AbstractContextManager[None]:
+        """Every rank's random state (and, sharded, the whole weights and optimizer state) collected for a save:
+        a collective that every rank enters; rank 0 saves inside it."""
 
     def write_state(self, directory: Path) -> None:
         """Optimizer state, master weights and random state (every rank's) into `directory`."""

@@ -71,6 +71,13 @@ class TrainConfig:
     compile: bool = False
     """torch: compile the layers' thought steps with torch.compile (inductor); the first step compiles for minutes,
     later ones run faster (docs/PERFORMANCE.md). mlx always compiles its whole step."""
+    distributed: str = "auto"
+    """torch under torchrun: fsdp (FSDP2: weights, gradients and optimizer state sharded per decoder layer) or ddp
+    (every process holds the whole model); auto: fsdp for full fine-tuning, ddp for adapters. mlx: data parallel."""
+    reshard_after_forward: bool = True
+    """fsdp: free each layer's gathered weights after each call (least memory; gathered again for every call and in
+    backward) or keep them from its first call until its backward (one all-gather per layer and step; the whole
+    model's weights in memory during a step, as ZeRO-2)."""
     fine_tune_type: str = "full"
     """full (every weight trains), lora or dora (adapters on the Linear layers of the last --num-layers decoder
     layers; the thought vectors and the mixing head always train)."""
@@ -120,6 +127,12 @@ class TrainConfig:
             raise ValueError("--learning-rate must be > 0 and --warmup-steps, --weight-decay, --max-grad-norm >= 0")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"--attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
+        if self.distributed not in DISTRIBUTED:
+            raise ValueError(f"--distributed must be one of {', '.join(DISTRIBUTED)}, got {self.distributed!r}")
+        if self.distributed == "fsdp" and self.backend == "mlx":
+            raise ValueError(
+                "--distributed fsdp is PyTorch's FSDP2: MLX holds the whole model in each process; drop it"
+            )
         if self.fine_tune_type not in FINE_TUNE_TYPES:
             raise ValueError(
                 f"--fine-tune-type must be one of {', '.join(FINE_TUNE_TYPES)}, got {self.fine_tune_type!r}"
@@ -162,11 +175,16 @@ class TrainConfig:
             self.fine_tune_type, self.num_layers, self.lora_rank, self.lora_scale, self.lora_dropout, keys
         )
 
+    def sharded(self) -> bool:
+        """Whether several torch processes shard the model (FSDP2) rather than replicate it (DDP)."""
+        return self.distributed == "fsdp" or (self.distributed == "auto" and self.fine_tune_type == "full")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 ATTENTIONS = ("split", "flex")
+DISTRIBUTED = ("auto", "ddp", "fsdp")
 
 RESUMABLE = (
     "iters",
@@ -180,6 +198,7 @@ RESUMABLE = (
     "compile",
     "step_mode",
     "attention",
+    "reshard_after_forward",
     "tensorboard",
     "wandb",
     "out",

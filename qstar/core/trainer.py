@@ -235,7 +235,7 @@ def run(
         session: Session = backend.Session(model, cfg, world)
         say(run_header(cfg, model, latest))
         if world.size > 1:
-            say(f"  data parallel: {world.size} processes x {cfg.batch_size} sequences a micro-batch")
+            say(f"  data parallel: {world.size} processes x {cfg.batch_size} sequences each; {session.parallel}")
         start, guard, window = 0, Guard(cfg.max_bad_steps), []
         if latest is not None:
             state = json.loads((latest / STATE_FILE).read_text())
@@ -401,9 +401,9 @@ def train_loop(
                     show(f"step {done}: no checkpoint after a skipped step")
                 elif done % cfg.save_every == 0 or done == cfg.iters:
                     state = {"data": train_stream.state(), "window": window, "guard": guard.state()}
-                    session.gather_state()
-                    if world.main:
-                        save_checkpoint(session, out, done, state, cfg)
+                    with session.gathered():
+                        if world.main:
+                            save_checkpoint(session, out, done, state, cfg)
                     world.barrier()  # no rank runs ahead of a checkpoint it may have to resume from
     finally:
         if log is not None:

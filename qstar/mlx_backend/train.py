@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +81,11 @@ def scalars(terms: LossTerms) -> Metrics:
 class Session:
     def __init__(self, model: MLXQStar, cfg: TrainConfig, world: World | None = None) -> None:
         self.model, self.cfg, self.world = model, cfg, world or World()
+        if cfg.distributed == "fsdp":
+            raise ValueError(
+                "--distributed fsdp is PyTorch's FSDP2: MLX holds the whole model in each process; drop it"
+            )
+        self.parallel = "the whole model in each process, gradients averaged (mx.distributed)"
         net = model.backbone
         model.ops.ranks = self.world.size  # masked means over every rank's count (losses.masked_mean)
         self.rank_keys: list[np.ndarray] = []
@@ -223,9 +230,11 @@ class Session:
             set_random_key(training_key)
         return evaluation_metrics([self.world.mean(mean_metrics(records))])  # hard-token sums over every rank
 
-    def gather_state(self) -> None:
+    @contextmanager
+    def gathered(self) -> Iterator[None]:
         if self.world.size > 1:
             self.rank_keys = self.world.gather(random_key())
+        yield
 
     def write_state(self, directory: Path) -> None:
         tensors = {f"optimizer.{k}": v for k, v in flat(self.optimizer.state).items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,8 @@ from qstar.core.layout import StepGeometry
 from qstar.torch_backend.ops import TorchOps
 
 ROPE_TABLE_MIN = 256
+LAYER_METHODS = ("extend", "think")
+"""How the core calls a decoder layer (qstar/core/llama.py)."""
 MAX_PLACED = 64
 """Placed geometries kept (a layout's steps, and generation's)."""
 OPS = TorchOps()
@@ -280,7 +283,9 @@ class Model(nn.Module, llama.Model):
         return (self.compiled_loop or loop)(*args)
 
     def call_layer(self, layer: llama.Block, method: str, *args: Any) -> tuple[torch.Tensor, ...]:
-        fn = self.compiled_think if method == "think" and self.compiled_think else getattr(llama.Block, method)
+        """Through the layer's own (bound) method, which FSDP2 wraps to all-gather its weights."""
+        compiled = self.compiled_think if method == "think" else None
+        fn = partial(compiled, layer) if compiled else getattr(layer, method)
         if self.grad_checkpoint and torch.is_grad_enabled():
-            return checkpoint(fn, layer, *args, use_reentrant=False)
-        return fn(layer, *args)
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)

@@ -1,15 +1,21 @@
-"""PyTorch training session: AdamW on float32 master weights, grad accumulation and clipping, exact resume."""
+"""PyTorch training session: AdamW on float32 master weights, grad accumulation and clipping, exact resume; under
+torchrun DDP or FSDP2."""
 
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+import warnings
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from qstar.core.distributed import World
@@ -17,11 +23,35 @@ from qstar.core.session import Batch, evaluation_metrics, hard_token_sums, mean_
 from qstar.core.thinker import LossTerms
 from qstar.core.train_config import TrainConfig
 from qstar.torch_backend.api import TorchQStar
+from qstar.torch_backend.model import LAYER_METHODS
 from qstar.torch_backend.ops import HALF
 
 STATE_FILE = "optimizer_state.pt"
+FULL = StateDictOptions(full_state_dict=True)
+FULL_ON_RANK_0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
+"""Whole tensors (not shards) of a sharded model and its optimizer; with cpu_offload, rank 0 alone holds them."""
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 """Where torch has a fused AdamW: one kernel per tensor instead of about ten, the same update to the last bit or two."""
+
+
+def shard(model: TorchQStar, reshard_after_forward: bool) -> nn.Module:
+    """FSDP2 over a model: each decoder layer its own unit (all-gathered before its calls; with reshard_after_forward
+    freed after each, else kept until its backward), the rest (embeddings, final norm, head, thought vectors, mixing
+    head) the root's. Float32 shards are the master weights; a half-precision run all-gathers them in its dtype and
+    reduces gradients in float32."""
+    net, dtype = model.backbone, model.backbone.dtype
+    policy = MixedPrecisionPolicy()
+    if dtype in HALF:
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        net.float()
+    # A layer returns views (its values are v_proj's output reshaped), which FSDP2 warns of in case they are updated
+    # in place afterwards: qstar never does.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    for layer in net.model.layers:
+        fully_shard(layer, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        for method in LAYER_METHODS:  # a layer is called through these (once per thought step), not forward
+            register_fsdp_forward_method(layer, method)
+    return cast(nn.Module, fully_shard(Terms(model), mp_policy=policy))
 
 
 def scalars(terms: LossTerms) -> dict[str, float]:
@@ -32,15 +62,19 @@ def scalars(terms: LossTerms) -> dict[str, float]:
 
 
 class Terms(nn.Module):
-    """A model's loss terms as a module's forward: what DistributedDataParallel wraps (it hooks forward and backward
-    to all-reduce the gradients in buckets while backward runs)."""
+    """A model's loss terms as a module's forward: what DistributedDataParallel and FSDP2 wrap (their hooks around
+    forward and backward all-gather the weights and reduce the gradients). The loss comes first in the output, a
+    tensor those hooks can see (they do not look inside a LossTerms)."""
 
     def __init__(self, model: TorchQStar) -> None:
         super().__init__()
         self.net, self.qstar = model.backbone, model
 
-    def forward(self, ids: np.ndarray, mask: np.ndarray, thoughts: np.ndarray | None = None) -> LossTerms:
-        return self.qstar.terms(ids, mask, thoughts)
+    def forward(
+        self, ids: np.ndarray, mask: np.ndarray, thoughts: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, LossTerms]:
+        terms = self.qstar.terms(ids, mask, thoughts)
+        return terms.total, terms
 
 
 class Session:
@@ -49,11 +83,20 @@ class Session:
         net = model.backbone
         self.ops = net.ops
         net.grad_checkpoint, net.attention = cfg.grad_checkpoint, cfg.attention
+        self.sharded = self.world.size > 1 and cfg.sharded()
+        if cfg.compile and self.sharded:
+            raise ValueError("--compile does not run under --distributed fsdp yet: pass --distributed ddp with it")
         if cfg.compile:
             net.compile_thought_steps()
             net.compile_sampling_loop()
+        self.wrapped: nn.Module | None = None
+        self.parallel = "the whole model in each process (DDP)"
+        if self.sharded:  # FSDP2: float32 weights sharded, all-gathered in the compute dtype layer by layer
+            self.wrapped = shard(model, cfg.reshard_after_forward)
+            self.parallel = "weights, gradients and optimizer state sharded per decoder layer (FSDP2)"
         self.params = [p for p in net.parameters() if p.requires_grad]  # an adapter run trains a few
-        # Half-precision compute keeps float32 master weights: at lr 1e-6 a bf16 update would round away.
+        # Half-precision compute keeps float32 master weights: at lr 1e-6 a bf16 update would round away (sharded,
+        # the float32 shards are the master weights).
         self.master = [p.detach().float().clone() if p.dtype in HALF else p for p in self.params]
         decay = [m for m, p in zip(self.master, self.params, strict=True) if p.ndim >= 2]
         no_decay = [m for m, p in zip(self.master, self.params, strict=True) if p.ndim < 2]
@@ -64,27 +107,35 @@ class Session:
             eps=1e-8,
             fused=self.ops.device.type in FUSED_ADAMW_DEVICES,
         )
-        self.ddp: DistributedDataParallel | None = None
         if self.world.size > 1:  # torchrun: each rank steps on its rows, gradients averaged while backward runs
             self.ops.ranks = self.world.size
-            devices = [self.ops.device] if self.ops.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(Terms(model), device_ids=devices)
+            if self.wrapped is None:
+                devices = [self.ops.device] if self.ops.device.type == "cuda" else None
+                self.wrapped = DistributedDataParallel(Terms(model), device_ids=devices)
         self.rank_states: list[dict[str, torch.Tensor]] = []
+        self.full_state: dict[str, Any] = {}
         # Thoughts are drawn from torch's default generators, which a compiled (or CUDA-graph captured) sampling loop
         # can draw from too; their state is saved with each checkpoint. Each rank draws its own.
         torch.manual_seed(cfg.seed + self.world.rank)
 
     def forward(self, ids: np.ndarray, mask: np.ndarray, thoughts: np.ndarray | None = None) -> LossTerms:
-        """The loss terms of this rank's rows (through DDP, which all-reduces the gradients, under torchrun)."""
-        if self.ddp is not None:
-            return cast(LossTerms, self.ddp(ids, mask, thoughts))
+        """The loss terms of this rank's rows (through DDP or FSDP2, which reduce the gradients, under torchrun)."""
+        if self.wrapped is not None:
+            return cast(tuple[torch.Tensor, LossTerms], self.wrapped(ids, mask, thoughts))[1]
         return self.model.terms(ids, mask, thoughts)
+
+    def syncing(self, sync: bool) -> AbstractContextManager[None]:
+        """Gradients reduced across ranks in this backward (the last micro-batch) or kept local (the others)."""
+        if isinstance(self.wrapped, DistributedDataParallel) and not sync:
+            return self.wrapped.no_sync()
+        if isinstance(self.wrapped, FSDPModule):
+            self.wrapped.set_requires_gradient_sync(sync)
+        return nullcontext()
 
     def step(self, batches: list[Batch], lr: float) -> dict[str, float]:
         records = []
         for i, batch in enumerate(batches):
-            accumulating = self.ddp is not None and i < len(batches) - 1  # all-reduce after the last micro-batch
-            with self.ddp.no_sync() if accumulating else nullcontext():  # type: ignore[union-attr]
+            with self.syncing(i == len(batches) - 1):  # all-reduce after the last micro-batch
                 terms = self.forward(batch.ids, batch.mask)
                 (terms.total / len(batches)).backward()
             records.append(scalars(terms))
@@ -93,7 +144,8 @@ class Session:
             if m is not p:
                 m.grad = None if p.grad is None else p.grad.float()
                 p.grad = None
-        norm = float(torch.nn.utils.clip_grad_norm_(self.master, self.cfg.max_grad_norm or math.inf))
+        total = torch.nn.utils.clip_grad_norm_(self.master, self.cfg.max_grad_norm or math.inf)
+        norm = float(total.full_tensor() if isinstance(total, DTensor) else total)  # sharded: over every shard
         skipped = not (math.isfinite(norm) and math.isfinite(metrics["loss"]))  # the same on every rank
         if not skipped:  # a non-finite loss or gradient would poison the weights and the optimizer state
             for group in self.optimizer.param_groups:
@@ -115,7 +167,7 @@ class Session:
             torch.manual_seed(seed)
             records = []
             for batch in batches:
-                terms = self.model.terms(batch.ids, batch.mask)
+                terms = self.forward(batch.ids, batch.mask)
                 records.append(scalars(terms))
                 if batch.hard is not None:
                     streams = self.model.layout(batch.ids.shape[1]).streams
@@ -129,24 +181,58 @@ class Session:
             rng["cuda"] = torch.cuda.get_rng_state(self.cuda_devices[0])
         return rng
 
-    def gather_state(self) -> None:
+    @contextmanager
+    def gathered(self) -> Iterator[None]:
+        """Sharded, the whole model unsharded in place (what `save` writes) and the float32 weights and optimizer
+        state gathered in full onto rank 0's CPU: a checkpoint one process loads."""
         if self.world.size > 1:
             self.rank_states = self.world.gather(self.random_state())
+        if not isinstance(self.wrapped, FSDPModule):
+            yield
+            return
+        weights, optimizer = get_state_dict(self.wrapped, self.optimizer, options=FULL_ON_RANK_0)
+        self.full_state = {"weights": weights, "optimizer": optimizer}
+        modules = [m for m in self.wrapped.modules() if isinstance(m, FSDPModule)]
+        for m in modules:
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.reshard()
+            self.full_state = {}
 
     def write_state(self, directory: Path) -> None:
-        masters = [m.detach().cpu() for m, p in zip(self.master, self.params, strict=True) if m is not p]
-        state = {"optimizer": self.optimizer.state_dict(), "master": masters, "rng": self.random_state()}
+        state: dict[str, Any] = {**self.full_state, "rng": self.random_state()}
+        if not self.full_state:
+            masters = [m.detach().cpu() for m, p in zip(self.master, self.params, strict=True) if m is not p]
+            state.update(optimizer=self.optimizer.state_dict(), master=masters)
         if self.rank_states:
             state["ranks"] = self.rank_states
         torch.save(state, directory / STATE_FILE)
 
     def read_state(self, directory: Path) -> None:
         state = torch.load(directory / STATE_FILE, weights_only=True, map_location=self.ops.device)
-        self.optimizer.load_state_dict(state["optimizer"])
-        separate = [m for m, p in zip(self.master, self.params, strict=True) if m is not p]
-        with torch.no_grad():
-            for m, saved in zip(separate, state["master"], strict=True):
-                m.copy_(saved)
+        if ("weights" in state) != isinstance(self.wrapped, FSDPModule):
+            saved, this = ("fsdp", "ddp") if "weights" in state else ("ddp", "fsdp")
+            raise ValueError(
+                f"{directory} was saved by a --distributed {saved} run, this one is {this}: resume it with "
+                f"--distributed {saved}"
+            )
+        if isinstance(self.wrapped, FSDPModule):  # every rank takes its shards of the full state
+            set_state_dict(
+                self.wrapped,
+                self.optimizer,
+                model_state_dict=state["weights"],
+                optim_state_dict=state["optimizer"],
+                options=FULL,
+            )
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+            separate = [m for m, p in zip(self.master, self.params, strict=True) if m is not p]
+            with torch.no_grad():
+                for m, saved in zip(separate, state["master"], strict=True):
+                    m.copy_(saved)
         ranks = state.get("ranks") or [state["rng"]]
         if len(ranks) != self.world.size:
             raise ValueError(

@@ -17,6 +17,12 @@ def run(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+def test_fsdp_is_torchs(tmp_path):
+    result = runner.invoke(app, ["train", "--backend", "mlx", "--distributed", "fsdp", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "--distributed fsdp is PyTorch's FSDP2" in result.output
+    assert not (tmp_path / "r").exists()
+
+
 def test_nonexistent_model(tmp_path):
     code, output = run("--model", str(tmp_path / "nope"), "--out", str(tmp_path / "run"))
     assert code == 1 and "does not exist" in output and "Traceback" not in output

@@ -1,8 +1,8 @@
 """Run under torchrun by test_distributed.py: every rank takes its rows of one global batch (padded unevenly, with
-given thoughts), steps forward and backward through the data-parallel Session, and rank 0 saves the averaged
-gradients and the mean loss.
+given thoughts), steps forward and backward through the data-parallel Session (DDP or FSDP2), and rank 0 saves the
+averaged gradients (whole, gathered from the shards under FSDP2) and the mean loss.
 
-    torchrun --standalone --nproc-per-node 2 tests/torch/ddp_worker.py CHECKPOINT IDS.npz OUT.npz
+    torchrun --standalone --nproc-per-node 2 tests/torch/ddp_worker.py CHECKPOINT IDS.npz OUT.npz ddp|fsdp
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import sys
 
 import numpy as np
 import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 import qstar
 from qstar.core.session import Batch
@@ -18,10 +20,10 @@ from qstar.core.train_config import TrainConfig
 from qstar.torch_backend import join
 from qstar.torch_backend.train import Session
 
-checkpoint, inputs, out = sys.argv[1:4]
+checkpoint, inputs, out, distributed = sys.argv[1:5]
 world = join()
 model = qstar.load(checkpoint, backend="torch", dtype="float64", device="cpu")
-session = Session(model, TrainConfig(model=checkpoint, dtype="float64"), world)
+session = Session(model, TrainConfig(model=checkpoint, dtype="float64", distributed=distributed), world)
 data = np.load(inputs)
 batch = world.share(Batch(data["ids"], data["mask"]))
 rows = data["thoughts"].shape[0] // world.size
@@ -29,7 +31,9 @@ thoughts = data["thoughts"][world.rank * rows : (world.rank + 1) * rows]
 terms = session.forward(batch.ids, batch.mask, thoughts)
 terms.total.backward()
 loss = world.mean({"loss": float(terms.total)})["loss"]
+grads = {name: p.grad for name, p in model.parameters().items() if p.grad is not None}
+grads = {name: (g.full_tensor() if isinstance(g, DTensor) else g).numpy() for name, g in grads.items()}
+assert isinstance(session.wrapped, FSDPModule) == (distributed == "fsdp")
 if world.main:
-    grads = {name: p.grad.numpy() for name, p in model.parameters().items() if p.grad is not None}
     np.savez(out, loss=loss, **grads)
 torch.distributed.destroy_process_group()

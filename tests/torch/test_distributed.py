@@ -12,7 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
 from helpers import TRAIN_SMALL, assert_same_runs, assert_whole_batch_gradients, uneven_batch
+from safetensors.torch import load_file
 
 import qstar
 
@@ -30,12 +33,20 @@ def torchrun(*args: str) -> list[str]:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def test_two_ranks_compute_the_gradient_of_the_whole_batch(mixing_checkpoint, tmp_path):
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_two_ranks_compute_the_gradient_of_the_whole_batch(mixing_checkpoint, tmp_path, distributed):
     """Float64, given thoughts, rows padded unevenly (rank 0 has padding, rank 1 none): the averaged gradients and
-    the mean loss equal one process's on the four rows, so the masked means use the global counts."""
+    the mean loss equal one process's on the four rows, so the masked means use the global counts; sharded (FSDP2,
+    each layer all-gathered once per thought step) as replicated (DDP)."""
     reference = qstar.load(str(mixing_checkpoint), backend="torch", dtype="float64")
     ids, mask, thoughts = uneven_batch(reference, tmp_path / "in.npz")
-    args = [str(HERE / "ddp_worker.py"), str(mixing_checkpoint), str(tmp_path / "in.npz"), str(tmp_path / "out.npz")]
+    args = [
+        str(HERE / "ddp_worker.py"),
+        str(mixing_checkpoint),
+        str(tmp_path / "in.npz"),
+        str(tmp_path / "out.npz"),
+        distributed,
+    ]
     done = subprocess.run(torchrun(*args), env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_whole_batch_gradients(tmp_path / "out.npz", reference, ids, mask, thoughts)
@@ -46,12 +57,21 @@ def train(checkpoint: Path, out: Path, *extra: str) -> list[str]:
     return torchrun(*args, "--iters", "12", "--save-every", "1", "--steps-per-eval", "4", *TRAIN_SMALL, *extra)
 
 
-def test_a_killed_two_rank_run_resumes_exactly(llama_checkpoint, tmp_path):
+@pytest.mark.parametrize("distributed", ["ddp", "auto"])
+def test_a_killed_two_rank_run_resumes_exactly(llama_checkpoint, tmp_path, distributed):
+    """Under DDP and under FSDP2 (auto for full fine-tuning): the sharded run's checkpoint is a whole one too."""
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    done = subprocess.run(train(llama_checkpoint, whole), env=ENV, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        train(llama_checkpoint, whole, "--distributed", distributed),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert ("FSDP2" in done.stderr) == (distributed == "auto")
     process = subprocess.Popen(
-        train(llama_checkpoint, broken),
+        train(llama_checkpoint, broken, "--distributed", distributed),
         env=ENV,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
@@ -75,3 +95,21 @@ def test_a_killed_two_rank_run_resumes_exactly(llama_checkpoint, tmp_path):
     wa = qstar.load(str(whole / "model"), backend="torch").parameters()  # a checkpoint one process loads
     wb = qstar.load(str(broken / "model"), backend="torch").parameters()
     assert all(bool((wa[k] == wb[k]).all()) for k in wa)
+
+
+def test_fsdp_in_bfloat16_keeps_float32_master_shards(llama_checkpoint, tmp_path):
+    """Mixed precision: bf16 compute, float32 master weights (the shards) in the checkpoint's training state, a
+    bf16 model that one process loads."""
+    out = tmp_path / "bf16"
+    args = train(llama_checkpoint, out, "--dtype", "bfloat16", "--grad-accumulation-steps", "2", "--iters", "2")
+    done = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = load_file(out / "model" / "model.safetensors") | load_file(out / "model" / "qstar.safetensors")
+    assert {v.dtype for v in saved.values()} == {torch.bfloat16}
+    model = qstar.load(str(out / "model"), backend="torch", dtype="bfloat16")
+    masters = torch.load(out / "model" / "optimizer_state.pt", weights_only=True)["weights"]
+    weights = {f"net.{k}": v for k, v in model.parameters().items()}
+    assert sorted(masters) == sorted(weights)
+    assert all(m.dtype == torch.float32 for m in masters.values())
+    assert all(bool((m.bfloat16() == weights[k]).all()) for k, m in masters.items())  # bf16 weights = rounded masters
+    assert any(bool((m != m.bfloat16().float()).any()) for m in masters.values())  # finer than bf16: not rounded
