@@ -16,7 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -27,7 +27,10 @@ from qstar.core.ops import Array, Ops
 
 KV = tuple[Array, Array]
 Cache = list[KV]
-"""Per layer (keys, values): (B, h, T, d) for the causal pass, (R, m, S, h, d) for thought streams."""
+"""Per layer (keys, values): (B, h, T, d) for the causal pass, (R, m, S, h, d) for a preallocated thought stream."""
+Chunks = tuple[tuple[Array, ...], tuple[Array, ...]]
+"""A layer's thought-stream keys and values, chunk by chunk as the steps made them (R, n_i, S, h, d)."""
+StreamCache = list[Chunks]
 Layer = Callable[[Array], Array]
 
 
@@ -75,19 +78,28 @@ class Attention(ABC):
         return self.o_proj(out.reshape(*x.shape[:-1], -1)), k, v
 
     def think(
-        self, x: Array, cos: Array, sin: Array, base_kv: KV, cache: KV | None, bias: Array, slot: int | None = None
+        self,
+        x: Array,
+        cos: Array,
+        sin: Array,
+        base_kv: KV,
+        cache: Chunks | KV | None,
+        bias: Array,
+        slot: int | None = None,
     ) -> tuple[Array, Array, Array]:
-        """Thought steps x (R, n, S, D) -> output, and the stream keys/values (R, m, S, h, d) incl. these steps. With
-        `slot`, the cache is preallocated (R, m, S, h, d) and these steps' keys/values are written into it at slot,
-        slot+1, ... (no gradient; the bias hides the slots not written yet): every step has the same shapes."""
+        """Thought steps x (R, n, S, D) -> output and these steps' own keys/values (R, n, S, h, d), attending to the
+        earlier steps' chunks of `cache`, concatenated here: a layer recomputed in backward (grad_checkpoint) then
+        keeps each step's keys/values once instead of every step's concatenation (O(k^2)). With `slot`, the cache is
+        preallocated (R, m, S, h, d) and these steps' keys/values are written into it at slot, slot+1, ... (no
+        gradient; the bias hides the slots not written yet): every step has the same shapes."""
         q, k, v = self.project(x, cos, sin)
+        keys, values = k, v
         if slot is not None and cache is not None:
-            n = k.shape[1]
-            cache[0][:, slot : slot + n], cache[1][:, slot : slot + n] = k, v
-            k, v = cache
+            n, (keys, values) = k.shape[1], cast(KV, cache)
+            keys[:, slot : slot + n], values[:, slot : slot + n] = k, v
         elif cache is not None:
-            k, v = self.ops.concat([cache[0], k], axis=1), self.ops.concat([cache[1], v], axis=1)
-        out = attention.thought_attention(self.ops, q, k, v, *base_kv, bias)
+            keys, values = self.ops.concat([*cache[0], k], axis=1), self.ops.concat([*cache[1], v], axis=1)
+        out = attention.thought_attention(self.ops, q, keys, values, *base_kv, bias)
         return self.o_proj(out), k, v
 
 
@@ -199,18 +211,20 @@ class Model(ABC):
         x: Array,
         geometry: StepGeometry | Placed,
         base_kv: Cache,
-        cache: Cache | None,
+        cache: StreamCache | Cache | None,
         slot: int | None = None,
-    ) -> tuple[Array, Cache]:
+    ) -> tuple[Array, StreamCache]:
         """Thought steps for inputs x (R, n, S, D) placed by `geometry` (or its placed form): final-norm hidden
-        (R, n, S, D) and the stream cache extended by these steps (with `slot`: written into, see Attention.think)."""
+        (R, n, S, D) and the stream cache extended by these steps' chunks (with `slot`, written into the preallocated
+        cache instead, see Attention.think; nothing returned)."""
         placed = geometry if isinstance(geometry, Placed) else self.place(geometry)
-        new_cache = []
+        chunks: StreamCache = []
         for i, layer in enumerate(self.model.layers):
             past = None if cache is None else cache[i]
             x, k, v = self.call_layer(layer, "think", x, placed.cos, placed.sin, base_kv[i], past, placed.bias, slot)
-            new_cache.append((k, v))
-        return self.model.norm(x), new_cache
+            if slot is None:
+                chunks.append(((k,), (v,)) if past is None else ((*past[0], k), (*past[1], v)))
+        return self.model.norm(x), chunks
 
     def logits(self, h: Array) -> Array:
         """Logits (..., V)."""

@@ -25,7 +25,7 @@ import numpy as np
 
 from qstar.core import losses
 from qstar.core.layout import ThoughtLayout
-from qstar.core.llama import Cache, Model, Placed
+from qstar.core.llama import Cache, Model, Placed, StreamCache
 from qstar.core.ops import Array, Ops
 from qstar.core.recipe import Recipe
 from qstar.core.sampling import NoiseFn, sample_tokens
@@ -117,7 +117,7 @@ def thought_steps(
     layout: ThoughtLayout,
     banned: Array | None,
     noise: NoiseFn | None,
-) -> tuple[Array, Array, Array, Cache | None]:
+) -> tuple[Array, Array, Array, StreamCache | None]:
     """Sample every stream's thought inside the differentiable graph (one-pass steps), k steps of one token each.
     Returns the hidden states (R, k, S, D) of steps 1..k, the policy's log-probabilities (R, k, S) of the drawn tokens
     (R, S, k), and the cache. Each step's (R, S, V) logits live only until its log-probability is taken."""
@@ -125,7 +125,7 @@ def thought_steps(
     hidden: list[Array] = []
     logprobs: list[Array] = []
     tokens: list[Array] = []
-    cache: Cache | None = None
+    cache: StreamCache | None = None
     x = start_inputs(model, rows, layout.num_streams)
     for step in range(1, recipe.thought_tokens + 1):
         if step > 1:

@@ -107,7 +107,7 @@ class Attention(nn.Module, llama.Attention):
         cos: torch.Tensor,
         sin: torch.Tensor,
         base_kv: llama.KV,
-        cache: llama.KV | None,
+        cache: llama.Chunks | llama.KV | None,
         bias: torch.Tensor | FlexBias,
         slot: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -238,8 +238,9 @@ class Model(nn.Module, llama.Model):
     def compile_thought_steps(self, backend: str = "inductor") -> None:
         """torch.compile the thought step of a layer (one graph serves every layer; sizes are dynamic): a thought step
         pushes few tokens through a couple of hundred small kernels, so on a GPU it is bound by kernel launches."""
-        # Graphs: with and without grad x (no cache, a one-step cache, a longer one, the multi-step tail).
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+        # Graphs: with and without grad x (no cache, a preallocated one, and in one-pass steps a cache of each number
+        # of step chunks, 1..k, then the multi-step tail).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         compiled = torch.compile(llama.Block.think, dynamic=True, backend=backend)
 
         def think(layer: Block, x: torch.Tensor, *args: Any) -> tuple[torch.Tensor, ...]:

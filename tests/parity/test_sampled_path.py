@@ -9,6 +9,7 @@ import pytest
 from helpers import random_ids
 
 import qstar
+from qstar.core import thinker
 
 RECIPE = dict(thought_tokens=3, lookahead=2, thoughts_per_position=2, policy_weight=1.0)
 
@@ -38,17 +39,36 @@ def test_sampled_path_equals_given_thoughts(mixing_checkpoint, backend):
         assert rel(grads_sampled[name], g) < 1e-12, name
 
 
+@pytest.mark.parametrize("step_mode", ["one-pass", "two-pass"])
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
-def test_grad_checkpoint_same_gradients(mixing_checkpoint, backend):
+def test_grad_checkpoint_same_gradients(mixing_checkpoint, backend, step_mode):
     """Recomputing each layer in backward (thought sampling steps included) changes nothing: float64, checked at
     1e-12."""
-    m = qstar.load(str(mixing_checkpoint), backend=backend, dtype="float64", **RECIPE)
+    m = qstar.load(str(mixing_checkpoint), backend=backend, dtype="float64", step_mode=step_mode, **RECIPE)
     ids = random_ids(2, 9, seed=4)
     plain = m.gradients(ids, seed=5)
     m.backbone.grad_checkpoint = True
     recomputed = m.gradients(ids, seed=5)
     for name, g in plain.items():
         assert rel(recomputed[name], g) < 1e-12, name
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_sampling_steps_keep_each_steps_keys_once(mixing_checkpoint, backend):
+    """The differentiable sampling steps extend a layer's stream cache by their own keys/values, one chunk a step,
+    and concatenate inside the attention: what a recomputed layer keeps for backward is then k chunks of one step,
+    not the k growing concatenations (O(k^2) memory)."""
+    m = qstar.load(str(mixing_checkpoint), backend=backend, dtype="float64", step_mode="one-pass", **RECIPE)
+    ids = random_ids(2, 9, seed=4)
+    ops, k = m.ops, m.recipe.thought_tokens
+    h_base, base_kv = m.backbone.base(ops.asarray(ids))
+    layout = m.layout(ids.shape[1])
+    rows = ids.shape[0] * m.recipe.thoughts_per_position
+    *_, cache = thinker.thought_steps(m.backbone, m.recipe, base_kv, rows, layout, None, None)
+    assert len(cache) == m.config.num_layers
+    for keys, values in cache:
+        assert len(keys) == len(values) == k
+        assert all(tuple(t.shape[:3]) == (rows, 1, len(layout.streams)) for t in (*keys, *values))
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
