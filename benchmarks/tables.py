@@ -172,6 +172,47 @@ def fsdp(results: dict[str, Any]) -> str:
     return markdown(header, rows) + "\n\n" + units + source(results)
 
 
+def memory(results: dict[str, Any]) -> str:
+    """`memory_table.py`: estimated peak memory a device and where it fits (memory-fits), or the estimate against
+    steps measured on a CPU (memory-measured)."""
+    rows = results["rows"]
+    if "measured_gb" in rows[0]:
+        body = [
+            [
+                r["backend"],
+                r["fine_tune_type"],
+                str(r["seq_len"]),
+                f"{r['measured_gb']:.3f} GB",
+                f"{r['estimated_gb']:.3f} GB",
+                f"{r['measured_gb'] / r['estimated_gb']:.2f}",
+            ]
+            for r in rows
+        ]
+        header = ["backend", "fine-tune", "L", "measured", "estimated", "measured / estimated"]
+        shape = "Llama, hidden 256, 4 layers, k=8, A=4, P=2, batch 1, float32, --grad-checkpoint. "
+        return markdown(header, body) + "\n\n" + shape + source(results)
+
+    def cell(estimate: dict[str, Any] | None, where: str) -> str:
+        if estimate is None:
+            return "- (MLX only)"
+        fit = [name.split(" ")[0] + " GB" for name in estimate["fits"] if where in name]
+        return f"{estimate['gib']:.1f} GiB: " + (f"fits {fit[0]}" if fit else "**does not fit**")
+
+    step = results["step"]
+    body = [
+        [r["model"], r["fine_tune"], cell(r.get("one_gpu"), "GPU"), cell(r.get("gpus"), "GPU"), cell(r["mac"], "Mac")]
+        for r in rows
+    ]
+    header = ["model", "fine-tune", "1 GPU", f"{step['gpus']} GPUs (each; full: FSDP2)", "64 GB Mac (MLX)"]
+    shape = (
+        f"Estimated (qstar/core/memory.py), not measured: bfloat16, L={step['seq_len']}, k={step['thought_tokens']}, "
+        f"A={step['lookahead']}, P={step['thoughts_per_position']}, {step['batch']} sequence a device, two-pass steps "
+        f"with --grad-checkpoint; LoRA rank {step['lora_rank']} on the last {step['lora_layers']} layers, QLoRA "
+        f"{step['q_bits']}-bit. `qstar bench --memory` shows the terms of any row. "
+    )
+    return markdown(header, body) + "\n\n" + shape + source(results)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "toy": toy,
     "overhead": overhead,
@@ -179,6 +220,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "operators": operators,
     "modes": modes,
     "fsdp": fsdp,
+    "memory": memory,
 }
 """Table name -> how its JSON is written as markdown (the name before the first "-" chooses: overhead-torch too)."""
 

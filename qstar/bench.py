@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from qstar.core.hf_config import ModelConfig, read_config
+from qstar.core.memory import Step
 from qstar.core.ops import peak_rss_gb
 
 
@@ -58,6 +60,10 @@ class BenchConfig:
     """torch: compile the thought steps (TrainConfig.compile)."""
     step_mode: str | None = None
     """one-pass or two-pass (TrainConfig.step_mode); None: the device's default."""
+    grad_checkpoint: bool = False
+    """Recompute layer activations in backward (TrainConfig.grad_checkpoint)."""
+    fine_tune_type: str = "full"
+    """full, lora or dora (TrainConfig.fine_tune_type; the adapters of TrainConfig's defaults)."""
     attention: str = "split"
     """torch: split or flex (TrainConfig.attention)."""
     peak_tflops: float | None = None
@@ -119,11 +125,28 @@ def random_checkpoint(cfg: BenchConfig, directory: Path) -> Path:
 def current_rss_gb() -> float:
     try:
         with open("/proc/self/statm") as f:
-            import os
-
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
     except OSError:
         return peak_rss_gb()
+
+
+def reset_peak_rss() -> None:
+    """Restart this process's peak resident set from the current one (Linux), so that a step's peak is its own and
+    not the model load's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def step_peak_rss_gb() -> float:
+    """The peak resident set since reset_peak_rss (VmHWM on Linux; elsewhere the process's peak)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return peak_rss_gb()
+    kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    return kib * 1024 / 1e9
 
 
 def make_step(cfg: BenchConfig, mode: str, path: Path) -> Callable[[], Any]:
@@ -149,6 +172,8 @@ def make_step(cfg: BenchConfig, mode: str, path: Path) -> Callable[[], Any]:
         compile=cfg.compile,
         step_mode=cfg.step_mode,
         attention=cfg.attention,
+        grad_checkpoint=cfg.grad_checkpoint,
+        fine_tune_type=cfg.fine_tune_type,
         recipe_overrides=dict(
             thought_tokens=cfg.thought_tokens,
             lookahead=cfg.lookahead,
@@ -180,10 +205,13 @@ def measure(cfg: BenchConfig, mode: str, path: Path) -> dict[str, Any]:
         }
     step = make_step(cfg, mode, path)
     base_memory = device_memory(cfg) if cfg.device == "cuda" else current_rss_gb()
-    for _ in range(cfg.warmup + 1):
+    for _ in range(cfg.warmup):  # the optimizer's state exists from the first step on: a later step's peak has it
         step()
         sync()
-    peak = device_memory(cfg, peak=True) if cfg.device == "cuda" else peak_rss_gb()
+    reset_peak_rss()
+    step()
+    sync()
+    peak = device_memory(cfg, peak=True) if cfg.device == "cuda" else step_peak_rss_gb()
     return {"memory_added_gb": max(peak - base_memory, 0.0)}
 
 
@@ -252,6 +280,9 @@ def qstar_step(cfg: BenchConfig, train_cfg: Any, path: Path) -> QstarStep:
         device=cfg.device,
         step_mode=cfg.step_mode,
     )
+    adapters = train_cfg.lora_config()
+    if adapters is not None:
+        model.add_adapters(adapters)
     ids = batch(cfg, cfg.batch)
     return QstarStep(backends.get(cfg.backend).Session(model, train_cfg), [Batch(ids, np.ones(ids.shape, bool))])
 
@@ -314,14 +345,19 @@ def mlx_lm_step(path: Path, ids: np.ndarray) -> Callable[[], None]:
     return step
 
 
+MMAP_THRESHOLD = 65536
+"""Bytes above which glibc's malloc maps each allocation apart, so that the resident set follows the live tensors."""
+
+
 def run_one(cfg: BenchConfig, mode: str, path: Path) -> dict[str, Any]:
     """Measure in a fresh interpreter (clean peak memory)."""
     code = (
         "import json,sys; from pathlib import Path; from qstar.bench import BenchConfig, measure; "
         "c=BenchConfig(**json.loads(sys.argv[1])); print(json.dumps(measure(c, sys.argv[2], Path(sys.argv[3]))))"
     )
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}  # big buffers go back to the system on free
     done = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(asdict(cfg)), mode, str(path)], capture_output=True, text=True
+        [sys.executable, "-c", code, json.dumps(asdict(cfg)), mode, str(path)], capture_output=True, text=True, env=env
     )
     if done.returncode != 0:
         raise RuntimeError(f"benchmark of {mode} failed:\n{done.stderr[-2000:]}")
@@ -394,3 +430,63 @@ def bench_generation(cfg: BenchConfig, batches: tuple[int, ...] = (1, 8)) -> lis
                 }
             )
     return rows
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+
+
+def shape_config(cfg: BenchConfig) -> ModelConfig:
+    """The ModelConfig of the benchmark's random shape (what random_checkpoint writes)."""
+    return ModelConfig(
+        model_type=cfg.arch,
+        vocab_size=cfg.vocab,
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.intermediate,
+        num_layers=cfg.layers,
+        num_heads=cfg.heads,
+        num_kv_heads=cfg.kv_heads,
+        head_dim=cfg.hidden // cfg.heads,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=cfg.tie_embeddings,
+        qkv_bias=cfg.arch == "qwen2",
+        o_bias=False,
+        qk_norm=False,
+    )
+
+
+def memory_step(cfg: BenchConfig, devices: int = 1) -> Step:
+    """The estimator's description of the step the benchmark runs."""
+    if cfg.dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown --dtype {cfg.dtype!r}: choose one of {', '.join(DTYPE_BYTES)}")
+    return Step(
+        batch=cfg.batch,
+        seq_len=cfg.seq_len,
+        thought_tokens=cfg.thought_tokens,
+        lookahead=cfg.lookahead,
+        thoughts_per_position=cfg.thoughts_per_position,
+        dtype_bytes=DTYPE_BYTES[cfg.dtype],
+        fine_tune="lora" if cfg.fine_tune_type == "dora" else cfg.fine_tune_type,
+        devices=devices,
+        grad_checkpoint=cfg.grad_checkpoint,
+        step_mode=cfg.step_mode or "two-pass",
+        backend=cfg.backend,
+    )
+
+
+def measure_memory(cfg: BenchConfig) -> float:
+    """GB one training step adds to its loaded model and session at its peak (gradients, optimizer state,
+    activations), a later step's (the optimizer state exists), in a fresh process on a random model of the shape
+    unless cfg.model names one."""
+    if cfg.fine_tune_type not in ("full", "lora", "dora"):
+        raise ValueError("--measure runs full, lora or dora steps; a QLoRA base is an MLX-quantized --model")
+    cfg = replace(resolve_device(cfg), warmup=max(cfg.warmup, 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(cfg.model) if cfg.model else random_checkpoint(cfg, Path(tmp))
+        added: float = run_one(cfg, "qstar", path)["memory_added_gb"]
+    return added
+
+
+def before_the_step(term: str) -> bool:
+    """Estimated terms that exist before a step runs (what measure_memory's baseline holds already)."""
+    return term.startswith(("weights", "master", "adapters"))

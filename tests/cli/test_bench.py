@@ -36,3 +36,24 @@ def test_bench_reports_ratio_memory_and_generation(tmp_path, backend, shape):
         assert gen["plain_tokens_per_s"] > 0 and gen["thought_tokens_per_s"] > 0
         assert gen["target_tokens_per_s"] == pytest.approx(0.7 * gen["plain_tokens_per_s"] / (2 + 3))
     assert "thought overhead" in result.output
+
+
+def test_bench_memory_shows_the_terms_and_where_they_fit(tmp_path):
+    out = tmp_path / "memory.json"
+    args = ["bench", "--memory", "--shape", "Mistral-7B", "--dtype", "bfloat16", "--grad-checkpoint"]
+    result = runner.invoke(app, [*args, "--devices", "8", "--thought-tokens", "12", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["total"] == pytest.approx(sum(report["terms"].values()))
+    assert "master weights (float32 shards)" in report["terms"] and "80 GB GPU" in report["fits"]
+    assert "fits: 80 GB GPU, 141 GB GPU" in result.output
+    refused = runner.invoke(app, [*args, "--measure"])
+    assert refused.exit_code == 1 and "--shape Mistral-7B is estimated only" in refused.output
+
+
+def test_bench_memory_measures_a_step_here(tmp_path):
+    out = tmp_path / "memory.json"
+    result = runner.invoke(app, ["bench", "--memory", *TINY, "--threads", "1", "--measure", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["measured_added_gb"] > 0 and report["estimated_added_gb"] > 0

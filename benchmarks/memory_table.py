@@ -1,0 +1,85 @@
+"""What fits where: the peak memory of one training step per device, estimated by qstar/core/memory.py for the
+models users train, and the estimate checked against steps measured on this CPU with both backends.
+
+    python benchmarks/memory_table.py --publish
+
+The estimated table is the README's (bfloat16, L=256, k=12, A=4, P=2, one sequence a device, two-pass steps with
+--grad-checkpoint; LoRA rank 8 on the last 16 layers, QLoRA 4-bit in groups of 64); the measured one compares what
+a step adds to its loaded model (gradients, optimizer state, activations) with the estimate of those terms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tables import publish, record, render  # noqa: E402
+
+from qstar.bench import BenchConfig, before_the_step, measure_memory, memory_step, shape_config  # noqa: E402
+from qstar.core.memory import GIB, MODELS, Step, estimate, fitting  # noqa: E402
+
+STEP = Step(batch=1, seq_len=256, thought_tokens=12, lookahead=4, thoughts_per_position=2, dtype_bytes=2)
+GPUS = 8
+MEASURED = [
+    dict(seq_len=64, fine_tune_type="full"),
+    dict(seq_len=256, fine_tune_type="full"),
+    dict(seq_len=64, fine_tune_type="lora"),
+    dict(seq_len=256, fine_tune_type="lora"),
+]
+"""Small shapes (the BenchConfig default: Llama, hidden 256, 4 layers, k=8, A=4, P=2, float32) measured here."""
+
+
+def gib(step: Step, name: str) -> dict[str, Any]:
+    total = sum(estimate(MODELS[name], step).values())
+    return {"gib": total / GIB, "fits": fitting(total, step)}
+
+
+def estimated_rows() -> list[dict[str, Any]]:
+    rows = []
+    for name in MODELS:
+        for fine_tune in ("full", "lora", "qlora"):
+            step = replace(STEP, fine_tune=fine_tune)
+            row: dict[str, Any] = {"model": name, "fine_tune": fine_tune}
+            if fine_tune != "qlora":  # torch trains no quantized base
+                row["one_gpu"] = gib(step, name)
+                row["gpus"] = gib(replace(step, devices=GPUS), name)
+            row["mac"] = gib(replace(step, backend="mlx"), name)
+            rows.append(row)
+    return rows
+
+
+def measured_rows(threads: int) -> list[dict[str, Any]]:
+    rows = []
+    for backend in ("torch", "mlx"):
+        for shape in MEASURED:
+            cfg = BenchConfig(backend=backend, grad_checkpoint=True, threads=threads, device="cpu", **shape)  # type: ignore[arg-type]
+            terms = estimate(shape_config(cfg), memory_step(cfg))
+            estimated = sum(v for k, v in terms.items() if not before_the_step(k)) / 1e9
+            measured = measure_memory(cfg)
+            print(backend, shape, f"measured {measured:.3f} GB, estimated {estimated:.3f} GB", flush=True)
+            rows.append({"backend": backend, **shape, "measured_gb": measured, "estimated_gb": estimated})
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--publish", action="store_true", help="record the results and write the docs tables")
+    parser.add_argument("--estimates-only", action="store_true", help="skip the measured table")
+    args = parser.parse_args()
+    step = {**asdict(STEP), "gpus": GPUS}
+    estimates = {"command": "python benchmarks/memory_table.py --publish", "date": "-", "machine": "-"}
+    print(render("memory-fits", {**estimates, "step": step, "rows": estimated_rows()}))
+    if args.publish:
+        record("memory-fits", estimated_rows(), "python benchmarks/memory_table.py --publish", step=step)
+        publish("memory-fits")
+    if not args.estimates_only:
+        rows = measured_rows(args.threads)
+        command = f"python benchmarks/memory_table.py --threads {args.threads} --publish"
+        if args.publish:
+            record("memory-measured", rows, command)
+            publish("memory-measured")

@@ -1,0 +1,73 @@
+"""The memory estimate (qstar/core/memory.py): its parameter counts are the models', its terms move the way sharding,
+adapters and checkpointing move them, the README's table is today's estimate, and a step measured here stays near
+it."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from helpers import ROOT
+
+import qstar
+from qstar.bench import BenchConfig, before_the_step, measure_memory, memory_step, random_checkpoint, shape_config
+from qstar.core.memory import (
+    MODELS,
+    Step,
+    estimate,
+    extra_parameters,
+    fitting,
+    layer_parameters,
+    lora_parameters,
+    outer_parameters,
+)
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import memory_table  # noqa: E402
+import tables  # noqa: E402
+
+
+@pytest.mark.parametrize("shape", [dict(), dict(arch="qwen2", tie_embeddings=True)])
+def test_parameter_counts_are_the_models(tmp_path, shape):
+    cfg = BenchConfig(**shape)  # type: ignore[arg-type]
+    model = qstar.load(str(random_checkpoint(cfg, tmp_path)), backend="torch")
+    c = shape_config(cfg)
+    counted = sum(p.numel() for p in model.parameters().values())
+    assert counted == c.num_layers * layer_parameters(c) + outer_parameters(c)
+    model.add_adapters(memory_table_lora(c.num_layers))
+    trained = sum(p.numel() for p in model.parameters().values() if p.requires_grad)
+    assert trained == lora_parameters(c, Step(lora_layers=-1)) + extra_parameters(c)
+
+
+def memory_table_lora(layers: int):  # the estimate's default adapters (rank 8, seven keys) on every layer
+    from qstar.core.lora import LINEAR_KEYS, LoraConfig
+
+    return LoraConfig("lora", layers, 8, 20.0, 0.0, list(LINEAR_KEYS))
+
+
+def test_sharding_adapters_and_quantization_shrink_what_they_should():
+    mistral = MODELS["Mistral-7B"]
+    total = {ft: sum(estimate(mistral, Step(fine_tune=ft)).values()) for ft in ("full", "lora", "qlora")}
+    assert total["qlora"] < total["lora"] < total["full"]
+    full, sharded = estimate(mistral, Step()), estimate(mistral, Step(devices=8))
+    assert sharded["AdamW moments (float32)"] == full["AdamW moments (float32)"] / 8
+    activations = {k: v for k, v in full.items() if k.startswith("activations")}
+    assert activations == {k: v for k, v in sharded.items() if k.startswith("activations")}  # per device batch
+    lora8 = estimate(mistral, Step(fine_tune="lora", devices=8))
+    assert lora8 == estimate(mistral, Step(fine_tune="lora"))  # adapters replicate (DDP)
+    no_ckpt = sum(v for k, v in estimate(mistral, Step(grad_checkpoint=False)).items() if k.startswith("activ"))
+    assert no_ckpt > 5 * sum(activations.values())
+    assert "64 GB Mac" not in fitting(1.0, Step(devices=8))  # FSDP2 is torch's
+
+
+def test_the_readme_table_is_todays_estimate():
+    assert tables.load("memory-fits")["rows"] == memory_table.estimated_rows()
+
+
+def test_a_measured_step_stays_near_its_estimate():
+    """What one float32 step adds here (gradients, AdamW moments, activations) against the estimate of those terms:
+    measured 0.74-1.10x on this machine's shapes (docs/PERFORMANCE.md)."""
+    cfg = BenchConfig(seq_len=64, grad_checkpoint=True, threads=1, device="cpu")
+    terms = estimate(shape_config(cfg), memory_step(cfg))
+    estimated = sum(v for k, v in terms.items() if not before_the_step(k)) / 1e9
+    assert 0.5 < measure_memory(cfg) / estimated < 1.5
