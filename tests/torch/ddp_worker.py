@@ -2,7 +2,9 @@
 given thoughts), steps forward and backward through the data-parallel Session (DDP or FSDP2), and rank 0 saves the
 averaged gradients (whole, gathered from the shards under FSDP2) and the mean loss.
 
-    torchrun --standalone --nproc-per-node 2 tests/torch/ddp_worker.py CHECKPOINT IDS.npz OUT.npz ddp|fsdp
+    torchrun --standalone --nproc-per-node 2 tests/torch/ddp_worker.py CHECKPOINT IDS.npz OUT.npz ddp|fsdp [ckpt]
+
+(`ckpt`: with activation checkpointing, each layer call recomputed in backward.)
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ from qstar.torch_backend import join
 from qstar.torch_backend.train import Session
 
 checkpoint, inputs, out, distributed = sys.argv[1:5]
+recompute = sys.argv[5:] == ["ckpt"]
 world = join()
 model = qstar.load(checkpoint, backend="torch", dtype="float64", device="cpu")
-session = Session(model, TrainConfig(model=checkpoint, dtype="float64", distributed=distributed), world)
+session = Session(
+    model, TrainConfig(model=checkpoint, dtype="float64", distributed=distributed, grad_checkpoint=recompute), world
+)
 data = np.load(inputs)
 batch = world.share(Batch(data["ids"], data["mask"]))
 rows = data["thoughts"].shape[0] // world.size
@@ -36,4 +41,5 @@ grads = {name: (g.full_tensor() if isinstance(g, DTensor) else g).numpy() for na
 assert isinstance(session.wrapped, FSDPModule) == (distributed == "fsdp")
 if world.main:
     np.savez(out, loss=loss, **grads)
+world.barrier()  # no rank leaves while another still talks to it (gloo aborts on a closed peer)
 torch.distributed.destroy_process_group()

@@ -33,20 +33,16 @@ def torchrun(*args: str) -> list[str]:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp", "fsdp ckpt"])
 def test_two_ranks_compute_the_gradient_of_the_whole_batch(mixing_checkpoint, tmp_path, distributed):
     """Float64, given thoughts, rows padded unevenly (rank 0 has padding, rank 1 none): the averaged gradients and
     the mean loss equal one process's on the four rows, so the masked means use the global counts; sharded (FSDP2,
-    each layer all-gathered once per thought step) as replicated (DDP)."""
+    each layer all-gathered for each of its calls) as replicated (DDP), and sharded with each layer call recomputed
+    in backward (FSDP2 gathers the layer again for it)."""
     reference = qstar.load(str(mixing_checkpoint), backend="torch", dtype="float64")
     ids, mask, thoughts = uneven_batch(reference, tmp_path / "in.npz")
-    args = [
-        str(HERE / "ddp_worker.py"),
-        str(mixing_checkpoint),
-        str(tmp_path / "in.npz"),
-        str(tmp_path / "out.npz"),
-        distributed,
-    ]
+    inputs, out = str(tmp_path / "in.npz"), str(tmp_path / "out.npz")
+    args = [str(HERE / "ddp_worker.py"), str(mixing_checkpoint), inputs, out, *distributed.split()]
     done = subprocess.run(torchrun(*args), env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_whole_batch_gradients(tmp_path / "out.npz", reference, ids, mask, thoughts)
