@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from qstar.core.hf_config import ModelConfig, read_config
+from qstar.core.hf_config import ModelConfig, parse_config, read_config
 from qstar.core.memory import Step
 from qstar.core.ops import peak_rss_gb
 
@@ -96,13 +96,9 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def random_checkpoint(cfg: BenchConfig, directory: Path) -> Path:
-    """A random model of the benchmark shape written by transformers (no tokenizer: ids after the vocabulary)."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
-
-    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[cfg.arch]
-    config = config_class(
+def hf_dims(cfg: BenchConfig) -> dict[str, Any]:
+    """The benchmark shape as a Hugging Face config's fields."""
+    return dict(
         tie_word_embeddings=cfg.tie_embeddings,
         hidden_size=cfg.hidden,
         num_hidden_layers=cfg.layers,
@@ -113,6 +109,14 @@ def random_checkpoint(cfg: BenchConfig, directory: Path) -> Path:
         max_position_embeddings=4096,
         rope_theta=10000.0,
     )
+
+
+def random_checkpoint(cfg: BenchConfig, directory: Path) -> Path:
+    """A random model of the benchmark shape written by transformers (no tokenizer: ids after the vocabulary)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[cfg.arch](**hf_dims(cfg))
     torch.manual_seed(0)
     quiet_transformers()
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
@@ -437,22 +441,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
 def shape_config(cfg: BenchConfig) -> ModelConfig:
     """The ModelConfig of the benchmark's random shape (what random_checkpoint writes)."""
-    return ModelConfig(
-        model_type=cfg.arch,
-        vocab_size=cfg.vocab,
-        hidden_size=cfg.hidden,
-        intermediate_size=cfg.intermediate,
-        num_layers=cfg.layers,
-        num_heads=cfg.heads,
-        num_kv_heads=cfg.kv_heads,
-        head_dim=cfg.hidden // cfg.heads,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        tie_word_embeddings=cfg.tie_embeddings,
-        qkv_bias=cfg.arch == "qwen2",
-        o_bias=False,
-        qk_norm=False,
-    )
+    return parse_config({"model_type": cfg.arch, **hf_dims(cfg)})
 
 
 def memory_step(cfg: BenchConfig, devices: int = 1) -> Step:

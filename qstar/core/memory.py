@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qstar.core.hf_config import ModelConfig
+from qstar.core.hf_config import ModelConfig, parse_config
 
 GIB = 2**30
 FINE_TUNES = ("full", "lora", "qlora")
@@ -23,36 +23,28 @@ LAYERS_GATHERED = 2
 """FSDP2 units a rank holds whole at once with resharding after each call: the running one and the prefetched."""
 
 
-def named_config(name: str, **dims: int | bool) -> ModelConfig:
-    return ModelConfig(
-        model_type=name,
-        rms_norm_eps=1e-6,
-        rope_theta=1e6,
-        o_bias=False,
-        qk_norm=False,
-        **dims,  # type: ignore[arg-type]
-    )
-
-
 MODELS = {
-    "Qwen2.5-0.5B": named_config(
-        "qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
-        num_kv_heads=2, head_dim=64, tie_word_embeddings=True, qkv_bias=True,
-    ),
-    "Qwen2.5-1.5B": named_config(
-        "qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
-        num_kv_heads=2, head_dim=128, tie_word_embeddings=True, qkv_bias=True,
-    ),
-    "Qwen2.5-7B": named_config(
-        "qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
-        num_kv_heads=4, head_dim=128, tie_word_embeddings=False, qkv_bias=True,
-    ),
-    "Mistral-7B": named_config(
-        "mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
-        num_kv_heads=8, head_dim=128, tie_word_embeddings=False, qkv_bias=False,
-    ),
+    name: parse_config(raw)
+    for name, raw in {
+        "Qwen2.5-0.5B": dict(
+            model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+            num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
+        ),
+        "Qwen2.5-1.5B": dict(
+            model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+            num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
+        ),
+        "Qwen2.5-7B": dict(
+            model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+            num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False,
+        ),
+        "Mistral-7B": dict(
+            model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+            num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
+        ),
+    }.items()
 }  # fmt: skip
-"""The published shapes (config.json) of the models the README's table covers."""
+"""The published shapes (their config.json's fields) of the models the README's table covers."""
 
 
 @dataclass(frozen=True)

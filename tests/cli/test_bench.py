@@ -51,9 +51,12 @@ def test_bench_memory_shows_the_terms_and_where_they_fit(tmp_path):
     assert refused.exit_code == 1 and "--shape Mistral-7B is estimated only" in refused.output
 
 
-def test_bench_memory_measures_a_step_here(tmp_path):
+def test_bench_memory_measures_a_step_near_its_estimate(tmp_path):
+    """What one float32 step adds here (gradients, AdamW moments, activations) against the estimate of those terms,
+    at the issue shape: measured 0.74-1.10x on this machine's shapes (docs/PERFORMANCE.md)."""
     out = tmp_path / "memory.json"
-    result = runner.invoke(app, ["bench", "--memory", *TINY, "--threads", "1", "--measure", "--out", str(out)])
+    args = ["bench", "--memory", "--seq-len", "64", "--grad-checkpoint", "--threads", "1", "--measure"]
+    result = runner.invoke(app, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert report["measured_added_gb"] > 0 and report["estimated_added_gb"] > 0
+    assert 0.5 < report["measured_added_gb"] / report["estimated_added_gb"] < 1.5
