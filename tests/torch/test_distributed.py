@@ -53,21 +53,21 @@ def train(checkpoint: Path, out: Path, *extra: str) -> list[str]:
     return torchrun(*args, "--iters", "12", "--save-every", "1", "--steps-per-eval", "4", *TRAIN_SMALL, *extra)
 
 
-def test_a_killed_two_rank_run_resumes_exactly(llama_checkpoint, tmp_path):
-    """Under FSDP2 (auto for full fine-tuning; DDP resumes through the single-process path): the sharded run's
-    checkpoint is a whole one too."""
+@pytest.mark.parametrize("distributed", ["ddp", "auto"])
+def test_a_killed_two_rank_run_resumes_exactly(llama_checkpoint, tmp_path, distributed):
+    """Under DDP and under FSDP2 (auto for full fine-tuning): the sharded run's checkpoint is a whole one too."""
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     done = subprocess.run(
-        train(llama_checkpoint, whole),
+        train(llama_checkpoint, whole, "--distributed", distributed),
         env=ENV,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "FSDP2" in done.stderr
+    assert ("FSDP2" in done.stderr) == (distributed == "auto")
     process = subprocess.Popen(
-        train(llama_checkpoint, broken),
+        train(llama_checkpoint, broken, "--distributed", distributed),
         env=ENV,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
