@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# What a lent CUDA GPU runs, from the repository root, in at most 8 minutes (each part has its own time limit):
+# What a lent CUDA GPU runs, from the repository root, in at most 9 minutes (each part has its own time limit):
 # 1. the CUDA test subset (tests/torch/test_cuda.py: logits against transformers, CPU vs GPU, bfloat16 training,
 #    two-pass vs one-pass, FlexAttention's backward vs the split attention, the CUDA-graph sampling loop);
 # 2. the performance issue's GPU report, bfloat16, a random Qwen2-0.5B-shaped model, L=256, k=12, A=4, P=2 (step time,
 #    ratio against transformers' LM step, tokens/s, memory, MFU): two-pass and one-pass eager, two-pass with
 #    FlexAttention, and two-pass compiled (CUDA graphs of the sampling loop; inductor's cache is kept in
 #    $QSTAR_INDUCTOR_CACHE, default /tmp/qstar-inductor, so a rerun on the same machine starts warm);
-# 3. the kernel counts of a two-pass step (benchmarks/profile_step.py).
+# 3. the kernel counts of a two-pass step (benchmarks/profile_step.py);
+# 4. the peak memory of that step with --grad-checkpoint against qstar/core/memory.py's estimate (qstar bench --memory
+#    --measure), the first check of the estimate on a GPU.
 # Results go to $OUT (default: the current directory); a failing part does not stop the others.
 set -uo pipefail
 out="${OUT:-.}"
@@ -29,5 +31,7 @@ part 80 "two-pass, flex" qstar bench "${report[@]}" --step-mode two-pass --atten
 part 120 "two-pass, compiled" qstar bench "${report[@]}" --step-mode two-pass --compile --out "$out/gpu-compiled.json"
 part 40 "profile" python3 benchmarks/profile_step.py --device cuda --shape qwen2-0.5b --dtype bfloat16 --seq-len 256 \
   --thought-tokens 12 --step-mode two-pass --kind qstar --rows 30 >"$out/gpu-profile.txt" 2>&1
+part 60 "memory" qstar bench --memory --measure --backend torch --device cuda --dtype bfloat16 --shape qwen2-0.5b \
+  --seq-len 256 --thought-tokens 12 --grad-checkpoint --step-mode two-pass --out "$out/gpu-memory.json"
 grep -E "^== " "$out/gpu-profile.txt"
 exit $status

@@ -143,6 +143,16 @@ def reset_peak_rss() -> None:
         pass
 
 
+def reset_peak(cfg: BenchConfig) -> None:
+    """Restart the peak memory count of the benchmark's device (CUDA's allocator, else the resident set)."""
+    if cfg.device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_rss()
+
+
 def step_peak_rss_gb() -> float:
     """The peak resident set since reset_peak_rss (VmHWM on Linux; elsewhere the process's peak)."""
     try:
@@ -212,7 +222,7 @@ def measure(cfg: BenchConfig, mode: str, path: Path) -> dict[str, Any]:
     for _ in range(cfg.warmup):  # the optimizer's state exists from the first step on: a later step's peak has it
         step()
         sync()
-    reset_peak_rss()
+    reset_peak(cfg)
     step()
     sync()
     peak = device_memory(cfg, peak=True) if cfg.device == "cuda" else step_peak_rss_gb()
