@@ -19,7 +19,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tables import publish, record, render  # noqa: E402
 
-from qstar.bench import BenchConfig, before_the_step, measure_memory, memory_step, shape_config  # noqa: E402
+from qstar.bench import BenchConfig, added_by_the_step, measure_memory, memory_step, shape_config  # noqa: E402
 from qstar.core.memory import GIB, MODELS, Step, estimate, fitting  # noqa: E402
 
 STEP = Step(batch=1, seq_len=256, thought_tokens=12, lookahead=4, thoughts_per_position=2, dtype_bytes=2)
@@ -57,8 +57,7 @@ def measured_rows(threads: int) -> list[dict[str, Any]]:
     for backend in ("torch", "mlx"):
         for shape in MEASURED:
             cfg = BenchConfig(backend=backend, grad_checkpoint=True, threads=threads, device="cpu", **shape)  # type: ignore[arg-type]
-            terms = estimate(shape_config(cfg), memory_step(cfg))
-            estimated = sum(v for k, v in terms.items() if not before_the_step(k)) / 1e9
+            estimated = added_by_the_step(estimate(shape_config(cfg), memory_step(cfg)))
             measured = measure_memory(cfg)
             print(backend, shape, f"measured {measured:.3f} GB, estimated {estimated:.3f} GB", flush=True)
             rows.append({"backend": backend, **shape, "measured_gb": measured, "estimated_gb": estimated})
@@ -73,9 +72,10 @@ if __name__ == "__main__":
     args = parser.parse_args()
     step = {**asdict(STEP), "gpus": GPUS}
     estimates = {"command": "python benchmarks/memory_table.py --publish", "date": "-", "machine": "-"}
-    print(render("memory-fits", {**estimates, "step": step, "rows": estimated_rows()}))
+    rows = estimated_rows()
+    print(render("memory-fits", {**estimates, "step": step, "rows": rows}))
     if args.publish:
-        record("memory-fits", estimated_rows(), "python benchmarks/memory_table.py --publish", step=step)
+        record("memory-fits", rows, "python benchmarks/memory_table.py --publish", step=step)
         publish("memory-fits")
     if not args.estimates_only:
         rows = measured_rows(args.threads)

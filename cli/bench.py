@@ -155,7 +155,7 @@ def report_memory(
 ) -> None:
     """`qstar bench --memory`: the estimate's terms and total per device, where it fits, and with --measure what the
     step adds when it runs here."""
-    from qstar.bench import before_the_step, measure_memory, memory_step, shape_config
+    from qstar.bench import added_by_the_step, measure_memory, memory_step, shape_config
     from qstar.core.files import write_atomic
     from qstar.core.hf_config import read_config
     from qstar.core.memory import GIB, MODELS, estimate, fitting
@@ -177,12 +177,13 @@ def report_memory(
         table.add_row(term, f"{value / GIB:.2f}")
     table.add_row("[bold]total[/bold]", f"[bold]{total / GIB:.2f}[/bold]")
     console.print(table)
-    console.print(f"fits: {', '.join(fitting(total, step)) or 'none of an 80 GB GPU, a 141 GB GPU, a 64 GB Mac'}")
-    report: dict[str, object] = {"terms": terms, "total": total, "fits": fitting(total, step)}
+    fits = fitting(total, step)
+    console.print(f"fits: {', '.join(fits) or 'none of an 80 GB GPU, a 141 GB GPU, a 64 GB Mac'}")
+    report: dict[str, object] = {"terms": terms, "total": total, "fits": fits}
     if measure:
         if cfg.model is None and shape in MODELS:
             raise ValueError(f"--measure runs the step here: --shape {shape} is estimated only; pass --model DIR")
-        added = sum(v for k, v in terms.items() if not before_the_step(k)) / 1e9
+        added = added_by_the_step(terms)
         measured = measure_memory(cfg)
         console.print(f"measured here: the step adds {measured:.3f} GB; estimated {added:.3f} GB")
         report |= {"measured_added_gb": measured, "estimated_added_gb": added}

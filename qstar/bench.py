@@ -27,7 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from qstar.core.api import check_dtype
 from qstar.core.hf_config import ModelConfig, parse_config, read_config
+from qstar.core.lora import FINE_TUNE_TYPES
 from qstar.core.memory import Step
 from qstar.core.ops import peak_rss_gb
 
@@ -218,14 +220,14 @@ def measure(cfg: BenchConfig, mode: str, path: Path) -> dict[str, Any]:
             "step_mode": mode,
         }
     step = make_step(cfg, mode, path)
-    base_memory = device_memory(cfg) if cfg.device == "cuda" else current_rss_gb()
+    base_memory = device_memory(cfg)
     for _ in range(cfg.warmup):  # the optimizer's state exists from the first step on: a later step's peak has it
         step()
         sync()
     reset_peak(cfg)
     step()
     sync()
-    peak = device_memory(cfg, peak=True) if cfg.device == "cuda" else step_peak_rss_gb()
+    peak = device_memory(cfg, peak=True)
     return {"memory_added_gb": max(peak - base_memory, 0.0)}
 
 
@@ -260,6 +262,9 @@ def device_sync(cfg: BenchConfig) -> Callable[[], None]:
 
 
 def device_memory(cfg: BenchConfig, peak: bool = False) -> float:
+    """GB in use on the benchmark's device, or its peak since reset_peak (CUDA's allocator, else the resident set)."""
+    if cfg.device != "cuda":
+        return step_peak_rss_gb() if peak else current_rss_gb()
     import torch
 
     return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 1e9
@@ -447,6 +452,7 @@ def bench_generation(cfg: BenchConfig, batches: tuple[int, ...] = (1, 8)) -> lis
 
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+"""Bytes an element of each of qstar's dtypes (core.api.DTYPES)."""
 
 
 def shape_config(cfg: BenchConfig) -> ModelConfig:
@@ -456,15 +462,13 @@ def shape_config(cfg: BenchConfig) -> ModelConfig:
 
 def memory_step(cfg: BenchConfig, devices: int = 1) -> Step:
     """The estimator's description of the step the benchmark runs."""
-    if cfg.dtype not in DTYPE_BYTES:
-        raise ValueError(f"unknown --dtype {cfg.dtype!r}: choose one of {', '.join(DTYPE_BYTES)}")
     return Step(
         batch=cfg.batch,
         seq_len=cfg.seq_len,
         thought_tokens=cfg.thought_tokens,
         lookahead=cfg.lookahead,
         thoughts_per_position=cfg.thoughts_per_position,
-        dtype_bytes=DTYPE_BYTES[cfg.dtype],
+        dtype_bytes=DTYPE_BYTES[check_dtype(cfg.dtype)],
         fine_tune="lora" if cfg.fine_tune_type == "dora" else cfg.fine_tune_type,
         devices=devices,
         grad_checkpoint=cfg.grad_checkpoint,
@@ -477,7 +481,7 @@ def measure_memory(cfg: BenchConfig) -> float:
     """GB one training step adds to its loaded model and session at its peak (gradients, optimizer state,
     activations), a later step's (the optimizer state exists), in a fresh process on a random model of the shape
     unless cfg.model names one."""
-    if cfg.fine_tune_type not in ("full", "lora", "dora"):
+    if cfg.fine_tune_type not in FINE_TUNE_TYPES:
         raise ValueError("--measure runs full, lora or dora steps; a QLoRA base is an MLX-quantized --model")
     cfg = replace(resolve_device(cfg), warmup=max(cfg.warmup, 1))
     with tempfile.TemporaryDirectory() as tmp:
@@ -486,6 +490,7 @@ def measure_memory(cfg: BenchConfig) -> float:
     return added
 
 
-def before_the_step(term: str) -> bool:
-    """Estimated terms that exist before a step runs (what measure_memory's baseline holds already)."""
-    return term.startswith(("weights", "master", "adapters"))
+def added_by_the_step(terms: dict[str, float]) -> float:
+    """GB of the estimated terms a step adds (what measure_memory measures): all but those that exist before it runs,
+    the weights and the float32 master copies."""
+    return sum(v for k, v in terms.items() if not k.startswith(("weights", "master", "adapters"))) / 1e9

@@ -70,16 +70,16 @@ class Step:
     backend: str = "torch"
 
 
-def layer_parameters(c: ModelConfig) -> int:
-    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    attention = c.hidden_size * (2 * q + 2 * kv) + (q + 2 * kv if c.qkv_bias else 0)
-    return attention + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size
-
-
 def linear_parameters(c: ModelConfig) -> int:
     """The weights of a decoder layer's Linear layers (what quantization and LoRA touch)."""
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     return c.hidden_size * (2 * q + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
+
+
+def layer_parameters(c: ModelConfig) -> int:
+    """A decoder layer's: its Linear weights, q/k/v biases where the model has them, two norms."""
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    return linear_parameters(c) + (q + 2 * kv if c.qkv_bias else 0) + 2 * c.hidden_size
 
 
 def extra_parameters(c: ModelConfig) -> int:
@@ -88,10 +88,14 @@ def extra_parameters(c: ModelConfig) -> int:
     return 2 * d * d + d + d * d + d + d + 2 * d
 
 
+def embedding_parameters(c: ModelConfig) -> int:
+    """The input embeddings and the LM head unless tied."""
+    return (1 if c.tie_word_embeddings else 2) * c.vocab_size * c.hidden_size
+
+
 def outer_parameters(c: ModelConfig) -> int:
     """Everything outside the decoder layers: embeddings, the LM head unless tied, the final norm, the extras."""
-    heads = 1 if c.tie_word_embeddings else 2
-    return heads * c.vocab_size * c.hidden_size + c.hidden_size + extra_parameters(c)
+    return embedding_parameters(c) + c.hidden_size + extra_parameters(c)
 
 
 def lora_parameters(c: ModelConfig, step: Step) -> int:
@@ -126,9 +130,7 @@ def estimate(c: ModelConfig, step: Step) -> dict[str, float]:
     trained = lora_parameters(c, step) + extra_parameters(c)
     if step.fine_tune == "qlora":
         per_weight = step.q_bits / 8 + 2 * b / step.q_group_size  # packed bits, a scale and a bias a group
-        quantized = c.num_layers * linear_parameters(c) + (1 if c.tie_word_embeddings else 2) * c.vocab_size * (
-            c.hidden_size
-        )
+        quantized = c.num_layers * linear_parameters(c) + embedding_parameters(c)
         terms["weights (quantized)"] = per_weight * quantized + b * (total - quantized - extra_parameters(c))
         terms["weights (quantized)"] += 4 * extra_parameters(c)  # the mixing head and thought vectors stay float32
     else:

@@ -129,10 +129,7 @@ class TrainConfig:
             raise ValueError(f"--attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
         if self.distributed not in DISTRIBUTED:
             raise ValueError(f"--distributed must be one of {', '.join(DISTRIBUTED)}, got {self.distributed!r}")
-        if self.distributed == "fsdp" and self.backend == "mlx":
-            raise ValueError(
-                "--distributed fsdp is PyTorch's FSDP2: MLX holds the whole model in each process; drop it"
-            )
+        self.check_distributed(self.backend)
         if self.fine_tune_type not in FINE_TUNE_TYPES:
             raise ValueError(
                 f"--fine-tune-type must be one of {', '.join(FINE_TUNE_TYPES)}, got {self.fine_tune_type!r}"
@@ -174,6 +171,13 @@ class TrainConfig:
         return LoraConfig(
             self.fine_tune_type, self.num_layers, self.lora_rank, self.lora_scale, self.lora_dropout, keys
         )
+
+    def check_distributed(self, backend: str) -> None:
+        """--distributed fsdp is refused on MLX (where the backend is resolved: here, or by the MLX session)."""
+        if self.distributed == "fsdp" and backend == "mlx":
+            raise ValueError(
+                "--distributed fsdp is PyTorch's FSDP2: MLX holds the whole model in each process; drop it"
+            )
 
     def sharded(self) -> bool:
         """Whether several torch processes shard the model (FSDP2) rather than replicate it (DDP)."""

@@ -81,10 +81,7 @@ def scalars(terms: LossTerms) -> Metrics:
 class Session:
     def __init__(self, model: MLXQStar, cfg: TrainConfig, world: World | None = None) -> None:
         self.model, self.cfg, self.world = model, cfg, world or World()
-        if cfg.distributed == "fsdp":
-            raise ValueError(
-                "--distributed fsdp is PyTorch's FSDP2: MLX holds the whole model in each process; drop it"
-            )
+        cfg.check_distributed("mlx")
         self.parallel = "the whole model in each process, gradients averaged (mx.distributed)"
         net = model.backbone
         model.ops.ranks = self.world.size  # masked means over every rank's count (losses.masked_mean)

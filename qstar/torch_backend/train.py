@@ -83,17 +83,24 @@ class Session:
         net = model.backbone
         self.ops = net.ops
         net.grad_checkpoint, net.attention = cfg.grad_checkpoint, cfg.attention
-        self.sharded = self.world.size > 1 and cfg.sharded()
-        if cfg.compile and self.sharded:
+        sharded = self.world.size > 1 and cfg.sharded()
+        if cfg.compile and sharded:
             raise ValueError("--compile does not run under --distributed fsdp yet: pass --distributed ddp with it")
         if cfg.compile:
             net.compile_thought_steps()
             net.compile_sampling_loop()
+        # torchrun: each rank steps on its rows; FSDP2 shards the float32 weights and all-gathers them layer by layer
+        # in the compute dtype (before the optimizer sees the parameters: they become shards), DDP replicates them
+        # and averages the gradients while backward runs.
         self.wrapped: nn.Module | None = None
         self.parallel = "the whole model in each process (DDP)"
-        if self.sharded:  # FSDP2: float32 weights sharded, all-gathered in the compute dtype layer by layer
+        if sharded:
             self.wrapped = shard(model, cfg.reshard_after_forward)
             self.parallel = "weights, gradients and optimizer state sharded per decoder layer (FSDP2)"
+        elif self.world.size > 1:
+            devices = [self.ops.device] if self.ops.device.type == "cuda" else None
+            self.wrapped = DistributedDataParallel(Terms(model), device_ids=devices)
+        self.ops.ranks = self.world.size
         self.params = [p for p in net.parameters() if p.requires_grad]  # an adapter run trains a few
         # Half-precision compute keeps float32 master weights: at lr 1e-6 a bf16 update would round away (sharded,
         # the float32 shards are the master weights).
@@ -107,11 +114,6 @@ class Session:
             eps=1e-8,
             fused=self.ops.device.type in FUSED_ADAMW_DEVICES,
         )
-        if self.world.size > 1:  # torchrun: each rank steps on its rows, gradients averaged while backward runs
-            self.ops.ranks = self.world.size
-            if self.wrapped is None:
-                devices = [self.ops.device] if self.ops.device.type == "cuda" else None
-                self.wrapped = DistributedDataParallel(Terms(model), device_ids=devices)
         self.rank_states: list[dict[str, torch.Tensor]] = []
         self.full_state: dict[str, Any] = {}
         # Thoughts are drawn from torch's default generators, which a compiled (or CUDA-graph captured) sampling loop
