@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
@@ -28,6 +27,7 @@ def train(config: Optional[Path] = None, resume: bool = False, overwrite: bool =
     """Train Quiet-STaR. With no arguments: the shipped toy model on fresh synthetic data, about 2 minutes on a CPU."""
     from qstar import backends
     from qstar.core import trainer
+    from qstar.core.distributed import launched_rank
     from qstar.core.rundir import saved_config
 
     settings = merge_settings(read_config_file(config) if config is not None else {}, flags)
@@ -40,7 +40,7 @@ def train(config: Optional[Path] = None, resume: bool = False, overwrite: bool =
         cfg = resolve_config(settings)
     cfg = replace(cfg, backend=backends.available(cfg.backend))
     out = trainer.run(cfg, backends.get(cfg.backend), resume=resume, overwrite=overwrite)
-    if os.environ.get("RANK", os.environ.get("MLX_RANK", "0")) == "0":  # one line from torchrun or mlx.launch too
+    if launched_rank() == 0:  # one line from torchrun or mlx.launch too
         typer.echo(f"done: {out / 'model'}")
 
 

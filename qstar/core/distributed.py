@@ -55,6 +55,11 @@ class World:
         )
 
 
+def launched_rank() -> int:
+    """This process's rank as a launcher (torchrun, mlx.launch) numbered it; 0 without one."""
+    return int(os.environ.get("RANK", os.environ.get("MLX_RANK", "0")))
+
+
 def launched_size() -> int:
     """How many processes a launcher (torchrun) started for this run; 1 without one."""
     return int(os.environ.get("WORLD_SIZE", "1"))

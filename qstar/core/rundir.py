@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from qstar.core.distributed import launched_rank
 from qstar.core.files import DirectoryLock, remove_orphans, write_atomic
 
 STATE_FILE = "trainer_state.json"
@@ -39,7 +40,8 @@ def checkpoints(out: Path) -> list[Path]:
 
 def saved_config(out: Path) -> dict[str, Any]:
     """The settings of the run in `out`, as its newest complete checkpoint recorded them."""
-    DirectoryLock(out, "qstar train", print).check_free()  # a run still going is the thing to say first
+    if launched_rank() == 0:  # a run still going is the thing to say first (rank 0 locks: the others would race it)
+        DirectoryLock(out, "qstar train", print).check_free()
     existing = checkpoints(out)
     if not existing:
         raise FileNotFoundError(f"--resume: {out} has no checkpoint to resume from: start a new run without --resume")

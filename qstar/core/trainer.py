@@ -78,7 +78,8 @@ class Guard:
         if self.zero == COLLAPSE_STEPS:
             say(
                 f"warning: step {step}: the gradient norm has been exactly 0 for {COLLAPSE_STEPS} steps (loss "
-                f"{metrics['loss']:.4g}): the model has collapsed and will not learn; lower --learning-rate"
+                f"{metrics['loss']:.4g}): nothing learns (a collapsed model, or weights that get no gradient): lower "
+                "--learning-rate, or train other weights (--train-only)"
             )
         return None
 

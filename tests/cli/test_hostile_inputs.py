@@ -79,10 +79,11 @@ def test_non_finite_steps_are_skipped_then_stop_and_never_reach_a_checkpoint(lla
 
 
 def test_a_collapsed_run_is_reported(tmp_path):
+    """Built to be exactly 0 every step, whatever the libraries' rounding: the mixing head starts at weight 0, so the
+    thought vectors get no gradient from the LM loss, and --policy-weight 0 takes away the REINFORCE one."""
     output = succeeds(
-        ["train", "--backend", "torch", "--out", tmp_path / "run", "--iters", "12", "--learning-rate", "1e3"]
-        + ["--warmup-steps", "0", "--batch-size", "2", "--max-seq-length", "16", "--val-batches", "1"]
-        + ["--max-grad-norm", "0.01"]
+        ["train", "--backend", "torch", "--out", tmp_path / "run", "--iters", "6", "--train-only", "thought."]
+        + ["--policy-weight", "0", "--batch-size", "2", "--max-seq-length", "16", "--val-batches", "1"]
     )
     assert "the gradient norm has been exactly 0 for 5 steps" in output and "collapsed" in output
 
