@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tables import publish, record, render  # noqa: E402
 
 import qstar  # noqa: E402
-from qstar.core.session import Batch  # noqa: E402
+from qstar.core.data import Batch  # noqa: E402
 from qstar.core.train_config import TrainConfig  # noqa: E402
 from qstar.torch_backend import join  # noqa: E402
-from qstar.torch_backend.api import TorchQStar  # noqa: E402
-from qstar.torch_backend.train import Session  # noqa: E402
+from qstar.torch_backend.qstar_model import TorchQStar  # noqa: E402
+from qstar.torch_backend.session import Session  # noqa: E402
 from qstar.weights import DEFAULT_MODEL  # noqa: E402
 
 CALLS: Counter[str] = Counter()

@@ -12,42 +12,44 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tables import publish, record, render  # noqa: E402
 
-from qstar.bench import BenchConfig, added_by_the_step, measure_memory, memory_step, shape_config  # noqa: E402
-from qstar.core.memory import GIB, MODELS, Step, estimate, fitting  # noqa: E402
+from qstar.core.bench import BenchConfig, added_by_the_step, bench_train, measure_memory, memory_step  # noqa: E402
+from qstar.core.memory import MODELS, TABLE_MODELS, Step, estimate, fitting  # noqa: E402
 
-STEP = Step(batch=1, seq_len=256, thought_tokens=12, lookahead=4, thoughts_per_position=2, dtype_bytes=2)
+STEP = Step()
+"""The README's: bfloat16, L=256, k=12, A=4, P=2, one sequence a device, two-pass with --grad-checkpoint."""
 GPUS = 8
-MEASURED = [
+MEASURED: list[dict[str, Any]] = [
     dict(seq_len=64, fine_tune_type="full"),
     dict(seq_len=256, fine_tune_type="full"),
     dict(seq_len=64, fine_tune_type="lora"),
     dict(seq_len=256, fine_tune_type="lora"),
 ]
-"""Small shapes (the BenchConfig default: Llama, hidden 256, 4 layers, k=8, A=4, P=2, float32) measured here."""
+"""Small steps (the BenchConfig default: the `small` Llama, hidden 256, 4 layers, k=8, A=4, P=2, float32) measured
+here."""
 
 
-def gib(step: Step, name: str) -> dict[str, Any]:
+def gb(step: Step, name: str) -> dict[str, Any]:
     total = sum(estimate(MODELS[name], step).values())
-    return {"gib": total / GIB, "fits": fitting(total, step)}
+    return {"gb": total / 1e9, "fits": fitting(total, step)}
 
 
 def estimated_rows() -> list[dict[str, Any]]:
     rows = []
-    for name in MODELS:
+    for name in TABLE_MODELS:
         for fine_tune in ("full", "lora", "qlora"):
             step = replace(STEP, fine_tune=fine_tune)
             row: dict[str, Any] = {"model": name, "fine_tune": fine_tune}
             if fine_tune != "qlora":  # torch trains no quantized base
-                row["one_gpu"] = gib(step, name)
-                row["gpus"] = gib(replace(step, devices=GPUS), name)
-            row["mac"] = gib(replace(step, backend="mlx"), name)
+                row["one_gpu"] = gb(step, name)
+                row["gpus"] = gb(replace(step, devices=GPUS), name)
+            row["mac"] = gb(replace(step, backend="mlx"), name)
             rows.append(row)
     return rows
 
@@ -56,8 +58,10 @@ def measured_rows(threads: int) -> list[dict[str, Any]]:
     rows = []
     for backend in ("torch", "mlx"):
         for shape in MEASURED:
-            cfg = BenchConfig(backend=backend, grad_checkpoint=True, threads=threads, device="cpu", **shape)  # type: ignore[arg-type]
-            estimated = added_by_the_step(estimate(shape_config(cfg), memory_step(cfg)))
+            length, fine_tune = int(shape["seq_len"]), str(shape["fine_tune_type"])
+            train = bench_train(backend=backend, grad_checkpoint=True, threads=threads, max_seq_length=length)
+            cfg = BenchConfig(replace(train, fine_tune_type=fine_tune), device="cpu")
+            estimated = added_by_the_step(estimate(cfg.model_config(), memory_step(cfg)))
             measured = measure_memory(cfg)
             print(backend, shape, f"measured {measured:.3f} GB, estimated {estimated:.3f} GB", flush=True)
             rows.append({"backend": backend, **shape, "measured_gb": measured, "estimated_gb": estimated})
@@ -70,7 +74,18 @@ if __name__ == "__main__":
     parser.add_argument("--publish", action="store_true", help="record the results and write the docs tables")
     parser.add_argument("--estimates-only", action="store_true", help="skip the measured table")
     args = parser.parse_args()
-    step = {**asdict(STEP), "gpus": GPUS}
+    r, a = STEP.recipe, STEP.adapters
+    step = dict(
+        seq_len=STEP.seq_len,
+        thought_tokens=r.thought_tokens,
+        lookahead=r.lookahead,
+        thoughts_per_position=r.thoughts_per_position,
+        batch=STEP.batch,
+        lora_rank=a.rank,
+        lora_layers=a.num_layers,
+        q_bits=STEP.q_bits,
+        gpus=GPUS,
+    )
     estimates = {"command": "python benchmarks/memory_table.py --publish", "date": "-", "machine": "-"}
     rows = estimated_rows()
     print(render("memory-fits", {**estimates, "step": step, "rows": rows}))

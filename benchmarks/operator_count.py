@@ -16,7 +16,6 @@ import sys
 import tempfile
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tables import publish, record  # noqa: E402
 
-from qstar.bench import SHAPES, BenchConfig, batch, random_checkpoint  # noqa: E402
+from qstar.core.bench import BenchConfig, bench_train, random_checkpoint, token_batch  # noqa: E402
+from qstar.core.thinker import Thinker  # noqa: E402
 
 
 class Count(TorchDispatchMode):
@@ -53,31 +53,20 @@ def counting(counts: dict[str, Counter[str]], phase: str) -> Any:
 def qstar_counts(path: Path, cfg: BenchConfig, mode: str) -> dict[str, Counter[str]]:
     """Operators of one qstar step (forward and backward of the loss), by phase."""
     import qstar
-    from qstar.core import thinker
 
     m = qstar.load(
-        path,
-        backend="torch",
-        dtype=cfg.dtype,
-        device="cpu",
-        step_mode=mode,
-        thought_tokens=cfg.thought_tokens,
-        lookahead=cfg.lookahead,
-        thoughts_per_position=cfg.thoughts_per_position,
-        policy_weight=1.0,
+        path, backend="torch", dtype=cfg.train.dtype, device="cpu", step_mode=mode, recipe=cfg.train.make_recipe()
     )
-    ids = batch(cfg, cfg.batch)
+    ids = token_batch(cfg.model_config().vocab_size, cfg.train.batch_size, cfg.train.max_seq_length)
     m.loss(ids, seed=0)  # warm-up: rope tables, lazy inits
     counts: dict[str, Counter[str]] = {}
-    real_steps = thinker.thought_steps
+    sample = Thinker.sample_without_gradient
 
-    def timed_steps(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("score", True):  # one-pass: sampling inside the graph, counted with the forward
-            return real_steps(*args, **kwargs)
+    def counted(*args: Any, **kwargs: Any) -> Any:  # two-pass: the sampling loop, without gradient
         with counting(counts, "sampling (no gradient)"):
-            return real_steps(*args, **kwargs)
+            return sample(*args, **kwargs)
 
-    thinker.thought_steps = timed_steps
+    Thinker.sample_without_gradient = counted  # type: ignore[method-assign]
     try:
         with Count() as forward:
             terms = m.terms(ids, seed=0)
@@ -85,7 +74,7 @@ def qstar_counts(path: Path, cfg: BenchConfig, mode: str) -> dict[str, Counter[s
         with counting(counts, "backward"):
             terms.total.backward()
     finally:
-        thinker.thought_steps = real_steps
+        Thinker.sample_without_gradient = sample  # type: ignore[method-assign]
     return counts
 
 
@@ -94,8 +83,10 @@ def lm_counts(path: Path, cfg: BenchConfig) -> dict[str, Counter[str]]:
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype), attn_implementation="sdpa")
-    x = torch.from_numpy(batch(cfg, int(np.ceil(cfg.tokens / cfg.seq_len))))
+    dtype = getattr(torch, cfg.train.dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    rows = int(np.ceil(cfg.tokens / cfg.train.max_seq_length))
+    x = torch.from_numpy(token_batch(cfg.model_config().vocab_size, rows, cfg.train.max_seq_length))
     model(x, labels=x).loss.backward()  # warm-up
     counts: dict[str, Counter[str]] = {}
     with counting(counts, "forward"):
@@ -113,18 +104,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--publish", action="store_true", help="record and write the docs table")
     args = parser.parse_args()
-    width = {"hidden": 64, "heads": 2, "kv_heads": 1, "intermediate": 128, "vocab": 512, "layers": args.layers}
-    cfg = BenchConfig(
-        **{**SHAPES["qwen2-0.5b"], **width},
-        seq_len=args.seq_len,
-        thought_tokens=args.thought_tokens,
-        lookahead=4,
-        thoughts_per_position=2,
-        dtype=args.dtype,
-    )
+    recipe = dict(thought_tokens=args.thought_tokens, lookahead=4, thoughts_per_position=2)
+    train = bench_train(recipe, backend="torch", max_seq_length=args.seq_len, dtype=args.dtype)
+    cfg = BenchConfig(train, shape="proxy-24", overrides={"num_hidden_layers": args.layers})
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
-        path = random_checkpoint(replace(cfg), Path(tmp))
+        path = random_checkpoint(cfg.config_fields(), Path(tmp))
         lm = lm_counts(path, cfg)
         lm_total = sum(c["compute"] for c in lm.values())
         rows = [{"step": "LM (transformers)", "phase": p, **c} for p, c in lm.items()]
@@ -141,7 +126,8 @@ def main() -> None:
     for step, total in totals.items():
         print(f"{step:>18} total: {total} compute operators, {total / lm_total:.2f} x the LM step")
     if args.publish:
-        shape = f"24-layer Qwen2 shape at width 64, L={cfg.seq_len}, k={cfg.thought_tokens}, A=4, P=2, {cfg.dtype}"
+        shape = f"proxy-24 (Qwen2-0.5B's 24 layers at width 64), L={args.seq_len}, k={args.thought_tokens}, A=4, P=2"
+        shape += f", {args.dtype}"
         command = "python benchmarks/operator_count.py --publish"
         record("operators", rows, command, shape=shape, lm_total=lm_total)
         publish("operators")

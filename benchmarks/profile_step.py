@@ -1,6 +1,6 @@
 """Where a torch training step's time goes: torch.profiler over one qstar step and one LM step after warm-up.
 
-    python benchmarks/profile_step.py --shape qwen2-0.5b --dtype bfloat16 --seq-len 256 --thought-tokens 12
+    python benchmarks/profile_step.py --shape Qwen2.5-0.5B --dtype bfloat16 --seq-len 256 --thought-tokens 12
 
 Prints, per kind, each warm-up step's time (the first includes any compiling), the kernels launched and their
 summed device time (on a GPU, wall time far above kernel time means the step is bound by launching kernels, not by
@@ -17,22 +17,24 @@ from pathlib import Path
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from qstar.bench import SHAPES, BenchConfig, device_sync, make_step, random_checkpoint, resolve_device
+from qstar.core import backend
+from qstar.core.bench import BenchConfig, bench_train, make_step, random_checkpoint
+from qstar.core.model_config import SHAPES
 
 
 def profile_kind(cfg: BenchConfig, kind: str, path: Path, rows: int) -> None:
-    step, sync = make_step(cfg, kind, path), device_sync(cfg)
+    step, ops = make_step(cfg, kind, path), backend.get("torch").make_ops(cfg.device)
     for i in range(cfg.warmup + 1):
         tic = time.perf_counter()
         step()
-        sync()
+        ops.synchronize()
         wall = time.perf_counter() - tic
         print(f"{kind} step {i + 1}: {wall:.3f} s", flush=True)
-    cuda = cfg.device == "cuda"
+    cuda = ops.on_accelerator()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         step()
-        sync()
+        ops.synchronize()
     events = prof.key_averages()
     kernels = [e for e in events if e.device_type == DeviceType.CUDA]
     kernel_s = sum(e.self_device_time_total for e in kernels) / 1e6
@@ -46,7 +48,7 @@ def profile_kind(cfg: BenchConfig, kind: str, path: Path, rows: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="issue")
+    parser.add_argument("--shape", choices=list(SHAPES), default="small")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--thought-tokens", type=int, default=8)
     parser.add_argument("--lookahead", type=int, default=4)
@@ -59,22 +61,20 @@ if __name__ == "__main__":
     parser.add_argument("--rows", type=int, default=25, help="operators listed per kind")
     parser.add_argument("--kind", choices=["qstar", "lm", "both"], default="both", help="which step to profile")
     args = parser.parse_args()
-    cfg = resolve_device(
-        BenchConfig(
-            backend="torch",
-            **SHAPES[args.shape],
-            seq_len=args.seq_len,
-            thought_tokens=args.thought_tokens,
-            lookahead=args.lookahead,
-            thoughts_per_position=args.thoughts_per_position,
-            dtype=args.dtype,
-            device=args.device,
-            threads=args.threads,
-            compile=args.compile,
-            step_mode=args.step_mode,
-        )
+    recipe = dict(
+        thought_tokens=args.thought_tokens, lookahead=args.lookahead, thoughts_per_position=args.thoughts_per_position
     )
+    train = bench_train(
+        recipe,
+        backend="torch",
+        max_seq_length=args.seq_len,
+        dtype=args.dtype,
+        threads=args.threads,
+        compile=args.compile,
+        step_mode=args.step_mode,
+    )
+    cfg = BenchConfig(train, shape=args.shape, device=args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = random_checkpoint(cfg, Path(tmp))
+        checkpoint = random_checkpoint(cfg.config_fields(), Path(tmp))
         for kind in ("qstar", "lm") if args.kind == "both" else (args.kind,):
             profile_kind(cfg, kind, checkpoint, args.rows)

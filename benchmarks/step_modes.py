@@ -1,5 +1,5 @@
 """One-pass against two-pass steps, side by side in one process (they alternate, so a busy machine slows both
-alike): the measurement behind DEFAULT_CPU_STEP_MODE (qstar/core/api.py).
+alike): the measurement behind DEFAULT_CPU_STEP_MODE (qstar/core/model.py).
 
     python benchmarks/step_modes.py --threads 2 --publish
 
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tables import publish, record  # noqa: E402
 
 import qstar  # noqa: E402
-from qstar.bench import BenchConfig, random_checkpoint  # noqa: E402
+from qstar.core.bench import BenchConfig, random_checkpoint  # noqa: E402
 from qstar.core.thinker import STEP_MODES  # noqa: E402
 
 if __name__ == "__main__":
@@ -38,10 +38,10 @@ if __name__ == "__main__":
     cfg = BenchConfig()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = random_checkpoint(cfg, Path(tmp))
-        m = qstar.load(str(path), backend="torch", thought_tokens=cfg.thought_tokens, lookahead=cfg.lookahead)
+        path = random_checkpoint(cfg.config_fields(), Path(tmp))
+        m = qstar.load(str(path), backend="torch", recipe=cfg.train.make_recipe())
         for length in args.lengths:
-            ids = np.random.default_rng(0).integers(4, cfg.vocab, (cfg.batch, length))
+            ids = np.random.default_rng(0).integers(4, cfg.model_config().vocab_size, (cfg.train.batch_size, length))
             times: dict[str, list[float]] = {mode: [] for mode in STEP_MODES}
             for _ in range(args.steps + 2):
                 for mode in STEP_MODES:

@@ -28,11 +28,22 @@ def machine() -> str:
     return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores"
 
 
+def commit() -> str:
+    """The commit the measured code is at ("+changes" when the working tree differs from it)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no", "--", "qstar", "cli") else "")
+
+
 def record(name: str, rows: list[dict[str, Any]], command: str, **meta: Any) -> dict[str, Any]:
     """Save a table's measurements: benchmarks/results/NAME.json."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     today = datetime.date.today().isoformat()
-    results = {"command": command, "date": today, "machine": machine(), **meta, "rows": rows}
+    results = {"command": command, "date": today, "commit": commit(), "machine": machine(), **meta, "rows": rows}
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
@@ -47,8 +58,9 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def source(results: dict[str, Any]) -> str:
-    return f"Measured {results['date']} on {results['machine']} with `{results['command']}`."
+def source(results: dict[str, Any], verb: str = "Measured") -> str:
+    at = f" at commit {results['commit']}" if "commit" in results else ""
+    return f"{verb} {results['date']}{at} on {results['machine']} with `{results['command']}`."
 
 
 def overhead(results: dict[str, Any]) -> str:
@@ -196,7 +208,7 @@ def memory(results: dict[str, Any]) -> str:
         if estimate is None:
             return "- (MLX only)"
         fit = [name.split(" ")[0] + " GB" for name in estimate["fits"] if where in name]
-        return f"{estimate['gib']:.1f} GiB: " + (f"fits {fit[0]}" if fit else "**does not fit**")
+        return f"{estimate['gb']:.1f} GB: " + (f"fits {fit[0]}" if fit else "**does not fit**")
 
     step = results["step"]
     body = [
@@ -205,12 +217,12 @@ def memory(results: dict[str, Any]) -> str:
     ]
     header = ["model", "fine-tune", "1 GPU", f"{step['gpus']} GPUs (each; full: FSDP2)", "64 GB Mac (MLX)"]
     shape = (
-        f"Estimated (qstar/core/memory.py), not measured: bfloat16, L={step['seq_len']}, k={step['thought_tokens']}, "
+        f"Estimated by qstar/core/memory.py: bfloat16, L={step['seq_len']}, k={step['thought_tokens']}, "
         f"A={step['lookahead']}, P={step['thoughts_per_position']}, {step['batch']} sequence a device, two-pass steps "
         f"with --grad-checkpoint; LoRA rank {step['lora_rank']} on the last {step['lora_layers']} layers, QLoRA "
         f"{step['q_bits']}-bit. `qstar bench --memory` shows the terms of any row. "
     )
-    return markdown(header, body) + "\n\n" + shape + source(results)
+    return markdown(header, body) + "\n\n" + shape + source(results, "Computed")
 
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tables import publish, record  # noqa: E402
 
-from qstar.bench import BenchConfig, bench, bench_generation  # noqa: E402
+from qstar.core.bench import BenchConfig, bench_train, generation_speed, overhead  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,19 +37,20 @@ if __name__ == "__main__":
     for backend in args.backend or ("torch", "mlx"):
         if importlib.util.find_spec(backend) is None:
             continue
-        base = BenchConfig(backend=backend, steps=args.steps, threads=args.threads, compile=args.compile)
+        base = BenchConfig(bench_train(backend=backend, threads=args.threads, compile=args.compile), steps=args.steps)
         rows = []
         for mode in args.step_mode or [None]:
             label = ", ".join([backend, *([mode] if mode else []), *(["--compile"] if args.compile else [])])
             for length in args.lengths:
-                r = bench(replace(base, seq_len=length, step_mode=mode))
+                r = overhead(replace(base, train=replace(base.train, max_seq_length=length, step_mode=mode)))
                 rows.append({"label": label, **r})
                 print(
-                    f"{label} L={r['seq_len']}: ratio {r['ratio']:.2f}, qstar step {r['qstar_step_s']:.3f}s, "
-                    f"LM step {r['lm_step_s']:.3f}s, memory added {r['qstar_memory_added_gb']:.2f} GB",
+                    f"{label} L={r['seq_len']}: ratio {r['ratio']:.2f}, price {r['price']:.1f}, qstar step "
+                    f"{r['qstar_step_s']:.3f}s, LM step {r['lm_step_s']:.3f}s, memory added "
+                    f"{r['qstar_memory_added_gb']:.2f} GB",
                     flush=True,
                 )
-        generation = [] if args.no_generation else bench_generation(base)
+        generation = [] if args.no_generation else generation_speed(base)
         if args.publish:
             record(f"overhead-{backend}", rows, command, threads=args.threads)
             publish(f"overhead-{backend}")

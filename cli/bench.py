@@ -1,191 +1,177 @@
-"""`qstar bench`: the thought overhead ratio (and memory) of a training step, and thoughtful generation speed."""
+"""`qstar bench`: what a training step costs (time, both prices, memory) and thoughtful generation speed; `--memory`:
+the peak memory of a step per device, estimated term by term (and measured here with --measure)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from qstar.cli.errors import user_errors
+from qstar.cli.options import RECIPE_FIELDS, field_flags, plain_table
+from qstar.core.bench import BENCH_DEFAULTS, BenchConfig, bench_train
+from qstar.core.model_config import SHAPES
+from qstar.core.recipe import Recipe
+from qstar.core.train_config import TrainConfig
 
-if TYPE_CHECKING:
-    from qstar.bench import BenchConfig
+STEP_FLAGS = (
+    "backend",
+    "dtype",
+    "batch_size",
+    "threads",
+    "grad_checkpoint",
+    "step_mode",
+    "attention",
+    "compile",
+    "fine_tune_type",
+)
+"""The training settings a benchmarked step takes as flags (TrainConfig's, with their help)."""
+SHAPE_FLAGS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+)
+"""config.json fields of the random model a flag may change."""
 
 
 @user_errors
 def bench(
-    backend: Annotated[str, typer.Option(help="torch or mlx")] = "torch",
     model: Annotated[
-        str | None, typer.Option(help="Checkpoint to measure (default: a random model of --shape)")
+        str | None, typer.Option(help="Checkpoint to measure [default: a random model of --shape]")
     ] = None,
-    seq_len: Annotated[list[int] | None, typer.Option(help="Sequence length L (repeatable)")] = None,
-    thought_tokens: Annotated[int, typer.Option(help="k")] = 8,
-    lookahead: Annotated[int, typer.Option(help="A")] = 4,
-    thoughts_per_position: Annotated[int, typer.Option(help="P")] = 2,
-    batch: Annotated[int, typer.Option(help="Sequences per step")] = 1,
-    shape: Annotated[
-        str, typer.Option(help="Random model shape: issue (Llama, hidden 256, 4 layers) or qwen2-0.5b")
-    ] = "issue",
-    hidden: Annotated[int | None, typer.Option(help="Hidden size (overrides the shape)")] = None,
-    layers: Annotated[int | None, typer.Option(help="Layers (overrides the shape)")] = None,
-    heads: Annotated[int | None, typer.Option(help="Attention heads (overrides the shape)")] = None,
-    kv_heads: Annotated[int | None, typer.Option(help="Key/value heads (overrides the shape)")] = None,
-    intermediate: Annotated[int | None, typer.Option(help="MLP size (overrides the shape)")] = None,
-    vocab: Annotated[int | None, typer.Option(help="Vocabulary size (overrides the shape)")] = None,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16")] = "float32",
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (torch); default: cuda when available")] = None,
+    shape: Annotated[str, typer.Option(help=f"Random model shape: {', '.join(SHAPES)}")] = "small",
+    seq_len: Annotated[
+        list[int] | None, typer.Option(help="Sequence length L, repeatable [default: 64 128 256]")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda (torch) or gpu (mlx) [default: the backend's]")] = None,
     steps: Annotated[
-        int, typer.Option(help="Measured steps of each kind (qstar and LM alternate; median) after 2 warm-up steps")
+        int, typer.Option(help="Measured steps of each kind, alternating (median), after 2 warm-up steps")
     ] = 5,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch")] = None,
-    compile: Annotated[bool, typer.Option(help="torch: compile the thought steps (TrainConfig.compile)")] = False,
-    attention: Annotated[str, typer.Option(help="torch: split or flex (FlexAttention, CUDA)")] = "split",
-    step_mode: Annotated[str | None, typer.Option(help="one-pass or two-pass [default: the device's]")] = None,
     peak_tflops: Annotated[
-        float | None, typer.Option(help="Device peak TFLOP/s for MFU (default: known CUDA GPUs in bf16/fp16)")
+        float | None, typer.Option(help="Device peak TFLOP/s for MFU [default: known GPUs, 16-bit]")
     ] = None,
     generation: Annotated[bool, typer.Option(help="Also measure thoughtful vs plain decoding")] = True,
-    memory: Annotated[
-        bool, typer.Option(help="Estimate the peak memory of one step per device, term by term (no timing)")
-    ] = False,
-    fine_tune_type: Annotated[str, typer.Option(help="--memory: full, lora, dora or qlora")] = "full",
-    devices: Annotated[
-        int, typer.Option(help="--memory: torchrun processes (full fine-tuning shards over them: FSDP2)")
-    ] = 1,
-    grad_checkpoint: Annotated[bool, typer.Option(help="Recompute layer activations in backward")] = False,
-    measure: Annotated[
-        bool, typer.Option(help="--memory: also run the step here and measure what it adds (full, lora, dora)")
-    ] = False,
+    memory: Annotated[bool, typer.Option(help="Estimate the peak memory of a step per device, term by term")] = False,
+    devices: Annotated[int, typer.Option(help="--memory: torchrun processes (full fine-tuning shards: FSDP2)")] = 1,
+    quantized: Annotated[bool, typer.Option(help="--memory: adapters on a 4-bit quantized base (QLoRA)")] = False,
+    measure: Annotated[bool, typer.Option(help="--memory: also run the step here and measure what it adds")] = False,
     out: Annotated[Path | None, typer.Option(help="Write the results as JSON here")] = None,
+    **flags: Any,
 ) -> None:
-    """Measure, side by side in one run, a Quiet-STaR step against an ordinary LM step over the same W tokens."""
-    from qstar.bench import SHAPES, BenchConfig, bench_generation
-    from qstar.bench import bench as run
-    from qstar.core.files import write_atomic
-    from qstar.core.memory import MODELS
-
-    if shape not in SHAPES and not (memory and shape in MODELS):
-        named = ", ".join([*SHAPES, *(f"{m} (--memory)" for m in MODELS)])
-        raise ValueError(f"unknown --shape {shape!r}: choose one of {named}")
-    dims = dict(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=intermediate, vocab=vocab)
-    base = BenchConfig(
-        backend=backend,
-        model=model,
-        **{**SHAPES.get(shape, {}), **{k: v for k, v in dims.items() if v is not None}},
-        thought_tokens=thought_tokens,
-        lookahead=lookahead,
-        thoughts_per_position=thoughts_per_position,
-        batch=batch,
-        dtype=dtype,
-        device=device,
-        steps=steps,
-        threads=threads,
-        compile=compile,
-        step_mode=step_mode,
-        attention=attention,
-        peak_tflops=peak_tflops,
-        grad_checkpoint=grad_checkpoint,
-        fine_tune_type=fine_tune_type,
-    )
-    console = Console()
+    """Measure, side by side in one process, a Quiet-STaR step against ordinary LM steps over the same W tokens (the
+    implementation's efficiency) and over the same text (the user's price)."""
+    step_settings = {k: v for k, v in flags.items() if k in STEP_FLAGS and v is not None}
+    overrides = {k: v for k, v in flags.items() if k in SHAPE_FLAGS and v is not None}
+    if shape not in SHAPES:
+        raise ValueError(f"unknown --shape {shape!r}: choose one of {', '.join(SHAPES)}")
+    recipe = {k: v for k, v in flags.items() if k in RECIPE_FIELDS and v is not None}
+    train = bench_train(recipe, **step_settings)
+    base = BenchConfig(train, model, shape, overrides, device, steps, peak_tflops=peak_tflops)
     if memory:
-        report_memory(console, base, shape, (seq_len or [256])[0], devices, measure, out)
-        return
-    table = Table(
-        title=f"thought overhead ({backend}, {dtype}, k={thought_tokens}, A={lookahead}, "
-        f"P={thoughts_per_position}, B={batch}, {shape if model is None else model})"
-    )
-    columns = (
-        "L",
-        "mode",
-        "W",
-        "qstar step s",
-        "LM step s",
-        "ratio",
-        "qstar tok/s",
-        "memory added GB (qstar / LM)",
-        "MFU",
-    )
-    for column in columns:
-        table.add_column(column, justify="right")
-    results = []
-    for length in seq_len or [64, 128, 256]:
-        r = run(replace(base, seq_len=length))
-        results.append(r)
-        table.add_row(
-            str(length),
-            r["step_mode"],
-            str(r["W"]),
-            f"{r['qstar_step_s']:.3f}",
-            f"{r['lm_step_s']:.3f}",
-            f"{r['ratio']:.2f}",
-            f"{r['qstar_tokens_per_s']:.0f}",
-            f"{r['qstar_memory_added_gb']:.2f} / {r['lm_memory_added_gb']:.2f}",
-            "-" if r["mfu"] is None else f"{r['mfu']:.1%}",
-        )
-    console.print(table)
-    report = {"training": results}
-    if generation:
-        rows = bench_generation(base)
-        gen = Table(title="generation (emitted tokens/s)")
-        for column in ("batch", "plain", "with thoughts", "target 0.7 x plain / (k+3)", "met"):
-            gen.add_column(column, justify="right")
-        for g in rows:
-            gen.add_row(
-                str(g["batch"]),
-                f"{g['plain_tokens_per_s']:.1f}",
-                f"{g['thought_tokens_per_s']:.1f}",
-                f"{g['target_tokens_per_s']:.1f}",
-                "yes" if g["meets_target"] else "NO",
+        report = memory_report(base, (seq_len or [256])[0], devices, quantized, measure)
+    else:
+        report = timing_report(base, seq_len or [64, 128, 256], generation)
+    if out is not None:
+        from qstar.core.files import write_atomic
+
+        write_atomic(out, json.dumps(report, indent=2))
+        typer.echo(f"wrote {out}")
+
+
+bench.__signature__ = inspect.signature(bench).replace(
+    parameters=[
+        *(p for p in inspect.signature(bench, eval_str=True).parameters.values() if p.kind != p.VAR_KEYWORD),
+        *field_flags(TrainConfig, "Step", only=STEP_FLAGS, defaults=BENCH_DEFAULTS),
+        *(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(
+                    None, help=f"config.json's {name} [default: the shape's]", rich_help_panel="Shape"
+                ),
+                annotation=Optional[int],  # noqa: UP045
             )
-        console.print(gen)
-        report["generation"] = rows
-    if out is not None:
-        write_atomic(out, json.dumps(report, indent=2))
-        console.print(f"wrote {out}")
+            for name in SHAPE_FLAGS
+        ),
+        *field_flags(Recipe, "Recipe", recipe="the default"),
+    ]
+)
 
 
-def report_memory(
-    console: Console, cfg: BenchConfig, shape: str, length: int, devices: int, measure: bool, out: Path | None
-) -> None:
-    """`qstar bench --memory`: the estimate's terms and total per device, where it fits, and with --measure what the
-    step adds when it runs here."""
-    from qstar.bench import added_by_the_step, measure_memory, memory_step, shape_config
-    from qstar.core.files import write_atomic
-    from qstar.core.hf_config import read_config
-    from qstar.core.memory import GIB, MODELS, estimate, fitting
+def timing_report(base: BenchConfig, lengths: list[int], generation: bool) -> dict[str, Any]:
+    """The training table (one row per L) and the generation one, printed as they are measured."""
+    from qstar.core.bench import generation_speed, overhead
 
-    cfg = replace(cfg, seq_len=length)
-    config = read_config(cfg.model)[0] if cfg.model else MODELS.get(shape) or shape_config(cfg)
-    step = memory_step(cfg, devices)
-    terms = estimate(config, step)
-    total = sum(terms.values())
-    name = cfg.model or shape
-    table = Table(
-        title=f"peak memory a device, estimated ({name}, {step.fine_tune}, {devices} device(s), {cfg.dtype}, "
-        f"L={length}, k={step.thought_tokens}, A={step.lookahead}, P={step.thoughts_per_position}, B={step.batch}, "
-        f"{step.step_mode}{', grad checkpoint' if step.grad_checkpoint else ''})"
+    recipe = base.train.make_recipe()
+    title = (
+        f"a Quiet-STaR step against LM steps ({base.train.backend}, {base.train.dtype}, k={recipe.thought_tokens}, "
+        f"A={recipe.lookahead}, P={recipe.thoughts_per_position}, B={base.train.batch_size}, "
+        f"{base.model or base.shape}); "
+        "ratio: against an LM step over the same W tokens; price: over the same text"
     )
-    table.add_column("term")
-    table.add_column("GiB", justify="right")
-    for term, value in terms.items():
-        table.add_row(term, f"{value / GIB:.2f}")
-    table.add_row("[bold]total[/bold]", f"[bold]{total / GIB:.2f}[/bold]")
-    console.print(table)
+    columns = ["L", "mode", "W", "qstar s", "LM(W) s", "ratio", "LM(text) s", "price", "tok/s", "GB qstar/LM", "MFU"]
+    results, rows = [], []
+    for length in lengths:
+        r = overhead(replace(base, train=replace(base.train, max_seq_length=length)))
+        results.append(r)
+        rows.append(
+            [str(length), r["step_mode"], str(r["W"]), f"{r['qstar_step_s']:.3f}", f"{r['lm_step_s']:.3f}"]
+            + [f"{r['ratio']:.2f}", f"{r['lm_text_step_s']:.3f}", f"{r['price']:.1f}", f"{r['qstar_tokens_per_s']:.0f}"]
+            + [
+                f"{r['qstar_memory_added_gb']:.2f}/{r['lm_memory_added_gb']:.2f}",
+                "-" if r["mfu"] is None else f"{r['mfu']:.1%}",
+            ]
+        )
+    typer.echo(plain_table(title, columns, rows))
+    report: dict[str, Any] = {"training": results}
+    if generation:
+        report["generation"] = speed = generation_speed(base)
+        columns = ["batch", "plain", "with thoughts", "target 0.7 x plain / (k+3)", "met"]
+        rows = [
+            [str(g["batch"]), f"{g['plain_tokens_per_s']:.1f}", f"{g['thought_tokens_per_s']:.1f}"]
+            + [f"{g['target_tokens_per_s']:.1f}", "yes" if g["meets_target"] else "NO"]
+            for g in speed
+        ]
+        typer.echo(plain_table("\ngeneration (emitted tokens/s)", columns, rows))
+    return report
+
+
+def memory_report(base: BenchConfig, length: int, devices: int, quantized: bool, measure: bool) -> dict[str, Any]:
+    """The estimate's terms and total per device, where it fits, and with --measure what the step adds here."""
+    from qstar.core.bench import added_by_the_step, measure_memory, memory_step
+    from qstar.core.memory import TABLE_MODELS, estimate, fitting
+
+    cfg = replace(base, train=replace(base.train, max_seq_length=length))
+    step = memory_step(cfg, devices, quantized)
+    terms = estimate(cfg.model_config(), step)
+    total = sum(terms.values())
+    r = step.recipe
+    title = (
+        f"peak memory a device, estimated ({cfg.model or cfg.shape}, {step.fine_tune}, {devices} device(s), "
+        f"{step.dtype}, L={length}, k={r.thought_tokens}, A={r.lookahead}, P={r.thoughts_per_position}, "
+        f"B={step.batch}, {step.step_mode}{', grad checkpoint' if step.grad_checkpoint else ''})"
+    )
+    rows = [[term, f"{value / 1e9:.2f}"] for term, value in terms.items()] + [["total", f"{total / 1e9:.2f}"]]
+    typer.echo(plain_table(title, ["term", "GB"], rows))
     fits = fitting(total, step)
-    console.print(f"fits: {', '.join(fits) or 'none of an 80 GB GPU, a 141 GB GPU, a 64 GB Mac'}")
-    report: dict[str, object] = {"terms": terms, "total": total, "fits": fits}
+    typer.echo(f"fits: {', '.join(fits) or 'none of the devices in the table'}")
+    report: dict[str, Any] = {"terms": terms, "total": total, "fits": fits}
     if measure:
-        if cfg.model is None and shape in MODELS:
-            raise ValueError(f"--measure runs the step here: --shape {shape} is estimated only; pass --model DIR")
-        added = added_by_the_step(terms)
-        measured = measure_memory(cfg)
-        console.print(f"measured here: the step adds {measured:.3f} GB; estimated {added:.3f} GB")
+        if quantized:
+            raise ValueError("--measure runs full, lora or dora steps here: drop --quantized")
+        if cfg.model is None and cfg.shape in TABLE_MODELS:
+            raise ValueError(
+                f"--measure runs the step here: --shape {cfg.shape} is estimated only (its random model would not fit "
+                "a CPU test): pass a smaller --shape, or --model DIR"
+            )
+        added, measured = added_by_the_step(terms), measure_memory(cfg)
+        typer.echo(f"measured here: the step adds {measured:.3f} GB; estimated {added:.3f} GB")
         report |= {"measured_added_gb": measured, "estimated_added_gb": added}
-    if out is not None:
-        write_atomic(out, json.dumps(report, indent=2))
+    return report

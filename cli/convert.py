@@ -8,7 +8,8 @@ import typer
 from rich.console import Console
 
 from qstar.cli.errors import user_errors
-from qstar.cli.options import recipe_options
+from qstar.cli.options import Backend, SourceDtype, recipe_options
+from qstar.core.recipe import PRESETS
 
 
 @user_errors
@@ -21,15 +22,13 @@ def convert(
         ),
     ],
     dst: Annotated[str, typer.Argument(help="Output directory (must not exist)")],
-    dtype: Annotated[
-        str | None,
-        typer.Option(help="float32, bfloat16, float16 or float64 (or fp32, bf16, fp16) [default: the source's]"),
-    ] = None,
+    dtype: SourceDtype = None,
     recipe: Annotated[
-        str | None, typer.Option(help="Recipe preset: default or paper [default: the checkpoint's own, else default]")
+        str | None,
+        typer.Option(help=f"Recipe preset: {', '.join(PRESETS)} [default: the checkpoint's own, else default]"),
     ] = None,
     gguf_file: Annotated[str | None, typer.Option(help="The .gguf file inside SRC, a directory")] = None,
-    backend: Annotated[str, typer.Option(help="auto, torch or mlx (reads the weights; --quantize needs mlx)")] = "auto",
+    backend: Backend = "auto",
     quantize: Annotated[
         bool,
         typer.Option(

@@ -1,4 +1,5 @@
-"""Turn the errors a user can cause into one clear line and exit code 1, instead of a traceback."""
+"""Turn the errors a user can cause into one clear line and exit code 1, instead of a traceback; an interrupted
+command (Ctrl-C, SIGTERM) says what it kept and exits 130."""
 
 from __future__ import annotations
 
@@ -33,5 +34,8 @@ def user_errors(fn: F) -> F:
         except USER_ERRORS as err:
             Console(stderr=True).print(f"[bold red]error:[/] {escape(message(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        except KeyboardInterrupt as err:
+            Console(stderr=True).print(f"[bold]interrupted[/]: {escape(str(err) or 'nothing kept')}", soft_wrap=True)
+            raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]

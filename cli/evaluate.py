@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from qstar.cli.errors import user_errors
-from qstar.cli.options import AdapterPath, recipe_options
+from qstar.cli.options import ModelChoice, model_options
 
 
 @user_errors
-@recipe_options
+@model_options
 def evaluate(
     task: Annotated[str, typer.Argument(help="gsm8k or csqa")],
-    model: Annotated[str, typer.Option(help="qstar checkpoint (or any checkpoint qstar.load takes)")],
+    model: ModelChoice,
     data: Annotated[
         str | None, typer.Option(help="Local JSONL (the task's own format) or a hub dataset id [default: the task's]")
     ] = None,
@@ -41,17 +41,11 @@ def evaluate(
         Path | None, typer.Option(help="Directory of questions.jsonl and results.json [runs/eval/TASK-PROTOCOL-...]")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Start over in --out instead of resuming it")] = False,
-    backend: Annotated[str, typer.Option(help="auto, torch or mlx")] = "auto",
-    adapter_path: AdapterPath = None,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or float64 (or fp32, bf16, fp16)")] = "float32",
-    recipe_overrides: dict[str, Any] | None = None,
 ) -> None:
     """Evaluate as the paper does: `Q: ...\\nA: Let's think step by step.`, generate, append the answer trigger, read
     the first number (or letter). An interrupted run continues from out/questions.jsonl; the same command gives the
     same answers."""
-    import qstar
-    from qstar.core.eval.run import EvalSettings
-    from qstar.core.eval.run import evaluate as run
+    from qstar.core.eval.run import EvalSettings, evaluate_task
     from qstar.core.eval.tasks import get_task, load_examples
 
     spec = get_task(task)
@@ -69,7 +63,7 @@ def evaluate(
     )
     out = out or Path("runs") / "eval" / f"{task}-{protocol}-{'thoughts' if thoughts else 'no-thoughts'}"
     examples = load_examples(spec, data)
-    m = qstar.load(model, backend=backend, dtype=dtype, adapter_path=adapter_path, **(recipe_overrides or {}))
+    m = model.load()
     console = Console(stderr=True)
     chosen = len(examples) if settings.limit is None else min(settings.limit, len(examples))
     columns = [
@@ -81,13 +75,13 @@ def evaluate(
     ]
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("", total=chosen)
-        result = run(
+        result = evaluate_task(
             m,
             spec,
             examples,
             out,
             settings,
-            model,
+            model.path,
             data=data or spec.hub_id,
             overwrite=overwrite,
             on_record=lambda record, accuracy: progress.update(bar, advance=1, description=str(accuracy)),

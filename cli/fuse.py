@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from qstar.cli.errors import user_errors
+from qstar.cli.options import Backend, SourceDtype
 
 
 @user_errors
@@ -16,18 +17,16 @@ def fuse(
     adapter_path: Annotated[str, typer.Option(help="The adapter directory (a lora/dora run's checkpoint)")],
     out: Annotated[str, typer.Option(help="Output directory of the fused checkpoint (must not exist)")],
     model: Annotated[str | None, typer.Option(help="The base model [default: the one the adapter records]")] = None,
-    dtype: Annotated[
-        str | None, typer.Option(help="float32, bfloat16, float16 or float64 [default: the base model's]")
-    ] = None,
-    backend: Annotated[str, typer.Option(help="auto, torch or mlx")] = "auto",
+    dtype: SourceDtype = None,
+    backend: Backend = "auto",
 ) -> None:
     """Merge the adapter into the base weights (W + scale * (lora_a @ lora_b)^T, DoRA rescaled to its magnitude) and
     save a qstar checkpoint with the adapter's thought vectors and mixing head: every command takes it, no adapter."""
     import qstar
     from qstar.core import lora
-    from qstar.core.backend import base_model
     from qstar.core.checkpoint import source_dtype
     from qstar.core.hub import resolve
+    from qstar.core.loading import base_model
 
     base = model or base_model(Path(adapter_path), lora.read_adapter_config(Path(adapter_path)))
     console = Console(stderr=True, highlight=False)

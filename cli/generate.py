@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from qstar.cli.errors import user_errors
-from qstar.cli.options import AdapterPath, recipe_options
+from qstar.cli.options import ModelChoice, model_options
+from qstar.core.model import Completion
 
 THOUGHT_OPEN, THOUGHT_CLOSE = "\x02", "\x03"
 """Around each thought when --show-thoughts writes to a pipe or file: ASCII start/end of text, which a tokenizer's
@@ -19,9 +20,9 @@ text never holds, so a program can split them off."""
 
 
 @user_errors
-@recipe_options
+@model_options
 def generate(
-    model: Annotated[str, typer.Option(help="qstar checkpoint (or any checkpoint qstar.load takes)")],
+    model: ModelChoice,
     prompt: Annotated[str, typer.Option(help="Text to continue; - reads it from standard input")],
     thoughts: Annotated[bool, typer.Option(help="Think before every token")] = True,
     show_thoughts: Annotated[
@@ -41,26 +42,21 @@ def generate(
     top_p: Annotated[float | None, typer.Option(help="Sample among the smallest set of probability >= p")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the sampling noise")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop at this text (repeatable)")] = None,
-    backend: Annotated[str, typer.Option(help="auto, torch or mlx")] = "auto",
-    adapter_path: AdapterPath = None,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or float64 (or fp32, bf16, fp16)")] = "float32",
-    recipe_overrides: dict[str, Any] | None = None,
 ) -> None:
     """Generate text with thoughts (KV cache; each thought is computed on top of the cached prefix, then dropped)."""
-    import qstar
 
     err = Console(stderr=True, highlight=False)
     text = sys.stdin.read() if prompt == "-" else prompt
     if temperature == 0 and (top_k is not None or top_p is not None):
         err.print("warning: greedy decoding (--temperature 0) ignores --top-k and --top-p: pass --temperature > 0")
-    m = qstar.load(model, backend=backend, dtype=dtype, adapter_path=adapter_path, **(recipe_overrides or {}))
+    m = model.load()
     if m.tokenizer is None:
         raise ValueError(
-            f"{model} has no tokenizer files, so it cannot read --prompt: convert a checkpoint that has them"
+            f"{model.path} has no tokenizer files, so it cannot read --prompt: convert a checkpoint that has them"
         )
     if chat_template or system_prompt is not None:
         if not m.tokenizer.chat_template:
-            raise ValueError(f"{model}'s tokenizer has no chat template: drop --chat-template and --system-prompt")
+            raise ValueError(f"{model.path}'s tokenizer has no chat template: drop --chat-template and --system-prompt")
         messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
         text = m.tokenizer.apply_chat_template(
             [*messages, {"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
@@ -89,31 +85,41 @@ def generate(
         }
         typer.echo(json.dumps(record, ensure_ascii=False))
     elif show_thoughts and thoughts:
-        out = Console(highlight=False)
-        if out.is_terminal:
-            shown = "".join(
-                f"[dim]<{escape(t)}>[/dim]{escape(p)}" for p, t in zip(pieces, result.thoughts, strict=False)
-            )
-            out.print(escape(text) + shown, soft_wrap=True)
-        else:
-            typer.echo(
-                text
-                + "".join(f"{THOUGHT_OPEN}{t}{THOUGHT_CLOSE}{p}" for p, t in zip(pieces, result.thoughts, strict=False))
-            )
+        show_with_thoughts(text, pieces, result.thoughts, err)
     else:
         typer.echo(text + result.text)
-    ended = {
-        "eos": "the model's end-of-text token",
-        "stop": "a --stop text",
-        "max_tokens": "--max-tokens",
-        "context": "the model's context",
-    }
+    summarize(result, err)
+
+
+def show_with_thoughts(text: str, pieces: list[str], thoughts: list[str], err: Console) -> None:
+    """The text with each token's thought before it: dimmed in <> on a terminal, else between \\x02 and \\x03."""
+    out = Console(highlight=False)
+    pairs = list(zip(pieces, thoughts, strict=False))
+    if out.is_terminal:
+        out.print(escape(text) + "".join(f"[dim]<{escape(t)}>[/dim]{escape(p)}" for p, t in pairs), soft_wrap=True)
+        return
+    typer.echo(text + "".join(f"{THOUGHT_OPEN}{t}{THOUGHT_CLOSE}{p}" for p, t in pairs))
+    err.print(
+        "note: each thought stands between \\x02 and \\x03 (ASCII STX, ETX) before its token; --json gives fields"
+    )
+
+
+ENDED = {
+    "eos": "the model's end-of-text token",
+    "stop": "a --stop text",
+    "max_tokens": "--max-tokens",
+    "context": "the model's context",
+}
+
+
+def summarize(result: Completion, err: Console) -> None:
+    """Speeds, memory and why the generation ended, as mlx_lm.generate prints them (on standard error)."""
     if result.stop == "eos" and len(result.tokens) == 1:
         err.print("note: the model ended the text at once: its first token was its end-of-text token")
     err.print(f"Prompt: {result.prompt_tokens} tokens, {result.prompt_tps:.1f} tokens-per-sec")
     err.print(
         f"Generation: {len(result.tokens)} tokens, {result.generation_tps:.1f} tokens-per-sec "
-        f"(ended by {ended[result.stop]})"
+        f"(ended by {ENDED[result.stop]})"
     )
     err.print(f"Peak memory: {result.peak_memory_gb:.3f} GB")
 

@@ -4,36 +4,31 @@ from __future__ import annotations
 
 from math import nan
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import numpy as np
 import typer
 from rich.console import Console
 
 from qstar.cli.errors import user_errors
-from qstar.cli.options import AdapterPath, recipe_options
+from qstar.cli.options import ModelChoice, model_options
 
 
 @user_errors
-@recipe_options
+@model_options
 def inspect_text(
-    model: Annotated[str, typer.Option(help="qstar checkpoint (or any checkpoint qstar.load takes)")],
+    model: ModelChoice,
     text: Annotated[Path, typer.Option(help="Text file to read")],
     out: Annotated[Path, typer.Option(help="HTML report to write")] = Path("report.html"),
     seed: Annotated[int, typer.Option(help="Seed of the thoughts")] = 0,
-    backend: Annotated[str, typer.Option(help="auto, torch or mlx")] = "auto",
-    adapter_path: AdapterPath = None,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or float64 (or fp32, bf16, fp16)")] = "float32",
-    recipe_overrides: dict[str, Any] | None = None,
 ) -> None:
     """For every token: log-prob without thought vs after the thought sampled before it, the thought on hover. Blank
     lines separate documents, each scored on its own (as `qstar train` reads a .txt); the hard tokens of synthetic
     documents (their answers) are scored apart."""
-    import qstar
     from qstar.core import synthetic
     from qstar.core.data import txt_documents
     from qstar.core.files import write_atomic
-    from qstar.core.report import hard_line, render_html, summary_line
+    from qstar.core.inspect_report import hard_line, render_html, summary_line
 
     if not text.is_file():
         raise FileNotFoundError(f"{text} not found: pass a text file with --text")
@@ -47,9 +42,9 @@ def inspect_text(
         lse = (top + np.log(np.exp(z - top).sum(-1, keepdims=True)))[:, 0]
         return [nan] + (z[np.arange(len(ids) - 1), ids[1:]] - lse).tolist()
 
-    m = qstar.load(model, backend=backend, dtype=dtype, adapter_path=adapter_path, **(recipe_overrides or {}))
+    m = model.load()
     if m.tokenizer is None:
-        raise ValueError(f"{model} has no tokenizer files: inspect needs text in and out")
+        raise ValueError(f"{model.path} has no tokenizer files: inspect needs text in and out")
     tokens: list[str] = []
     base: list[float] = []
     thoughtful: list[float] = []

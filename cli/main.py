@@ -7,22 +7,28 @@ from typing import Annotated
 import typer
 
 from qstar.cli import bench, convert, evaluate, fuse, generate, inspect_text, train
+from qstar.cli.options import Command, Group
 
 app = typer.Typer(
     name="qstar",
+    cls=Group,
     help="Quiet-STaR: train language models to think before each token (PyTorch or MLX).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.command("convert")(convert.convert)
-app.command("train")(train.train)
-app.command("generate")(generate.generate)
-app.command("eval")(evaluate.evaluate)
-app.command("inspect")(inspect_text.inspect_text)
-app.command("bench")(bench.bench)
-app.command("fuse")(fuse.fuse)
+for name, command in {
+    "convert": convert.convert,
+    "train": train.train,
+    "generate": generate.generate,
+    "eval": evaluate.evaluate,
+    "inspect": inspect_text.inspect_text,
+    "bench": bench.bench,
+    "fuse": fuse.fuse,
+}.items():
+    app.command(name, cls=Command)(command)
 
 
 def show_version(value: bool) -> None:

@@ -24,22 +24,21 @@ from qstar.core.train_config import (
 
 @user_errors
 def train(config: Optional[Path] = None, resume: bool = False, overwrite: bool = False, **flags: Any) -> None:  # noqa: UP045
-    """Train Quiet-STaR. With no arguments: the shipped toy model on fresh synthetic data, about 2 minutes on a CPU."""
-    from qstar import backends
-    from qstar.core import trainer
+    """Train Quiet-STaR. With no arguments: the shipped toy model on fresh synthetic data (README: how long)."""
+    from qstar.core import backend, trainer
     from qstar.core.distributed import launched_rank
     from qstar.core.rundir import saved_config
 
     settings = merge_settings(read_config_file(config) if config is not None else {}, flags)
     if "backend" in settings:
-        settings["backend"] = backends.available(settings["backend"])  # the resolved name is saved with the run
+        settings["backend"] = backend.available(settings["backend"])  # the resolved name is saved with the run
     if resume:
         out = Path(settings.get("out") or TrainConfig.out)
         cfg = resume_config(saved_config(out), settings, out)
     else:
         cfg = resolve_config(settings)
-    cfg = replace(cfg, backend=backends.available(cfg.backend))
-    out = trainer.run(cfg, backends.get(cfg.backend), resume=resume, overwrite=overwrite)
+    cfg = replace(cfg, backend=backend.available(cfg.backend))
+    out = trainer.train(cfg, backend.get(cfg.backend), resume=resume, overwrite=overwrite)
     if launched_rank() == 0:  # one line from torchrun or mlx.launch too
         typer.echo(f"done: {out / 'model'}")
 
@@ -71,6 +70,6 @@ train.__signature__ = inspect.Signature(
             default=typer.Option(False, "--overwrite", help="Remove an earlier run's files from --out first"),
         ),
         *field_flags(TrainConfig, "Training", skip=("recipe_overrides",)),
-        *field_flags(Recipe, "Recipe", default_note=" in the default preset"),
+        *field_flags(Recipe, "Recipe"),
     ]
 )

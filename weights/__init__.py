@@ -1,4 +1,5 @@
-"""The shipped default model, `arith-llama/` (installed with the package), and `build_default.py`, which rebuilds it."""
+"""The shipped default model, `arith-llama/`, and `build_default.py`, which rebuilds it. This folder installs as the
+package `qstar.weights` (pyproject.toml's package-dir), so the model is found wherever qstar is installed."""
 
 from importlib.resources import files
 from pathlib import Path

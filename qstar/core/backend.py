@@ -1,25 +1,35 @@
-"""What a backend package offers the core (qstar.torch_backend, qstar.mlx_backend; qstar.backends finds them by
-name), and loading any checkpoint through one."""
+"""The backends: what a backend package offers (`Backend`), and the registry that turns a name into one, the only
+place that does. Everything that differs between frameworks lives behind this interface, in qstar/torch_backend/ and
+qstar/mlx_backend/; a third backend is one more package of the same shape and one more line in PACKAGES."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import platform
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol, cast
 
-from qstar.core import checkpoint, lora
-from qstar.core.api import QStarModel, check_dtype
+import numpy as np
+
 from qstar.core.checkpoint import CheckpointInfo
 from qstar.core.distributed import World
-from qstar.core.hub import resolve
-from qstar.core.recipe import Recipe, make_recipe
+from qstar.core.model import QStarModel
+from qstar.core.ops import Ops
+from qstar.core.recipe import Recipe
 from qstar.core.session import Session
-from qstar.core.thinker import check_step_mode
-from qstar.weights import default_preset
+from qstar.core.train_config import TrainConfig
+
+PACKAGES = {"torch": "qstar.torch_backend", "mlx": "qstar.mlx_backend"}
+"""Backend name -> its package; the name is also the framework it needs."""
+NAMES = ("auto", *PACKAGES)
 
 
 class Backend(Protocol):
-    def load(self, info: CheckpointInfo, recipe: Recipe, dtype: str, device: str | None = None) -> QStarModel:
+    name: str
+
+    def build_model(self, info: CheckpointInfo, recipe: Recipe, dtype: str, device: str | None = None) -> QStarModel:
         """The model of a recognised checkpoint, in `dtype` on `device` (None: the backend's default)."""
 
     @property
@@ -29,53 +39,53 @@ class Backend(Protocol):
     def join(self) -> World:
         """This process's place in a data-parallel run (alone without a launcher)."""
 
+    def make_ops(self, device: str | None = None) -> Ops:
+        """The array interface on `device`: synchronisation and memory for measurements with no model loaded."""
 
-def load(
-    backend: Backend,
-    path: str | Path,
-    dtype: str = "float32",
-    recipe: str | Recipe | None = None,
-    device: str | None = None,
-    step_mode: str | None = None,
-    adapter_path: str | Path | None = None,
-    **recipe_overrides: Any,
-) -> QStarModel:
-    """A qstar, authors' or plain Hugging Face checkpoint (local directory or hub id) on `backend`.
+    def set_threads(self, threads: int) -> None:
+        """Compute on this many CPU threads."""
 
-    `recipe`: a preset name or Recipe; None uses the recipe saved in a qstar checkpoint (or adapter), else "default".
-    `step_mode`: one-pass or two-pass (thinker.STEP_MODES); None: the faster where the model computes.
-    `adapter_path`: an adapter directory (lora/dora) to apply; `path` may also be one, then its base model is the one
-    it records.
-    `recipe_overrides`: recipe field values, e.g. thought_tokens=3."""
-    dtype = check_dtype(dtype)
-    adapter = None if adapter_path is None else Path(adapter_path)
-    if lora.is_adapter(path):  # the adapter (unless another is given) on the base model it records
-        adapter = adapter or Path(path)
-        path = base_model(Path(path), lora.read_adapter_config(Path(path)))
-    if adapter is not None and recipe is None:
-        recipe = (lora.read_adapter_config(adapter).get("qstar") or {}).get("recipe")
-    local = resolve(path)
-    info = checkpoint.inspect(local)
-    saved = info.saved_recipe or default_preset(local)
-    chosen = make_recipe(saved if recipe is None else recipe, **recipe_overrides)
-    model = backend.load(info, chosen, dtype, device)
-    model.source = str(local.resolve()) if Path(path).is_dir() else str(path)  # a hub id stays one
-    if adapter is not None:
-        model.load_adapter(adapter)
-    if step_mode is not None:
-        model.step_mode = check_step_mode(step_mode)
-    return model
+    def check_settings(self, cfg: TrainConfig) -> None:
+        """Refuse, with one clear line, what this backend cannot run of a run's settings (before anything is
+        written)."""
+
+    def lm_step(self, path: Path, ids: np.ndarray, dtype: str, device: str | None) -> Callable[[], None]:
+        """One training step of the framework's own causal LM (transformers, mlx-lm) on the checkpoint at `path`
+        over the rows `ids`, with AdamW: the yardstick a Quiet-STaR step is measured against."""
 
 
-def base_model(adapter: Path, meta: dict[str, Any]) -> str:
-    """The base model an adapter directory records (qstar writes it; mlx-lm's have none)."""
-    base = meta.get("base_model")
-    if not isinstance(base, str):
-        raise ValueError(
-            f"{adapter / lora.CONFIG_FILE} names no base_model: pass --model BASE --adapter-path {adapter}"
-        )
-    if base.startswith(("/", ".")) and not Path(base).is_dir():
-        raise FileNotFoundError(
-            f"{adapter} was trained on {base}, which is not there any more: pass --model BASE --adapter-path {adapter}"
-        )
-    return base
+def available(preferred: str = "auto") -> str:
+    """ "auto" picks mlx on Apple silicon when installed, else torch; an explicit name must be importable."""
+    installed = {name: importlib.util.find_spec(name) is not None for name in PACKAGES}
+    if preferred == "auto":
+        on_mac = platform.system() == "Darwin" and platform.machine() == "arm64"
+        for name in ("mlx", "torch") if on_mac else ("torch", "mlx"):
+            if installed[name]:
+                return name
+        raise RuntimeError("neither torch nor mlx is installed: pip install torch, or pip install 'mlx-lm'")
+    if preferred not in PACKAGES:
+        raise ValueError(f"unknown backend {preferred!r}: choose {', '.join(NAMES)}")
+    if not installed[preferred]:
+        raise RuntimeError(f"the {preferred} backend is not installed: pip install {INSTALL[preferred]}")
+    return preferred
+
+
+INSTALL = {"torch": "torch", "mlx": "'mlx-lm'"}
+"""What to install for each backend (their own packages: qstar's extras need qstar's own install command)."""
+
+
+def get(name: str = "auto") -> Backend:
+    """The backend package of `name` (or of `available(name)` for "auto")."""
+    return cast(Backend, importlib.import_module(PACKAGES[available(name)]))
+
+
+def gguf_to_hf(directory: Path, gguf_file: str, out: Path) -> Path:
+    """A GGUF checkpoint as a Hugging Face directory: transformers' GGUF loader builds PyTorch tensors, so this reads
+    it through the torch backend, whichever backend then trains the model."""
+    try:
+        reader = importlib.import_module(PACKAGES["torch"] + ".gguf")
+    except ImportError as err:
+        raise ImportError(
+            f"reading GGUF needs torch and gguf ({err.name} is missing): pip install torch gguf"
+        ) from None
+    return cast(Path, reader.gguf_to_hf(directory, gguf_file, out))

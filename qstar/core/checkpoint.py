@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from qstar.core.hf_config import ModelConfig, read_config
+from qstar.core.dtypes import DTYPES
+from qstar.core.model_config import ModelConfig, read_config
 from qstar.core.recipe import PRESETS, Recipe, make_recipe
 
 START_TOKEN = "<|startthought|>"
@@ -64,7 +65,7 @@ def source_dtype(path: Path) -> str:
     """The dtype a checkpoint declares in config.json ("dtype" or "torch_dtype"), float32 when unknown."""
     _, raw = read_config(path)
     declared = str(raw.get("dtype") or raw.get("torch_dtype") or "float32").replace("torch.", "")
-    return declared if declared in ("float32", "bfloat16", "float16", "float64") else "float32"
+    return declared if declared in DTYPES else "float32"
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -128,36 +129,8 @@ def inspect(path: str | Path) -> CheckpointInfo:
     files = weight_files(path)
     tokenizer = load_tokenizer(path)
     if "qstar" in raw:
-        section = raw["qstar"]
-        version = section.get("format_version") if isinstance(section, dict) else None
-        if version != FORMAT_VERSION:
-            raise ValueError(
-                f"{path / 'config.json'}: qstar checkpoint format version {version}, but this qstar reads version "
-                f"{FORMAT_VERSION}: "
-                + (
-                    "upgrade qstar (pip install -U qstar)"
-                    if isinstance(version, int) and version > FORMAT_VERSION
-                    else "convert the checkpoint again with this qstar (qstar convert)"
-                )
-            )
-        if not (path / EXTRAS_FILE).is_file():
-            raise FileNotFoundError(f"{path / EXTRAS_FILE} missing: the qstar checkpoint is incomplete")
-        lacking = [k for k in ("start_token_id", "end_token_id") if not isinstance(section.get(k), int)]
-        if lacking:
-            raise ValueError(
-                f"{path / 'config.json'}: the qstar section has no {lacking[0]}: convert the checkpoint again"
-            )
-        return CheckpointInfo(
-            path,
-            "qstar",
-            config,
-            raw,
-            files,
-            section["start_token_id"],
-            section["end_token_id"],
-            section.get("recipe"),
-            tokenizer,
-        )
+        start_id, end_id, recipe = qstar_section(path, raw["qstar"])
+        return CheckpointInfo(path, "qstar", config, raw, files, start_id, end_id, recipe, tokenizer)
     names = safetensors_names(files)
     if "start_embedding" in names or any(n.startswith("talk_head.") for n in names):
         ref = path / "quietstar_reference.json"
@@ -166,22 +139,32 @@ def inspect(path: str | Path) -> CheckpointInfo:
             default_start, default_end = tokenizer.convert_tokens_to_ids([START_TOKEN, END_TOKEN])
         else:
             default_start, default_end = config.vocab_size - 2, config.vocab_size - 1
-        return CheckpointInfo(
-            path,
-            "authors",
-            config,
-            raw,
-            files,
-            settings.get("start_token_id", default_start),
-            settings.get("end_token_id", default_end),
-            authors_recipe({**raw, **settings}),
-            tokenizer,
-        )
+        start_id, end_id = settings.get("start_token_id", default_start), settings.get("end_token_id", default_end)
+        recipe = authors_recipe({**raw, **settings})
+        return CheckpointInfo(path, "authors", config, raw, files, start_id, end_id, recipe, tokenizer)
     if tokenizer is not None:
         start_id, end_id = tokenizer.convert_tokens_to_ids([START_TOKEN, END_TOKEN])
     else:
         start_id, end_id = config.vocab_size, config.vocab_size + 1
     return CheckpointInfo(path, "hf", config, raw, files, start_id, end_id, None, tokenizer)
+
+
+def qstar_section(path: Path, section: Any) -> tuple[int, int, dict[str, Any] | None]:
+    """The thought token ids and the recipe config.json's qstar section records, checked."""
+    version = section.get("format_version") if isinstance(section, dict) else None
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        raise ValueError(
+            f"{path / 'config.json'}: qstar checkpoint format version {version}, but this qstar reads version "
+            f"{FORMAT_VERSION}: "
+            + ("upgrade qstar (pip install -U qstar-lm)" if newer else "convert the checkpoint again (qstar convert)")
+        )
+    if not (path / EXTRAS_FILE).is_file():
+        raise FileNotFoundError(f"{path / EXTRAS_FILE} missing: the qstar checkpoint is incomplete")
+    lacking = [k for k in ("start_token_id", "end_token_id") if not isinstance(section.get(k), int)]
+    if lacking:
+        raise ValueError(f"{path / 'config.json'}: the qstar section has no {lacking[0]}: convert the checkpoint again")
+    return section["start_token_id"], section["end_token_id"], section.get("recipe")
 
 
 AUTHORS_SETTINGS = {

@@ -19,6 +19,7 @@ import json
 import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,18 @@ WHAT_TO_PASS = (
 STATE_VERSION = 1
 
 
+@dataclass
+class Batch:
+    """What a training or validation step reads: rows of token ids, which are real, and which are hard."""
+
+    ids: np.ndarray
+    """(B, L) int64."""
+    mask: np.ndarray
+    """(B, L) bool, right-padded."""
+    hard: np.ndarray | None = None
+    """(B, L) bool: the hard tokens (e.g. the answers of the synthetic corpus), when the data marks them."""
+
+
 def is_held_out(text: str, fraction: float = HELD_OUT) -> bool:
     """Whether a document belongs to the validation part: a fixed hash of its text, so every read agrees."""
     return zlib.crc32(text.encode("utf-8")) % 10000 < round(fraction * 10000)
@@ -57,7 +70,7 @@ def open_documents(
         raise ValueError(f"unknown part {part!r}; choose one of {PARTS}")
     if not 0 <= held_out <= 1:
         raise ValueError(f"held_out must lie in [0, 1], got {held_out}")
-    if spec == "synthetic" or spec.startswith("synthetic:"):
+    if is_synthetic(spec):
         split = "validation" if part == "validation" else "train"
         return synthetic.documents(seed, synthetic_difficulty(spec), split)
     fields = [f.strip() for f in text_field.split(",")]
@@ -75,11 +88,15 @@ def open_documents(
     return selected(texts, spec, part, held_out)
 
 
+def is_synthetic(spec: str) -> bool:
+    """Whether `spec` names the synthetic corpus (`synthetic`, `synthetic:N`, `synthetic:LOW-HIGH`)."""
+    return spec == "synthetic" or spec.startswith("synthetic:")
+
+
 def is_hub_spec(spec: str) -> bool:
     """Whether open_documents would stream `spec` from the Hugging Face Hub."""
     path = Path(spec).expanduser()
-    synthetic_spec = spec == "synthetic" or spec.startswith("synthetic:")
-    return not (synthetic_spec or path.exists() or path.suffix.lower() in DATA_SUFFIXES) and looks_like_hub_id(
+    return not (is_synthetic(spec) or path.exists() or path.suffix.lower() in DATA_SUFFIXES) and looks_like_hub_id(
         spec.split(":")[0]
     )
 
@@ -87,7 +104,7 @@ def is_hub_spec(spec: str) -> bool:
 def hard_characters(spec: str) -> Callable[[str], list[bool]] | None:
     """What marks the hard tokens of a source's documents, per character (the synthetic corpus marks its answers:
     synthetic.hard_mask); None for sources without such a notion."""
-    return synthetic.hard_mask if spec == "synthetic" or spec.startswith("synthetic:") else None
+    return synthetic.hard_mask if is_synthetic(spec) else None
 
 
 def synthetic_difficulty(spec: str) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from qstar.core.session import Batch
+from qstar.core.data import Batch
 
 
 def _alone_gather(value: Any) -> list[Any]:

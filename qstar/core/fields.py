@@ -7,8 +7,14 @@ import ast
 import inspect
 import math
 import textwrap
-from dataclasses import fields
+from dataclasses import field, fields
 from typing import Any
+
+
+def setting(default: Any, *, positive: bool = False, resumable: bool = False) -> Any:
+    """A settings field with its rules beside it: `positive`, at least 1 (or None); `resumable`, a value a resumed
+    run may change (the length of the run, reporting, saving, switches that leave the mathematics as it is)."""
+    return field(default=default, metadata={"positive": positive, "resumable": resumable})
 
 
 def field_docs(cls: type) -> dict[str, str]:

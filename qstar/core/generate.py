@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qstar.core.decoder import Cache
 from qstar.core.fields import check_fields
 from qstar.core.layout import StepGeometry, ThoughtLayout
-from qstar.core.llama import Cache, Model
 from qstar.core.ops import Array
-from qstar.core.recipe import Recipe
 from qstar.core.sampling import NoiseFn, allowed, nucleus, sample_tokens
-from qstar.core.thinker import talk
+from qstar.core.thinker import Thinker
 
 
 @dataclass
@@ -73,17 +72,12 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
     return ids, None if mask.all() else mask, np.maximum(np.arange(longest)[None, :] - pads[:, None], 0)
 
 
-def think_here(
-    model: Model,
-    recipe: Recipe,
-    cache: Cache,
-    key_mask: np.ndarray,
-    position: np.ndarray,
-    banned: Array | None,
-    noise: NoiseFn | None,
+def thought_after(
+    thinker: Thinker, cache: Cache, key_mask: np.ndarray, position: np.ndarray, noise: NoiseFn | None
 ) -> tuple[Array, Array]:
     """One thought per row after its last real token (at `position`): the hidden state after <end> (B, D) and the
     thought tokens (B, k). The thought's keys/values live in a cache of their own and are dropped."""
+    model, recipe = thinker.model, thinker.recipe
     ops, k, rows = model.ops, recipe.thought_tokens, len(position)
     start, end = model.thought_vectors()
 
@@ -94,7 +88,7 @@ def think_here(
     x, own, tokens = ops.broadcast_to(start, (rows, 1, 1, start.shape[-1])), None, []
     for step in range(1, k + 1):
         h, own = model.think(x, geometry(step, 1), cache, own)
-        token = sample_tokens(ops, model.logits(h[:, 0, 0]), banned, recipe.sample_temperature, noise)
+        token = sample_tokens(ops, model.logits(h[:, 0, 0]), thinker.banned, recipe.sample_temperature, noise)
         tokens.append(token)
         x = model.embed(token)[:, None, None]
     x = ops.concat([x, ops.broadcast_to(end, (rows, 1, 1, end.shape[-1]))], axis=1)  # t_k, then <end>
@@ -103,20 +97,18 @@ def think_here(
 
 
 def generate(
-    model: Model,
-    recipe: Recipe,
+    thinker: Thinker,
     prompts: list[list[int]],
     sampling: Sampling,
-    banned: Array | None,
-    pad_id: int,
     noise: NoiseFn | None,
     finished: Callable[[int, list[int]], str | None],
     context: int | None = None,
 ) -> Generation:
-    """Decode every prompt (a batch, left-padded) until `finished(row, tokens)` gives a reason to stop ("eos",
-    "stop"), max_tokens, or the row's last position reaches `context` (prompts must leave room for one token)."""
-    ops = model.ops
-    ids, key_mask, positions = left_pad(prompts, pad_id)
+    """Decode every prompt (a batch, left-padded with the thinker's pad id) until `finished(row, tokens)` gives a
+    reason to stop ("eos", "stop"), max_tokens, or the row's last position reaches `context` (prompts must leave room
+    for one token)."""
+    model, ops = thinker.model, thinker.ops
+    ids, key_mask, positions = left_pad(prompts, thinker.pad_id)
     budgets = [sampling.max_tokens if context is None else min(sampling.max_tokens, context - len(p)) for p in prompts]
     with ops.no_grad():
         tic = time.perf_counter()
@@ -129,11 +121,11 @@ def generate(
         done = [False] * len(prompts)
         for _ in range(max(budgets)):
             if sampling.thoughts:
-                ht, thought = think_here(model, recipe, cache, key_mask, position, banned, noise)
-                logits, thought_ids = model.logits(talk(model, recipe, hb, ht)[1]), ops.to_numpy(thought).tolist()
+                ht, thought = thought_after(thinker, cache, key_mask, position, noise)
+                logits, thought_ids = model.logits(thinker.talk(hb, ht)[1]), ops.to_numpy(thought).tolist()
             else:
                 logits, thought_ids = model.logits(hb), [[] for _ in prompts]
-            z = nucleus(ops, allowed(ops, logits, banned), sampling.top_k, sampling.top_p)
+            z = nucleus(ops, allowed(ops, logits, thinker.banned), sampling.top_k, sampling.top_p)
             token = sample_tokens(ops, z, None, sampling.temperature, noise)  # z has the banned ids at -inf already
             for row, value in enumerate(ops.to_numpy(token).tolist()):
                 if not done[row]:

@@ -8,43 +8,24 @@ F MLP width, H/h query/key-value heads of width d, V vocabulary, N decoder layer
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
-from qstar.core.hf_config import ModelConfig, parse_config
+from qstar.core.dtypes import DTYPE_BYTES
+from qstar.core.lora import LoraConfig
+from qstar.core.model_config import SHAPES, ModelConfig, is_linear, parse_config, shape_config, weight_shapes
+from qstar.core.recipe import Recipe, make_recipe
 
-GIB = 2**30
 FINE_TUNES = ("full", "lora", "qlora")
-LORA_KEYS = 7
-"""Linear layers a default LoRA adapts in each decoder layer (q, k, v, o, gate, up, down)."""
-MLX_CHECKPOINT_FACTOR = 1.6
-"""MLX's recomputed step keeps more for backward than torch's: measured 1.4-1.6x this model's activations on a CPU
-(benchmarks/memory_table.py), about 1.0x without checkpointing."""
+RECOMPUTED_ACTIVATIONS = {"mlx": 1.6}
+"""What a backend's step with --grad-checkpoint keeps for backward against this model's activations, where it is not
+1: MLX's recomputed step keeps 1.4-1.6x torch's, measured on a CPU (benchmarks/memory_table.py), about 1.0x without
+checkpointing."""
 LAYERS_GATHERED = 2
 """FSDP2 units a rank holds whole at once with resharding after each call: the running one and the prefetched."""
-
-
-MODELS = {
-    name: parse_config(raw)
-    for name, raw in {
-        "Qwen2.5-0.5B": dict(
-            model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-            num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
-        ),
-        "Qwen2.5-1.5B": dict(
-            model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-            num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
-        ),
-        "Qwen2.5-7B": dict(
-            model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-            num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False,
-        ),
-        "Mistral-7B": dict(
-            model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-            num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
-        ),
-    }.items()
-}  # fmt: skip
-"""The published shapes (their config.json's fields) of the models the README's table covers."""
+TABLE_MODELS = ("Qwen2.5-0.5B", "Qwen2.5-1.5B", "Qwen2.5-7B", "Mistral-7B")
+"""The named shapes (model_config.SHAPES) of the README's table."""
+MODELS = {name: parse_config(shape_config(name)) for name in SHAPES}
 
 
 @dataclass(frozen=True)
@@ -53,88 +34,94 @@ class Step:
 
     batch: int = 1
     seq_len: int = 256
-    thought_tokens: int = 12
-    lookahead: int = 4
-    thoughts_per_position: int = 2
-    dtype_bytes: int = 2
+    recipe: Recipe = field(default_factory=lambda: make_recipe(thought_tokens=12))
+    dtype: str = "bfloat16"
     fine_tune: str = "full"
-    """full, lora, or qlora (LoRA on a quantized base, MLX)."""
+    """full, lora, or qlora (LoRA on a quantized base)."""
     devices: int = 1
     """Processes of a torchrun run: full fine-tuning shards over them (FSDP2), adapters replicate (DDP)."""
     grad_checkpoint: bool = True
     step_mode: str = "two-pass"
-    lora_rank: int = 8
-    lora_layers: int = 16
+    adapters: LoraConfig = field(default_factory=LoraConfig)
+    """lora/qlora: the adapters (mlx-lm's defaults: rank 8 on the seven Linear layers of the last 16 layers)."""
     q_bits: int = 4
     q_group_size: int = 64
     backend: str = "torch"
 
 
-def linear_parameters(c: ModelConfig) -> int:
-    """The weights of a decoder layer's Linear layers (what quantization and LoRA touch)."""
-    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    return c.hidden_size * (2 * q + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
+@dataclass(frozen=True)
+class Counts:
+    """Parameters of a model, by where they sit: decoder layers (their Linear weights apart), everything else, and
+    the Quiet-STaR extras."""
+
+    layers: int
+    linear: int
+    largest_layer: int
+    outer: int
+    """Embeddings, the LM head unless tied, the final norm, the extras."""
+    embeddings: int
+    extras: int
+
+    @property
+    def total(self) -> int:
+        return self.layers + self.outer
 
 
-def layer_parameters(c: ModelConfig) -> int:
-    """A decoder layer's: its Linear weights, q/k/v biases where the model has them, two norms."""
-    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    return linear_parameters(c) + (q + 2 * kv if c.qkv_bias else 0) + 2 * c.hidden_size
-
-
-def extra_parameters(c: ModelConfig) -> int:
-    """Quiet-STaR's own: the mixing head (2D -> D -> D -> 1) and the <start>/<end> vectors; always trained."""
+def counts(c: ModelConfig) -> Counts:
+    """The model's parameter counts, from the weights its config implies (model_config.weight_shapes)."""
+    shapes = weight_shapes(c)
+    size = {name: math.prod(shape) for name, shape in shapes.items()}
+    per_layer = [sum(v for k, v in size.items() if k.startswith(f"model.layers.{i}.")) for i in range(c.num_layers)]
+    embeddings = size["model.embed_tokens.weight"] + size.get("lm_head.weight", 0)
     d = c.hidden_size
-    return 2 * d * d + d + d * d + d + d + 2 * d
+    extras = 2 * d * d + d + d * d + d + d + 2 * d  # the mixing head (2D -> D -> D -> 1) and <start>/<end>
+    return Counts(
+        layers=sum(per_layer),
+        linear=sum(v for k, v in size.items() if is_linear(k)),
+        largest_layer=max(per_layer),
+        outer=sum(size.values()) - sum(per_layer) + extras,
+        embeddings=embeddings,
+        extras=extras,
+    )
 
 
-def embedding_parameters(c: ModelConfig) -> int:
-    """The input embeddings and the LM head unless tied."""
-    return (1 if c.tie_word_embeddings else 2) * c.vocab_size * c.hidden_size
-
-
-def outer_parameters(c: ModelConfig) -> int:
-    """Everything outside the decoder layers: embeddings, the LM head unless tied, the final norm, the extras."""
-    return embedding_parameters(c) + c.hidden_size + extra_parameters(c)
-
-
-def lora_parameters(c: ModelConfig, step: Step) -> int:
-    q, kv, d, i = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.hidden_size, c.intermediate_size
-    shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, i), (d, i), (i, d)]  # (in, out) of each adapted Linear
-    layers = c.num_layers if step.lora_layers < 0 else min(step.lora_layers, c.num_layers)
-    return layers * step.lora_rank * sum(a + b for a, b in shapes[:LORA_KEYS])
+def lora_parameters(c: ModelConfig, adapters: LoraConfig) -> int:
+    """The adapters' parameters: rank * (in + out) for each adapted Linear layer."""
+    wrapped = set(adapters.targets(c.num_layers))
+    return sum(
+        adapters.rank * (shape[0] + shape[1])
+        for name, shape in weight_shapes(c).items()
+        if name.removesuffix(".weight") in wrapped
+    )
 
 
 def estimate(c: ModelConfig, step: Step) -> dict[str, float]:
     """Bytes per device of each term at the step's peak (the backward of the thought pass)."""
     if step.fine_tune not in FINE_TUNES:
         raise ValueError(f"fine-tune type must be one of {', '.join(FINE_TUNES)}, got {step.fine_tune!r}")
-    b, n_dev = step.dtype_bytes, step.devices
-    layers, outer = c.num_layers * layer_parameters(c), outer_parameters(c)
-    total = layers + outer
+    b, n_dev, n = DTYPE_BYTES[step.dtype], step.devices, counts(c)
     half = b < 4
     terms: dict[str, float] = {}
     if step.fine_tune == "full":
-        trained = total
         if n_dev > 1:  # FSDP2: float32 shards are the master weights; the root unit and two layers gathered
-            terms["weights (gathered)"] = b * (outer + LAYERS_GATHERED * layer_parameters(c))
-            terms["master weights (float32 shards)"] = 4 * total / n_dev
-            terms["gradients (float32 shards)"] = 4 * total / n_dev + 4 * layer_parameters(c)
+            terms["weights (gathered)"] = b * (n.outer + LAYERS_GATHERED * n.largest_layer)
+            terms["master weights (float32 shards)"] = 4 * n.total / n_dev
+            terms["gradients (float32 shards)"] = 4 * n.total / n_dev + 4 * n.largest_layer
         else:
-            terms["weights"] = b * total
+            terms["weights"] = b * n.total
             if half:
-                terms["master weights (float32)"] = 4 * total
-            terms["gradients"] = b * total
-        terms["AdamW moments (float32)"] = 8 * trained / n_dev
-        return with_master_gradients(terms | activations(c, step), trained if half and n_dev == 1 else 0)
-    trained = lora_parameters(c, step) + extra_parameters(c)
+                terms["master weights (float32)"] = 4 * n.total
+            terms["gradients"] = b * n.total
+        terms["AdamW moments (float32)"] = 8 * n.total / n_dev
+        return with_master_gradients(terms | activations(c, step), n.total if half and n_dev == 1 else 0)
+    trained = lora_parameters(c, step.adapters) + n.extras
     if step.fine_tune == "qlora":
         per_weight = step.q_bits / 8 + 2 * b / step.q_group_size  # packed bits, a scale and a bias a group
-        quantized = c.num_layers * linear_parameters(c) + embedding_parameters(c)
-        terms["weights (quantized)"] = per_weight * quantized + b * (total - quantized - extra_parameters(c))
-        terms["weights (quantized)"] += 4 * extra_parameters(c)  # the mixing head and thought vectors stay float32
+        quantized = n.linear + n.embeddings
+        terms["weights (quantized)"] = per_weight * quantized + b * (n.total - quantized - n.extras)
+        terms["weights (quantized)"] += 4 * n.extras  # the mixing head and thought vectors stay float32
     else:
-        terms["weights"] = b * total
+        terms["weights"] = b * n.total
     terms["adapters, mixing head, thought vectors"] = (4 if half else 0) * trained  # their float32 master copy
     terms["gradients"] = b * trained
     terms["AdamW moments (float32)"] = 8 * trained
@@ -153,7 +140,8 @@ def with_master_gradients(terms: dict[str, float], parameters: int) -> dict[str,
 
 def activations(c: ModelConfig, step: Step) -> dict[str, float]:
     """What the forward keeps for backward, and the backward's working set of one recomputed layer."""
-    b, k, A, P = step.dtype_bytes, step.thought_tokens, step.lookahead, step.thoughts_per_position
+    r, b = step.recipe, DTYPE_BYTES[step.dtype]
+    k, A, P = r.thought_tokens, r.lookahead, r.thoughts_per_position
     B, L, N, V = step.batch, step.seq_len, c.num_layers, c.vocab_size
     D, F, H, kv = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads * c.head_dim
     R, n = B * P, k + A + 1
@@ -176,7 +164,7 @@ def activations(c: ModelConfig, step: Step) -> dict[str, float]:
         kept["one layer recomputed"] = thought * per_token * b  # in backward, one layer at a time
     else:
         kept["layer activations"] = N * (thought + base) * per_token * b
-    factor = MLX_CHECKPOINT_FACTOR if step.backend == "mlx" and step.grad_checkpoint else 1.0
+    factor = RECOMPUTED_ACTIVATIONS.get(step.backend, 1.0) if step.grad_checkpoint else 1.0
     return {f"activations: {name}": factor * value for name, value in kept.items()}
 
 

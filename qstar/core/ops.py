@@ -6,8 +6,12 @@ slicing, `.shape`, `.reshape(...)`, `.dtype`.
 
 from __future__ import annotations
 
+import os
+import resource
+import sys
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -15,13 +19,34 @@ import numpy as np
 Array = Any
 
 
-def peak_rss_gb() -> float:
-    """Peak resident set of this process in GB (ru_maxrss is in bytes on macOS, KiB on Linux)."""
-    import resource
-    import sys
+def rss_gb() -> float:
+    """This process's resident set now, in GB."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+    except OSError:
+        return peak_rss_gb()
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1e9 if sys.platform == "darwin" else 1e6)
+
+def peak_rss_gb() -> float:
+    """Peak resident set of this process in GB since reset_peak_rss (Linux's VmHWM; elsewhere since the start:
+    ru_maxrss is in bytes on macOS)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / (1e9 if sys.platform == "darwin" else 1e6)
+    kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    return kib * 1024 / 1e9
+
+
+def reset_peak_rss() -> None:
+    """Restart the peak resident set from the current one (Linux), so that a step's peak is its own and not the
+    model load's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 class Ops(Protocol):
@@ -73,6 +98,9 @@ class Ops(Protocol):
 
     def sigmoid(self, x: Array) -> Array: ...
 
+    def silu(self, x: Array) -> Array:
+        """x * sigmoid(x)."""
+
     def maximum(self, x: Array, y: float) -> Array: ...
 
     def sum(self, x: Array, axis: int | None = None) -> Array: ...
@@ -114,7 +142,16 @@ class Ops(Protocol):
         """Where the model computes, for people ("cuda:0 (NVIDIA H100)", "cpu")."""
 
     def peak_memory_gb(self) -> float:
-        """Peak memory of this process in GB: the device's on an accelerator, else the resident set."""
+        """Peak memory of this process in GB since reset_peak_memory: the device's on an accelerator, else the
+        resident set."""
+
+    def memory_gb(self) -> float:
+        """Memory in use now, in GB: the device's on an accelerator, else the resident set."""
+
+    def reset_peak_memory(self) -> None: ...
+
+    def synchronize(self) -> None:
+        """Wait until the device has finished the work queued so far (for timings)."""
 
     def gumbel(self, shape: Sequence[int], like: Array) -> Array:
         """Standard Gumbel noise in like's dtype, drawn with the backend's own random state."""

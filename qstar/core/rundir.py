@@ -38,13 +38,33 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if CHECKPOINT_DIR.match(p.name) and (p / STATE_FILE).is_file())
 
 
+def resume_command(out: str | Path) -> str:
+    return f"qstar train --resume --out {out}"
+
+
+def earlier_run(out: Path) -> list[str]:
+    """What of an earlier run's files `out` holds."""
+    return sorted(name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink())
+
+
+def nothing_to_resume(out: Path) -> FileNotFoundError:
+    """--resume where no complete checkpoint is: what to do instead, the same whichever command finds it."""
+    earlier = earlier_run(out)
+    if not earlier:
+        return FileNotFoundError(f"--resume: {out} holds no run: start one without --resume")
+    return FileNotFoundError(
+        f"--resume: {out} holds {', '.join(earlier)} but no complete checkpoint, so nothing can be resumed: start "
+        "over with --overwrite instead of --resume (or choose another --out)"
+    )
+
+
 def saved_config(out: Path) -> dict[str, Any]:
     """The settings of the run in `out`, as its newest complete checkpoint recorded them."""
     if launched_rank() == 0:  # a run still going is the thing to say first (rank 0 locks: the others would race it)
         DirectoryLock(out, "qstar train", print).check_free()
     existing = checkpoints(out)
     if not existing:
-        raise FileNotFoundError(f"--resume: {out} has no checkpoint to resume from: start a new run without --resume")
+        raise nothing_to_resume(out)
     config: dict[str, Any] = json.loads((existing[-1] / STATE_FILE).read_text())["config"]
     return config
 
@@ -103,28 +123,25 @@ class RunDirectory:
         """The first step is under way: from now on the directory holds a run worth keeping, even if it fails."""
         self.began = True
 
-    def earlier_run(self) -> list[str]:
-        return sorted(name for name in RUN_FILES if (self.out / name).exists() or (self.out / name).is_symlink())
-
     def prepare(self, resume: bool, overwrite: bool) -> Path | None:
         """Check what the directory holds against how the run was asked for; returns the checkpoint to resume."""
-        existing, earlier = checkpoints(self.out), self.earlier_run()
+        existing, earlier = checkpoints(self.out), earlier_run(self.out)
         if resume:
             if overwrite:
                 raise ValueError("--resume continues the run in --out, --overwrite starts it over: pass one of them")
             if not existing:
-                found = f" (it holds {', '.join(earlier)}, but no complete checkpoint)" if earlier else ""
-                raise FileNotFoundError(
-                    f"--resume: {self.out} has no checkpoint to resume from{found}: start a new run without --resume"
-                    + (" and with --overwrite" if earlier else "")
-                )
+                raise nothing_to_resume(self.out)
             self.trim_metrics(json.loads((existing[-1] / STATE_FILE).read_text())["step"])
             return existing[-1]
         if earlier and not overwrite:
-            what = "a run" if existing else f"an earlier run's files ({', '.join(earlier)})"
+            if existing:
+                raise FileExistsError(
+                    f"{self.out} already holds a run: pass --resume to continue it, --overwrite to start over, or "
+                    "choose another --out"
+                )
             raise FileExistsError(
-                f"{self.out} already holds {what}: pass --resume to continue it, --overwrite to start over, or "
-                "choose another --out"
+                f"{self.out} already holds an earlier run's files ({', '.join(earlier)}) but no checkpoint to resume: "
+                "pass --overwrite to start over, or choose another --out"
             )
         for name in earlier:
             path = self.out / name

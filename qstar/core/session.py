@@ -1,5 +1,6 @@
 """A training `Session` (a backend's model, optimizer and random state) stepping on `Batch`es: what the training loop
-(qstar/core/trainer.py) drives, written once, and the helpers every session shares."""
+(qstar/core/trainer.py) drives, and what every session shares, written once: validation, its hard-token metrics,
+and the check that a run resumes with as many processes as it was saved with."""
 
 from __future__ import annotations
 
@@ -10,22 +11,25 @@ from typing import Protocol
 
 import numpy as np
 
-from qstar.core.api import QStarModel
+from qstar.core.data import Batch
+from qstar.core.distributed import World
+from qstar.core.model import QStarModel
 
 
 @dataclass
-class Batch:
-    ids: np.ndarray
-    """(B, L) int64."""
-    mask: np.ndarray
-    """(B, L) bool, right-padded."""
-    hard: np.ndarray | None = None
-    """(B, L) bool: the hard tokens (e.g. the answers of the synthetic corpus), when the data marks them."""
+class Scored:
+    """One batch's forward without gradient: the step's metrics, and the NLL of the next token without (nll_base,
+    (R, L-1)) and after (nll_talk, (R, S_1)) the thought, rows per thought (b0p0, b0p1, ...)."""
+
+    metrics: dict[str, float]
+    nll_base: np.ndarray
+    nll_talk: np.ndarray
 
 
 class Session(Protocol):
     parallel: str
     """How several processes hold the model (e.g. "weights sharded (FSDP2)"), for the run's header."""
+    world: World
 
     @property
     def model(self) -> QStarModel: ...
@@ -33,8 +37,12 @@ class Session(Protocol):
     def step(self, batches: list[Batch], lr: float) -> dict[str, float]:
         """One optimizer step over grad-accumulation micro-batches; returns the mean metrics and grad_norm."""
 
-    def evaluate(self, batches: list[Batch], seed: int) -> dict[str, float]:
-        """Mean metrics without gradient, thoughts drawn from a generator seeded with `seed`."""
+    def score(self, batch: Batch) -> Scored:
+        """This rank's rows of a batch through the model without gradient."""
+
+    def seeded(self, seed: int) -> AbstractContextManager[None]:
+        """Thoughts drawn from a generator seeded with `seed` inside; the training draws go on after it as if it had
+        not run."""
 
     def gathered(self) -> AbstractContextManager[None]:
         """Every rank's random state (and, sharded, the whole weights and optimizer state) collected for a save:
@@ -54,31 +62,54 @@ def mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in records])) for k in records[0]}
 
 
-HARD_SUMS = ("hard_tokens", "nll_base_hard_sum", "nll_talk_hard_sum")
-
-
-def hard_token_sums(
-    nll_base: np.ndarray, nll_talk: np.ndarray, streams: np.ndarray, hard: np.ndarray
+def token_sums(
+    name: str, nll_base: np.ndarray, nll_talk: np.ndarray, streams: np.ndarray, flags: np.ndarray
 ) -> dict[str, float]:
-    """Over the hard tokens of a batch that a thought precedes: how many, and the sums of their NLL without and after
-    the thought (the next-token prediction, lookahead j = 1). nll_base (R, L-1) and nll_talk (R, S_1) per thought
-    row (LossTerms), `streams` the layout's thinking positions, hard (B, L) (Batch.hard); stream p predicts token
+    """Over the flagged tokens of a batch that a thought precedes: how many, and the sums of their NLL without and
+    after the thought (the next-token prediction, lookahead j = 1). nll_base (R, L-1) and nll_talk (R, S_1) per
+    thought row (LossTerms), `streams` the layout's thinking positions, flags (B, L) bool; stream p predicts token
     p + 1."""
     scored = streams[: nll_talk.shape[1]]
-    flags = np.repeat(hard[:, scored + 1], nll_base.shape[0] // hard.shape[0], axis=0).astype(np.float64)
+    weight = np.repeat(flags[:, scored + 1], nll_base.shape[0] // flags.shape[0], axis=0).astype(np.float64)
     return {
-        "hard_tokens": float(flags.sum()),
-        "nll_base_hard_sum": float((nll_base[:, scored] * flags).sum()),
-        "nll_talk_hard_sum": float((nll_talk * flags).sum()),
+        f"{name}_tokens": float(weight.sum()),
+        f"nll_base_{name}_sum": float((nll_base[:, scored] * weight).sum()),
+        f"nll_talk_{name}_sum": float((nll_talk * weight).sum()),
     }
 
 
 def evaluation_metrics(records: list[dict[str, float]]) -> dict[str, float]:
-    """The mean metrics of held-out batches; with hard_token_sums in them, the mean NLL over all their hard tokens
-    without (nll_base_hard) and with (nll_talk_hard) the thought, in place of the sums."""
+    """The mean metrics of held-out batches; the token_sums in them become the mean NLL over all those tokens without
+    (nll_base_NAME) and with (nll_talk_NAME) the thought."""
     means = mean_metrics(records)
-    if "hard_tokens" not in means:
-        return means
-    count = max(means.pop("hard_tokens"), 1e-12)
-    base, talk = means.pop("nll_base_hard_sum"), means.pop("nll_talk_hard_sum")
-    return {**means, "nll_base_hard": base / count, "nll_talk_hard": talk / count}
+    for name in [k.removesuffix("_tokens") for k in means if k.endswith("_tokens")]:
+        count = max(means.pop(f"{name}_tokens"), 1e-12)
+        means[f"nll_base_{name}"] = means.pop(f"nll_base_{name}_sum") / count
+        means[f"nll_talk_{name}"] = means.pop(f"nll_talk_{name}_sum") / count
+    return means
+
+
+def evaluate(session: Session, batches: list[Batch], seed: int) -> dict[str, float]:
+    """Mean metrics of held-out batches without gradient, thoughts drawn from a generator seeded with `seed` (the same
+    thoughts at every validation): the loss terms' means, and over every rank's tokens the next-token NLL without and
+    after the thought (nll_base_next, nll_talk_next) and, where the data marks them, that of the hard tokens
+    (nll_base_hard, nll_talk_hard)."""
+    with session.seeded(seed):
+        records = []
+        for batch in batches:
+            scored = session.score(batch)
+            streams = session.model.layout(batch.ids.shape[1]).streams
+            records.append(dict(scored.metrics))
+            records[-1].update(token_sums("next", scored.nll_base, scored.nll_talk, streams, batch.mask))
+            if batch.hard is not None:
+                records[-1].update(token_sums("hard", scored.nll_base, scored.nll_talk, streams, batch.hard))
+    return evaluation_metrics([session.world.mean(mean_metrics(records))])
+
+
+def check_ranks(directory: Path, saved: int, world: World, launch: str) -> None:
+    """A run resumes with as many processes as saved its checkpoint (each rank's random state is in it)."""
+    if saved != world.size:
+        raise ValueError(
+            f"{directory} was saved by a run of {saved} process(es), this one has {world.size}: resume it with as "
+            f"many ({launch} {saved})"
+        )

@@ -1,17 +1,20 @@
 """Quiet-STaR's forward pass (the paper's Algorithm 1), written once for every backend.
 
-`quietstar_loss` reads as the algorithm, one named step each:
+`Thinker.loss` reads as the algorithm, one named step each:
 1. `model.base`: the text goes through the network once (B rows, never copied per thought);
 2. `think`: every position p (a "stream") thinks `<start> t_1..t_k <end>`, then reads the true tokens
    x_(p+1)..x_(p+A-1) (teacher forcing). The k sampling steps push one token per stream at a time on top of the
-   base keys/values and the stream's own cache; during training they stay in the graph, since their hidden states
-   and the log-probabilities of the drawn tokens are what the policy gradient needs, so no step is computed twice.
-   Given thoughts (tests, fixtures) take one pass over all k+A+1 steps instead;
+   base keys/values and the stream's own cache;
 3. `talk`: the mixing head blends the base prediction with the post-thought one, for each lookahead token j;
 4. `lookahead_nll`: the NLL of the true tokens x_(p+j) under the mixed predictions;
 5. `reward_and_advantage`: reward = the NLL the thought saved over the A lookahead tokens; advantage = reward minus
    the mean over the P thoughts of the same sequence and position;
 6. the losses: LM loss on base and mixed predictions, REINFORCE on the thought tokens, and the report metrics.
+
+Thoughts are drawn one of two ways (STEP_MODES): `sample_with_gradient` keeps the k sampling steps in the graph
+(their hidden states and log-probabilities are what the policy gradient needs, so no step is computed twice);
+`sample_without_gradient` draws them in `sampling_loop`, which a backend may capture whole, and the thoughts are then
+scored as given thoughts are: one pass over all k+A+1 steps.
 
 Shapes: B rows, L tokens, P thoughts per position, R = B*P thought rows (ordered b0p0, b0p1, b1p0, ...), S streams,
 k thought tokens, A lookahead tokens, D hidden, V vocabulary.
@@ -24,18 +27,17 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from qstar.core import losses
+from qstar.core.decoder import Backbone, Cache, Placed, StreamCache
 from qstar.core.layout import ThoughtLayout
-from qstar.core.llama import Cache, Model, Placed, StreamCache
 from qstar.core.ops import Array, Ops
 from qstar.core.recipe import Recipe
 from qstar.core.sampling import NoiseFn, sample_tokens
 
 STEP_MODES = ("one-pass", "two-pass")
 """How a training step scores the thoughts it samples: "one-pass" keeps the k sampling steps in the differentiable
-graph (their hidden states and log-probabilities are the ones the policy gradient needs; fewest FLOPs, many small
-operations); "two-pass" samples without gradient on the base pass's detached keys/values, then scores all k+A+1
-steps in one differentiable pass (more FLOPs, few large operations). Same thoughts for the same noise, same loss and
-gradients to float rounding."""
+graph (fewest FLOPs, many small operations); "two-pass" samples without gradient on the base pass's detached
+keys/values, then scores all k+A+1 steps in one differentiable pass (more FLOPs, few large operations). Same thoughts
+for the same noise, same loss and gradients to float rounding."""
 
 
 def check_step_mode(mode: str) -> str:
@@ -81,6 +83,22 @@ class Padding:
         return None if self.rows is None else columns(ops, self.rows, index)
 
 
+@dataclass
+class Lookahead:
+    """The scored lookahead predictions j = 1..A: the NLL (R, S_j) of x_(p+j) after each stream's thought, and which of
+    them are real tokens (None: all)."""
+
+    nll: list[Array]
+    valid: list[Array | None]
+    _means: list[Array] | None = None
+
+    def means(self, ops: Ops) -> list[Array]:
+        """The masked mean NLL of each j, computed once (the LM loss and the report share them)."""
+        if self._means is None:
+            self._means = [losses.masked_mean(ops, nll, v) for nll, v in zip(self.nll, self.valid, strict=True)]
+        return self._means
+
+
 def repeat_rows(ops: Ops, x: Array, times: int) -> Array:
     """(B, ...) -> (B*times, ...), each row repeated consecutively (the order of the thought rows)."""
     if times == 1:
@@ -99,47 +117,8 @@ def mean_over(terms: list[Array]) -> Array:
     return sum(terms[1:], terms[0]) / len(terms)
 
 
-def start_inputs(model: Model, rows: int, streams: int) -> Array:
-    start, _ = model.thought_vectors()
-    return model.ops.broadcast_to(start, (rows, 1, streams, start.shape[-1]))
-
-
-def policy_logprobs(model: Model, recipe: Recipe, h: Array, tokens: Array, banned: Array | None) -> Array:
-    """The policy's log-probabilities of drawn tokens (...) from the hidden states (..., D) that drew them."""
-    return losses.token_logprob(model.ops, model.logits(h), tokens, banned, recipe.policy_temperature)
-
-
-def thought_steps(
-    model: Model,
-    recipe: Recipe,
-    base_kv: Cache,
-    rows: int,
-    layout: ThoughtLayout,
-    banned: Array | None,
-    noise: NoiseFn | None,
-) -> tuple[Array, Array, Array, StreamCache | None]:
-    """Sample every stream's thought inside the differentiable graph (one-pass steps), k steps of one token each.
-    Returns the hidden states (R, k, S, D) of steps 1..k, the policy's log-probabilities (R, k, S) of the drawn tokens
-    (R, S, k), and the cache. Each step's (R, S, V) logits live only until its log-probability is taken."""
-    ops = model.ops
-    hidden: list[Array] = []
-    logprobs: list[Array] = []
-    tokens: list[Array] = []
-    cache: StreamCache | None = None
-    x = start_inputs(model, rows, layout.num_streams)
-    for step in range(1, recipe.thought_tokens + 1):
-        if step > 1:
-            x = model.embed(tokens[-1])[:, None]
-        h, cache = model.think(x, layout.steps(step, 1), base_kv, cache)
-        z = model.logits(h[:, 0])
-        tokens.append(sample_tokens(ops, ops.stop_gradient(z), banned, recipe.sample_temperature, noise))
-        hidden.append(h)
-        logprobs.append(losses.token_logprob(ops, z, tokens[-1], banned, recipe.policy_temperature))
-    return ops.concat(hidden, axis=1), ops.stack(logprobs, axis=1), ops.stack(tokens, axis=-1), cache
-
-
 def sampling_loop(
-    model: Model,
+    model: Backbone,
     recipe: Recipe,
     x: Array,
     base_kv: Cache,
@@ -149,7 +128,7 @@ def sampling_loop(
 ) -> Array:
     """The k sampling steps on device arrays alone: one stream cache per layer, (R, k, S, h, d), made at the start and
     written in place (step s fills slot s), every step the same shapes, a token drawn with the noise, nothing on the
-    host between the first step and the last: a backend can capture the loop whole (Model.call_loop). Returns the
+    host between the first step and the last: a backend can capture the loop whole (Backbone.call_loop). Returns the
     (R, S, k) ids of the rows of x (R, 1, S, D), the <start> inputs."""
     ops, k = model.ops, recipe.thought_tokens
     rows, streams = x.shape[0], x.shape[2]
@@ -167,210 +146,219 @@ def sampling_loop(
     return ops.stack(tokens, axis=-1)
 
 
-def draw_thoughts(
-    model: Model,
-    recipe: Recipe,
-    base_kv: Cache,
-    rows: int,
-    layout: ThoughtLayout,
-    banned: Array | None,
-    noise: NoiseFn | None,
-) -> Array:
-    """Draw every stream's thought without gradient (two-pass steps, inference), with the geometry placed on the device
-    before the loop. Returns (R, S, k) ids."""
-    k = recipe.thought_tokens
-    with model.ops.no_grad():
-        placed = [model.place(layout.steps(step, 1, keys=k)) for step in range(1, k + 1)]
-        x = start_inputs(model, rows, layout.num_streams)
-        return model.call_loop(sampling_loop, model, recipe, x, base_kv, placed, banned, noise)
+@dataclass(frozen=True)
+class Thinker:
+    """What every step of the algorithm shares: the network, the recipe, the ids a thought never draws (`banned`,
+    (V,) bool on the device, None when nothing is banned) and the id fed as a true token past a sequence's end."""
 
+    model: Backbone
+    recipe: Recipe
+    banned: Array | None
+    pad_id: int
 
-def sample_thoughts(
-    model: Model, recipe: Recipe, ids: Array, layout: ThoughtLayout, banned: Array | None, noise: NoiseFn | None
-) -> Array:
-    """Draw every stream's thought without gradient. Returns (R, S, k) ids."""
-    with model.ops.no_grad():
-        _, base_kv = model.base(ids)
-        return draw_thoughts(model, recipe, base_kv, ids.shape[0] * recipe.thoughts_per_position, layout, banned, noise)
+    @property
+    def ops(self) -> Ops:
+        return self.model.ops
 
+    def start_inputs(self, rows: int, streams: int) -> Array:
+        """(R, 1, S, D): <start> at every stream."""
+        start, _ = self.model.thought_vectors()
+        return self.ops.broadcast_to(start, (rows, 1, streams, start.shape[-1]))
 
-def future_ids(ops: Ops, ids: Array, layout: ThoughtLayout, count: int, pad_id: int) -> Array:
-    """(B, count, S) true tokens x_(p+m), m = 1..count, of every stream p; pad past the end."""
-    pad = ops.asarray(np.full((ids.shape[0], count), pad_id, np.int64), like=ids)
-    index = layout.streams[None, :] + np.arange(1, count + 1)[:, None]
-    return columns(ops, ops.concat([ids, pad], axis=1), index)
+    def policy_logprobs(self, h: Array, tokens: Array) -> Array:
+        """The policy's log-probabilities of drawn tokens (...) from the hidden states (..., D) that drew them."""
+        z = self.model.logits(h)
+        return losses.token_logprob(self.ops, z, tokens, self.banned, self.recipe.policy_temperature)
 
+    def sample_with_gradient(
+        self, base_kv: Cache, rows: int, layout: ThoughtLayout, noise: NoiseFn | None
+    ) -> tuple[Array, Array, Array, StreamCache | None]:
+        """Sample every stream's thought inside the differentiable graph (one-pass steps), k steps of one token each.
+        Returns the hidden states (R, k, S, D) of steps 1..k, the policy's log-probabilities (R, k, S) of the drawn
+        tokens (R, S, k), and the cache. Each step's (R, S, V) logits live only until its log-probability is taken."""
+        ops, model, recipe = self.ops, self.model, self.recipe
+        hidden: list[Array] = []
+        logprobs: list[Array] = []
+        tokens: list[Array] = []
+        cache: StreamCache | None = None
+        x = self.start_inputs(rows, layout.num_streams)
+        for step in range(1, recipe.thought_tokens + 1):
+            if step > 1:
+                x = model.embed(tokens[-1])[:, None]
+            h, cache = model.think(x, layout.steps(step, 1), base_kv, cache)
+            z = model.logits(h[:, 0])
+            tokens.append(sample_tokens(ops, ops.stop_gradient(z), self.banned, recipe.sample_temperature, noise))
+            hidden.append(h)
+            logprobs.append(losses.token_logprob(ops, z, tokens[-1], self.banned, recipe.policy_temperature))
+        return ops.concat(hidden, axis=1), ops.stack(logprobs, axis=1), ops.stack(tokens, axis=-1), cache
 
-def thought_inputs(
-    model: Model,
-    recipe: Recipe,
-    ids: Array,
-    thoughts: Array,
-    layout: ThoughtLayout,
-    pad_id: int,
-    first_step: int = 1,
-) -> Array:
-    """(R, n, S, D) inputs of thought steps first_step..k+A+1: <start>, t_1..t_k, <end>, x_(p+1)..x_(p+A-1), for
-    first_step <= k+1. One embedding lookup for all thought tokens: each lookup's backward is a dense (V, D) array."""
-    ops, P = model.ops, recipe.thoughts_per_position
-    rows = ids.shape[0] * P
-    _, end = model.thought_vectors()
-    future = future_ids(ops, ids, layout, recipe.lookahead - 1, pad_id)  # teacher-forced after <end>
-    drawn = ops.transpose(thoughts[:, :, max(first_step - 2, 0) :], (0, 2, 1))  # step s >= 2 feeds t_(s-1)
-    return ops.concat(
-        ([start_inputs(model, rows, layout.num_streams)] if first_step == 1 else [])
-        + [
-            model.embed(drawn),
-            ops.broadcast_to(end, (rows, 1, layout.num_streams, end.shape[-1])),
-            repeat_rows(ops, model.embed(future), P),
-        ],
-        axis=1,
-    )
+    def sample_without_gradient(self, base_kv: Cache, rows: int, layout: ThoughtLayout, noise: NoiseFn | None) -> Array:
+        """Draw every stream's thought without gradient (two-pass steps, inference), with the geometry placed on the
+        device before the loop. Returns (R, S, k) ids."""
+        model, k = self.model, self.recipe.thought_tokens
+        with self.ops.no_grad():
+            placed = [model.place(layout.steps(step, 1, keys=k)) for step in range(1, k + 1)]
+            x = self.start_inputs(rows, layout.num_streams)
+            return model.call_loop(sampling_loop, model, self.recipe, x, base_kv, placed, self.banned, noise)
 
+    def future_ids(self, ids: Array, layout: ThoughtLayout, count: int) -> Array:
+        """(B, count, S) true tokens x_(p+m), m = 1..count, of every stream p; pad past the end."""
+        ops = self.ops
+        pad = ops.asarray(np.full((ids.shape[0], count), self.pad_id, np.int64), like=ids)
+        index = layout.streams[None, :] + np.arange(1, count + 1)[:, None]
+        return columns(ops, ops.concat([ids, pad], axis=1), index)
 
-def think(
-    model: Model,
-    recipe: Recipe,
-    ids: Array,
-    base_kv: Cache,
-    thoughts: Array | None,
-    layout: ThoughtLayout,
-    banned: Array | None,
-    pad_id: int,
-    noise: NoiseFn | None,
-) -> tuple[Array, Array, Array]:
-    """Thought steps 1..k+A+1 of every stream. Returns their hidden states (R, k+A+1, S, D), the policy's
-    log-probabilities (R, k, S) of the thought tokens and the thoughts (R, S, k), sampled with `noise` (None:
-    greedy) unless given."""
-    ops, k, A = model.ops, recipe.thought_tokens, recipe.lookahead
-    if thoughts is None:
-        rows = ids.shape[0] * recipe.thoughts_per_position
-        h_sampled, logprobs, thoughts, cache = thought_steps(model, recipe, base_kv, rows, layout, banned, noise)
-        x = thought_inputs(model, recipe, ids, thoughts, layout, pad_id, first_step=k + 1)
-        h_rest, _ = model.think(x, layout.steps(k + 1, A + 1), base_kv, cache)
-        return ops.concat([h_sampled, h_rest], axis=1), logprobs, thoughts
-    x = thought_inputs(model, recipe, ids, thoughts, layout, pad_id)
-    h_thought, _ = model.think(x, layout.steps(1, recipe.thought_steps), base_kv, None)
-    drawn = ops.transpose(thoughts, (0, 2, 1))
-    return h_thought, policy_logprobs(model, recipe, h_thought[:, :k], drawn, banned), thoughts
+    def inputs(self, ids: Array, thoughts: Array, layout: ThoughtLayout, first_step: int = 1) -> Array:
+        """(R, n, S, D) inputs of thought steps first_step..k+A+1: <start>, t_1..t_k, <end>, x_(p+1)..x_(p+A-1), for
+        first_step <= k+1. One embedding lookup for all thought tokens: each lookup's backward is a dense (V, D)
+        array."""
+        ops, model, P = self.ops, self.model, self.recipe.thoughts_per_position
+        rows = ids.shape[0] * P
+        _, end = model.thought_vectors()
+        future = self.future_ids(ids, layout, self.recipe.lookahead - 1)  # teacher-forced after <end>
+        drawn = ops.transpose(thoughts[:, :, max(first_step - 2, 0) :], (0, 2, 1))  # step s >= 2 feeds t_(s-1)
+        return ops.concat(
+            ([self.start_inputs(rows, layout.num_streams)] if first_step == 1 else [])
+            + [
+                model.embed(drawn),
+                ops.broadcast_to(end, (rows, 1, layout.num_streams, end.shape[-1])),
+                repeat_rows(ops, model.embed(future), P),
+            ],
+            axis=1,
+        )
 
+    def think(
+        self, ids: Array, base_kv: Cache, thoughts: Array | None, layout: ThoughtLayout, noise: NoiseFn | None
+    ) -> tuple[Array, Array, Array]:
+        """Thought steps 1..k+A+1 of every stream. Returns their hidden states (R, k+A+1, S, D), the policy's
+        log-probabilities (R, k, S) of the thought tokens and the thoughts (R, S, k), sampled with `noise` (None:
+        greedy) in the graph unless given."""
+        ops, model, k, A = self.ops, self.model, self.recipe.thought_tokens, self.recipe.lookahead
+        if thoughts is None:
+            rows = ids.shape[0] * self.recipe.thoughts_per_position
+            h_sampled, logprobs, thoughts, cache = self.sample_with_gradient(base_kv, rows, layout, noise)
+            x = self.inputs(ids, thoughts, layout, first_step=k + 1)
+            h_rest, _ = model.think(x, layout.steps(k + 1, A + 1), base_kv, cache)
+            return ops.concat([h_sampled, h_rest], axis=1), logprobs, thoughts
+        x = self.inputs(ids, thoughts, layout)
+        h_thought, _ = model.think(x, layout.steps(1, self.recipe.thought_steps), base_kv, None)
+        drawn = ops.transpose(thoughts, (0, 2, 1))
+        return h_thought, self.policy_logprobs(h_thought[:, :k], drawn), thoughts
 
-def talk(model: Model, recipe: Recipe, h_base: Array, h_thought: Array) -> tuple[Array, Array]:
-    """The mixing head: weight w (...) of the thought side and the mixed hidden state (..., D),
-    (1 - w) h_base + w h_thought. The LM head is linear, so this mixes the two predictions' logits too."""
-    w = losses.mix(model.ops, recipe, model.mixing(h_base, h_thought))
-    return w, h_base + w[..., None] * (h_thought - h_base)
+    def talk(self, h_base: Array, h_thought: Array) -> tuple[Array, Array]:
+        """The mixing head: weight w (...) of the thought side and the mixed hidden state (..., D),
+        (1 - w) h_base + w h_thought. The LM head is linear, so this mixes the two predictions' logits too."""
+        w = losses.mix(self.ops, self.recipe, self.model.mixing(h_base, h_thought))
+        return w, h_base + w[..., None] * (h_thought - h_base)
 
+    def lookahead_nll(self, ids: Array, h_base: Array, h_thought: Array, layout: ThoughtLayout) -> tuple[Array, Array]:
+        """All A lookahead predictions at once (one mixing-head call, one logits matmul): x_(p+j), j = 1..A, mixes the
+        base hidden state at p+j-1 with the thought's after step k+j. Returns the mixing weights and the NLLs of
+        x_(p+j), both (R, A, S); streams with p + j >= L get a pad target, to be sliced off."""
+        ops, A, P, length = self.ops, self.recipe.lookahead, self.recipe.thoughts_per_position, layout.seq_len
+        ahead = np.arange(1, A + 1)[:, None]
+        h_base_ahead = repeat_rows(ops, columns(ops, h_base, (layout.streams[None, :] + ahead - 1) % length), P)
+        w, h_talk = self.talk(h_base_ahead, h_thought[:, self.recipe.thought_tokens + 1 :])
+        targets = repeat_rows(ops, self.future_ids(ids, layout, A), P)
+        return w, losses.token_nll(ops, self.model.logits(h_talk), targets)
 
-def lookahead_nll(
-    model: Model, recipe: Recipe, ids: Array, h_base: Array, h_thought: Array, layout: ThoughtLayout, pad_id: int
-) -> tuple[Array, Array]:
-    """All A lookahead predictions at once (one mixing-head call, one logits matmul): x_(p+j), j = 1..A, mixes the base
-    hidden state at p+j-1 with the thought's after step k+j. Returns the mixing weights and the NLLs of x_(p+j), both
-    (R, A, S); streams with p + j >= L get a pad target, to be sliced off."""
-    ops, A, P, length = model.ops, recipe.lookahead, recipe.thoughts_per_position, layout.seq_len
-    ahead = np.arange(1, A + 1)[:, None]
-    h_base_ahead = repeat_rows(ops, columns(ops, h_base, (layout.streams[None, :] + ahead - 1) % length), P)
-    w, h_talk = talk(model, recipe, h_base_ahead, h_thought[:, recipe.thought_tokens + 1 :])
-    targets = repeat_rows(ops, future_ids(ops, ids, layout, A, pad_id), P)
-    return w, losses.token_nll(ops, model.logits(h_talk), targets)
+    def reward_and_advantage(
+        self, nll_base: Array, nll_talk: list[Array], layout: ThoughtLayout
+    ) -> tuple[Array, Array]:
+        """The reward of a thought is the NLL it saved over the A lookahead tokens (no gradient); its advantage
+        subtracts the mean reward of the P thoughts of the same sequence and position. Both (R, S_r), the rewarded
+        streams p < L - 1 - A. nll_base (R, L-1) per thought row, nll_talk per j (R, S_j)."""
+        ops, streams, A = self.ops, layout.streams, self.recipe.lookahead
+        rewarded = int(np.sum(streams < layout.seq_len - 1 - A))
+        gains = [
+            columns(ops, nll_base, streams[:rewarded] + j - 1) - nll_talk[j - 1][:, :rewarded] for j in range(1, A + 1)
+        ]
+        reward = ops.stop_gradient(sum(gains[1:], gains[0]))
+        r = self.recipe
+        return reward, losses.group_advantage(ops, reward, r.thoughts_per_position, r.clamp_negative_advantage)
 
+    def loss(
+        self,
+        ids: Array,
+        valid: Array | None,
+        layout: ThoughtLayout,
+        thoughts: Array | None = None,
+        noise: NoiseFn | None = None,
+        step_mode: str = "one-pass",
+    ) -> LossTerms:
+        """Loss terms for (B, L) ids, with thoughts (R, S, k) sampled with `noise` (None: greedy) or given. `valid`
+        (B, L), 1.0 for real tokens of a right-padded batch (None: no padding), keeps padded targets out of every
+        mean. `step_mode` (STEP_MODES) says how sampled thoughts are scored: the same numbers either way. Only device
+        arrays depend on the batch, so a backend can compile this once per shape."""
+        ops, model, A, P = self.ops, self.model, self.recipe.lookahead, self.recipe.thoughts_per_position
+        streams, padding = layout.streams, Padding(None if valid is None else repeat_rows(ops, valid, P))
+        # 1. The text, once.
+        h_base, base_kv = model.base(ids)
+        if thoughts is None and check_step_mode(step_mode) == "two-pass":  # sample first, then score them as given
+            detached = [(ops.stop_gradient(k), ops.stop_gradient(v)) for k, v in base_kv]
+            thoughts = self.sample_without_gradient(detached, ids.shape[0] * P, layout, noise)
+        nll_base = losses.token_nll(ops, model.logits(h_base[:, :-1]), ids[:, 1:])  # (B, L-1)
+        nll_base_rows = repeat_rows(ops, nll_base, P)  # (R, L-1)
+        # 2. Think (and read the teacher-forced lookahead tokens after <end>).
+        h_thought, logprobs, thoughts = self.think(ids, base_kv, thoughts, layout, noise)
+        # 3-4. Talk: mix, and score the A true next tokens.
+        w, nll_ahead = self.lookahead_nll(ids, h_base, h_thought, layout)
+        scored = [int(np.sum(streams + j < layout.seq_len)) for j in range(1, A + 1)]  # streams whose x_(p+j) exists
+        nll_talk = [nll_ahead[:, j - 1, : scored[j - 1]] for j in range(1, A + 1)]
+        talk = Lookahead(nll_talk, [padding.at(ops, streams[: scored[j - 1]] + j) for j in range(1, A + 1)])
+        # 5. Reward and advantage.
+        reward, advantage = self.reward_and_advantage(nll_base_rows, nll_talk, layout)
+        rewarded_valid = padding.at(ops, streams[: reward.shape[1]] + A)
+        # 6. Losses and metrics.
+        policy = losses.policy_loss(ops, advantage, logprobs[:, :, : reward.shape[1]], rewarded_valid)
+        base_valid = None if valid is None else valid[:, 1:] * valid[:, :-1]
+        lm = losses.lm_loss(self.recipe, losses.masked_mean(ops, nll_base, base_valid), talk.means(ops))
+        return LossTerms(
+            total=lm + self.recipe.policy_weight * policy,
+            lm=lm,
+            policy=policy,
+            nll_base=nll_base_rows,
+            nll_talk=nll_talk,
+            reward=reward,
+            advantage=advantage,
+            mixing_weight=[w[:, j] for j in range(A)],
+            thoughts=thoughts,
+            metrics=self.metrics(nll_base_rows, talk, w, advantage, rewarded_valid, streams),
+        )
 
-def reward_and_advantage(
-    ops: Ops, recipe: Recipe, nll_base: Array, nll_talk: list[Array], layout: ThoughtLayout
-) -> tuple[Array, Array]:
-    """The reward of a thought is the NLL it saved over the A lookahead tokens (no gradient); its advantage subtracts
-    the mean reward of the P thoughts of the same sequence and position. Both (R, S_r), the rewarded streams
-    p < L - 1 - A. nll_base (R, L-1) per thought row, nll_talk per j (R, S_j)."""
-    streams, A = layout.streams, recipe.lookahead
-    rewarded = int(np.sum(streams < layout.seq_len - 1 - A))
-    gains = [
-        columns(ops, nll_base, streams[:rewarded] + j - 1) - nll_talk[j - 1][:, :rewarded] for j in range(1, A + 1)
-    ]
-    reward = ops.stop_gradient(sum(gains[1:], gains[0]))
-    advantage = losses.group_advantage(ops, reward, recipe.thoughts_per_position, recipe.clamp_negative_advantage)
-    return reward, advantage
+    def metrics(
+        self,
+        nll_base_rows: Array,
+        talk: Lookahead,
+        w: Array,
+        advantage: Array,
+        rewarded_valid: Array | None,
+        streams: np.ndarray,
+    ) -> dict[str, Array]:
+        """The report's scalars (no gradient): the mean NLL of the lookahead tokens without (nll_base) and with
+        (nll_talk) the thought, the mean mixing weight, the share of positive advantages."""
+        ops = self.ops
+        scored = [(j, nll.shape[1], v) for j, (nll, v) in enumerate(zip(talk.nll, talk.valid, strict=True), 1)]
+        nll_base_means = [
+            losses.masked_mean(ops, ops.stop_gradient(columns(ops, nll_base_rows, streams[:n] + j - 1)), v)
+            for j, n, v in scored
+        ]
+        weight_means = [losses.masked_mean(ops, ops.stop_gradient(w[:, j - 1, :n]), v) for j, n, v in scored]
+        return {
+            "nll_base": mean_over(nll_base_means),
+            "nll_talk": ops.stop_gradient(mean_over(talk.means(ops))),
+            "mixing_weight": mean_over(weight_means),
+            "positive_advantage": losses.masked_mean(ops, ops.where(advantage > 0, 1.0, 0.0), rewarded_valid),
+        }
 
-
-def quietstar_loss(
-    model: Model,
-    recipe: Recipe,
-    ids: Array,
-    valid: Array | None,
-    thoughts: Array | None,
-    layout: ThoughtLayout,
-    banned: Array | None,
-    pad_id: int,
-    noise: NoiseFn | None = None,
-    step_mode: str = "one-pass",
-) -> LossTerms:
-    """Loss terms for (B, L) ids, with thoughts (R, S, k) sampled with `noise` (None: greedy) or given. `valid`
-    (B, L), 1.0 for real tokens of a right-padded batch (None: no padding), keeps padded targets out of every mean.
-    `step_mode` (STEP_MODES) says how sampled thoughts are scored: the same numbers either way. Only device arrays
-    depend on the batch, so a backend can compile this once per shape."""
-    ops, A, P = model.ops, recipe.lookahead, recipe.thoughts_per_position
-    streams = layout.streams
-    padding = Padding(None if valid is None else repeat_rows(ops, valid, P))
-
-    # 1. The text, once.
-    h_base, base_kv = model.base(ids)
-    if thoughts is None and check_step_mode(step_mode) == "two-pass":  # sample first, then score them as given
-        detached = [(ops.stop_gradient(k), ops.stop_gradient(v)) for k, v in base_kv]
-        thoughts = draw_thoughts(model, recipe, detached, ids.shape[0] * P, layout, banned, noise)
-    nll_base = losses.token_nll(ops, model.logits(h_base[:, :-1]), ids[:, 1:])  # (B, L-1)
-    nll_base_rows = repeat_rows(ops, nll_base, P)  # (R, L-1)
-    # 2. Think (and read the teacher-forced lookahead tokens after <end>).
-    h_thought, logprobs, thoughts = think(model, recipe, ids, base_kv, thoughts, layout, banned, pad_id, noise)
-    # 3-4. Talk: mix, and score the A true next tokens.
-    w, nll_ahead = lookahead_nll(model, recipe, ids, h_base, h_thought, layout, pad_id)
-    scored = [int(np.sum(streams + j < layout.seq_len)) for j in range(1, A + 1)]  # streams whose x_(p+j) exists
-    nll_talk = [nll_ahead[:, j - 1, : scored[j - 1]] for j in range(1, A + 1)]
-    talk_valid = [padding.at(ops, streams[: scored[j - 1]] + j) for j in range(1, A + 1)]
-    # 5. Reward and advantage.
-    reward, advantage = reward_and_advantage(ops, recipe, nll_base_rows, nll_talk, layout)
-    rewarded_valid = padding.at(ops, streams[: reward.shape[1]] + A)
-    # 6. Losses and metrics.
-    policy = losses.policy_loss(ops, advantage, logprobs[:, :, : reward.shape[1]], rewarded_valid)
-    nll_talk_means = [losses.masked_mean(ops, nll, v) for nll, v in zip(nll_talk, talk_valid, strict=True)]
-    base_valid = None if valid is None else valid[:, 1:] * valid[:, :-1]
-    lm = losses.lm_loss(recipe, losses.masked_mean(ops, nll_base, base_valid), nll_talk_means)
-    nll_base_means = [
-        losses.masked_mean(ops, ops.stop_gradient(columns(ops, nll_base_rows, streams[:n] + j - 1)), v)
-        for j, (n, v) in enumerate(zip(scored, talk_valid, strict=True), 1)
-    ]
-    weight_means = [
-        losses.masked_mean(ops, ops.stop_gradient(w[:, j - 1, :n]), v)
-        for j, (n, v) in enumerate(zip(scored, talk_valid, strict=True), 1)
-    ]
-    metrics = {
-        "nll_base": mean_over(nll_base_means),
-        "nll_talk": ops.stop_gradient(mean_over(nll_talk_means)),
-        "mixing_weight": mean_over(weight_means),
-        "positive_advantage": losses.masked_mean(ops, ops.where(advantage > 0, 1.0, 0.0), rewarded_valid),
-    }
-    return LossTerms(
-        total=lm + recipe.policy_weight * policy,
-        lm=lm,
-        policy=policy,
-        nll_base=nll_base_rows,
-        nll_talk=nll_talk,
-        reward=reward,
-        advantage=advantage,
-        mixing_weight=[w[:, j] for j in range(A)],
-        thoughts=thoughts,
-        metrics=metrics,
-    )
-
-
-def thoughtful_logits(
-    model: Model, recipe: Recipe, ids: Array, thoughts: Array, layout: ThoughtLayout, pad_id: int
-) -> tuple[Array, Array]:
-    """Next-token logits (B, S, V) at every stream without and after its thought (B, S, k): the predictions of
-    x_(p+1) that inference mixes (one thought per position)."""
-    ops, single = model.ops, replace(recipe, lookahead=1, thoughts_per_position=1)
-    h_base, base_kv = model.base(ids)
-    x = thought_inputs(model, single, ids, thoughts, layout, pad_id)
-    h_end = model.think(x, layout.steps(1, single.thought_steps), base_kv, None)[0][:, -1]
-    h_base_streams = columns(ops, h_base, layout.streams)
-    _, h_talk = talk(model, recipe, h_base_streams, h_end)
-    return model.logits(h_base_streams), model.logits(h_talk)
+    def next_token_logits(self, ids: Array, thoughts: Array, layout: ThoughtLayout) -> tuple[Array, Array]:
+        """Next-token logits (B, S, V) at every stream without and after its thought (B, S, k): the predictions of
+        x_(p+1) that inference mixes (one thought per position)."""
+        ops, model = self.ops, self.model
+        single = replace(self, recipe=replace(self.recipe, lookahead=1, thoughts_per_position=1))
+        h_base, base_kv = model.base(ids)
+        x = single.inputs(ids, thoughts, layout)
+        h_end = model.think(x, layout.steps(1, single.recipe.thought_steps), base_kv, None)[0][:, -1]
+        h_base_streams = columns(ops, h_base, layout.streams)
+        _, h_talk = self.talk(h_base_streams, h_end)
+        return model.logits(h_base_streams), model.logits(h_talk)

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from qstar.core.api import check_dtype
-from qstar.core.fields import check_fields
+from qstar.core.dtypes import check_dtype
+from qstar.core.fields import check_fields, setting
 from qstar.core.lora import FINE_TUNE_TYPES, LINEAR_KEYS, LoraConfig
 from qstar.core.recipe import Recipe, make_recipe
 from qstar.weights import DEFAULT_MODEL, default_preset
@@ -26,13 +26,13 @@ class TrainConfig:
     """JSONL/parquet field(s) holding the text; a comma-separated list joins several with newlines."""
     val_data: str | None = None
     """Held-out data (default: a disjoint part of --data)."""
-    out: str = "runs/qstar"
+    out: str = setting("runs/qstar", resumable=True)
     """Run directory: checkpoints/, metrics.jsonl, config.json and the `model` link to the newest checkpoint."""
     dtype: str = "float32"
     """Compute dtype; the optimizer keeps float32 master weights for bfloat16/float16."""
-    iters: int = 400
+    iters: int = setting(400, positive=True, resumable=True)
     """Optimizer steps."""
-    batch_size: int = 4
+    batch_size: int = setting(4, positive=True)
     """Sequences per micro-batch (each thinks thoughts_per_position times); per process under torchrun."""
     learning_rate: float = 1e-4
     """Peak learning rate (linear warmup, then linear decay to 0)."""
@@ -42,39 +42,41 @@ class TrainConfig:
     """AdamW weight decay of matrices (biases, norms and thought vectors get none)."""
     max_grad_norm: float = 1.0
     """Gradient clipping (0 = off)."""
-    max_bad_steps: int = 3
+    max_bad_steps: int = setting(3, positive=True, resumable=True)
     """Steps in a row whose loss or gradient norm is not finite (their updates are skipped) after which training
     stops with an error."""
-    grad_accumulation_steps: int = 1
+    grad_accumulation_steps: int = setting(1, positive=True)
     """Micro-batches per optimizer step."""
-    max_seq_length: int = 32
+    max_seq_length: int = setting(32, positive=True)
     """Tokens per sequence."""
-    steps_per_report: int = 10
+    steps_per_report: int = setting(10, positive=True, resumable=True)
     """Steps between training reports."""
-    steps_per_eval: int = 50
+    steps_per_eval: int = setting(50, positive=True, resumable=True)
     """Steps between validations (base vs thoughtful NLL on held-out data)."""
-    val_batches: int = 8
+    val_batches: int = setting(8, positive=True, resumable=True)
     """Held-out batches per validation."""
-    save_every: int = 100
+    save_every: int = setting(100, positive=True, resumable=True)
     """Steps between checkpoints (and one at the end)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = setting(2, positive=True, resumable=True)
     """Newest checkpoints kept."""
     seed: int = 0
     """Seed of the data order and the thought sampling."""
-    grad_checkpoint: bool = False
+    threads: int | None = setting(None, positive=True, resumable=True)
+    """CPU threads to compute on (default: the framework's own choice)."""
+    grad_checkpoint: bool = setting(False, resumable=True)
     """Recompute layer activations in backward instead of storing them (less memory, more time)."""
-    step_mode: str | None = None
+    step_mode: str | None = setting(None, resumable=True)
     """How a step scores the thoughts it samples: one-pass (sampling inside the differentiable graph) or two-pass
     (sample without gradient, then one differentiable pass); the same numbers. Default: the faster where it runs."""
-    attention: str = "split"
+    attention: str = setting("split", resumable=True)
     """torch: split (qstar's split attention) or flex (FlexAttention for the passes over all thought steps, CUDA)."""
-    compile: bool = False
+    compile: bool = setting(False, resumable=True)
     """torch: compile the layers' thought steps with torch.compile (inductor); the first step compiles for minutes,
     later ones run faster (docs/PERFORMANCE.md). mlx always compiles its whole step."""
     distributed: str = "auto"
     """torch under torchrun: fsdp (FSDP2: weights, gradients and optimizer state sharded per decoder layer) or ddp
     (every process holds the whole model); auto: fsdp for full fine-tuning, ddp for adapters. mlx: data parallel."""
-    reshard_after_forward: bool = True
+    reshard_after_forward: bool = setting(True, resumable=True)
     """fsdp: free each layer's gathered weights after each call (least memory; gathered again for every call and in
     backward) or keep them from its first call until its backward (one all-gather per layer and step; the whole
     model's weights in memory during a step, as ZeRO-2)."""
@@ -100,36 +102,24 @@ class TrainConfig:
     """Recipe preset (default, paper or toy; auto: toy for the shipped model, else default, resolved when the settings
     are read); recipe fields given as flags override it."""
     recipe_overrides: dict[str, Any] = field(default_factory=dict)
-    tensorboard: bool = False
+    tensorboard: bool = setting(False, resumable=True)
     """Also log to TensorBoard (needs tensorboard)."""
-    wandb: bool = False
+    wandb: bool = setting(False, resumable=True)
     """Also log to Weights & Biases (needs wandb)."""
 
     def __post_init__(self) -> None:
         check_fields(self)
         self.dtype = check_dtype(self.dtype)
-        positive = [
-            "iters",
-            "batch_size",
-            "grad_accumulation_steps",
-            "max_seq_length",
-            "steps_per_report",
-            "steps_per_eval",
-            "val_batches",
-            "save_every",
-            "keep_checkpoints",
-            "max_bad_steps",
-        ]
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("positive") and value is not None and value < 1:
+                raise ValueError(f"--{f.name.replace('_', '-')} must be >= 1, got {value}")
         if self.learning_rate <= 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("--learning-rate must be > 0 and --warmup-steps, --weight-decay, --max-grad-norm >= 0")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"--attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
         if self.distributed not in DISTRIBUTED:
             raise ValueError(f"--distributed must be one of {', '.join(DISTRIBUTED)}, got {self.distributed!r}")
-        self.check_distributed(self.backend)
         if self.fine_tune_type not in FINE_TUNE_TYPES:
             raise ValueError(
                 f"--fine-tune-type must be one of {', '.join(FINE_TUNE_TYPES)}, got {self.fine_tune_type!r}"
@@ -172,13 +162,6 @@ class TrainConfig:
             self.fine_tune_type, self.num_layers, self.lora_rank, self.lora_scale, self.lora_dropout, keys
         )
 
-    def check_distributed(self, backend: str) -> None:
-        """--distributed fsdp is refused on MLX (where the backend is resolved: here, or by the MLX session)."""
-        if self.distributed == "fsdp" and backend == "mlx":
-            raise ValueError(
-                "--distributed fsdp is PyTorch's FSDP2: MLX holds the whole model in each process; drop it"
-            )
-
     def sharded(self) -> bool:
         """Whether several torch processes shard the model (FSDP2) rather than replicate it (DDP)."""
         return self.distributed == "fsdp" or (self.distributed == "auto" and self.fine_tune_type == "full")
@@ -190,23 +173,7 @@ class TrainConfig:
 ATTENTIONS = ("split", "flex")
 DISTRIBUTED = ("auto", "ddp", "fsdp")
 
-RESUMABLE = (
-    "iters",
-    "steps_per_report",
-    "steps_per_eval",
-    "val_batches",
-    "save_every",
-    "keep_checkpoints",
-    "max_bad_steps",
-    "grad_checkpoint",
-    "compile",
-    "step_mode",
-    "attention",
-    "reshard_after_forward",
-    "tensorboard",
-    "wandb",
-    "out",
-)
+RESUMABLE = tuple(f.name for f in fields(TrainConfig) if f.metadata.get("resumable"))
 """The settings --resume may change: the length of the run (--iters extends it; the learning-rate schedule follows),
 reporting, saving and logging, and switches that leave the mathematics as it is. Every other one is the run's own."""
 
@@ -262,7 +229,7 @@ def resolve_config(settings: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in settings.items() if k in train_names}, recipe_overrides=overrides)
 
 
-def setting(cfg: TrainConfig, name: str) -> Any:
+def value_of(cfg: TrainConfig, name: str) -> Any:
     """The value of a training setting or (for recipe fields) of the recipe it resolves to."""
     return getattr(cfg, name) if name in {f.name for f in fields(TrainConfig)} else getattr(cfg.make_recipe(), name)
 
@@ -273,7 +240,7 @@ def resume_config(saved: dict[str, Any], settings: dict[str, Any], out: Path) ->
     run = TrainConfig(**saved)
     wanted = resolve_config(merge_settings(saved, settings))
     for name in settings:
-        before, after = setting(run, name), setting(wanted, name)
+        before, after = value_of(run, name), value_of(wanted, name)
         if name in RESUMABLE or before == after:
             continue
         flag = "--" + name.replace("_", "-")

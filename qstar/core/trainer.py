@@ -1,7 +1,8 @@
-"""The training loop, written once: data, schedule, reports, validation, atomic checkpoints, resume.
+"""The training loop, written once: data, schedule, validation, atomic checkpoints, resume, and a checkpoint kept
+when the run is interrupted (Ctrl-C, or a scheduler's SIGTERM).
 
-A backend supplies a `Session` (its model, optimizer and random state, qstar/core/session.py); everything else lives
-here.
+A backend supplies a `Session` (its model, optimizer and random state, qstar/core/session.py); what the run shows and
+logs is qstar/core/training_log.py; everything else lives here.
 """
 
 from __future__ import annotations
@@ -10,24 +11,26 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-import numpy as np
-
 from qstar.core import lora
-from qstar.core.api import QStarModel
-from qstar.core.backend import Backend, load
-from qstar.core.data import BlockStream, TokenCache, hard_characters, is_hub_spec, open_documents
+from qstar.core.backend import Backend
+from qstar.core.data import Batch, BlockStream, TokenCache, hard_characters, is_hub_spec, is_synthetic, open_documents
 from qstar.core.distributed import World
 from qstar.core.files import DiskFull, write_atomic
-from qstar.core.rundir import CONFIG_FILE, STATE_FILE, RunDirectory, checkpoints
-from qstar.core.session import Batch, Session, mean_metrics
+from qstar.core.loading import load
+from qstar.core.model import QStarModel
+from qstar.core.rundir import CONFIG_FILE, STATE_FILE, RunDirectory, checkpoints, resume_command
+from qstar.core.session import Session, evaluate, mean_metrics
 from qstar.core.train_config import TrainConfig
+from qstar.core.training_log import TrainingLog, run_header
 
 COLLAPSE_STEPS = 5
 """Steps in a row with a gradient norm of exactly 0 after which the run is reported as collapsed."""
@@ -95,46 +98,6 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.learning_rate * max(0.0, 1 - (step - cfg.warmup_steps) / remaining)
 
 
-class MetricLog:
-    """metrics.jsonl in the run directory, plus TensorBoard / Weights & Biases when asked for."""
-
-    def __init__(self, out: Path, cfg: TrainConfig) -> None:
-        self.file = open(out / "metrics.jsonl", "a")
-        self.tb = self.wandb = None
-        if cfg.tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                raise RuntimeError("--tensorboard needs tensorboardX: pip install 'qstar[tensorboard]'") from None
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        if cfg.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise RuntimeError("--wandb needs Weights & Biases: pip install wandb") from None
-            self.wandb = wandb.init(project="qstar", config=cfg.to_dict(), dir=str(out))
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        step = record["step"]
-        for key, value in record.items():
-            if isinstance(value, float | int) and key != "step":
-                if self.tb is not None:
-                    self.tb.add_scalar(f"{record['split']}/{key}", value, step)
-        if self.wandb is not None:
-            self.wandb.log(
-                {f"{record['split']}/{k}": v for k, v in record.items() if k not in ("step", "split")}, step=step
-            )
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
 def save_checkpoint(session: Session, out: Path, step: int, state: dict[str, Any], cfg: TrainConfig) -> Path:
     """Write checkpoints/step-N atomically (weights + training state), then keep the newest `keep_checkpoints`. Weights
     that are not finite are never written: the last good checkpoint stays the newest."""
@@ -146,9 +109,8 @@ def save_checkpoint(session: Session, out: Path, step: int, state: dict[str, Any
         session.write_state(tmp)
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state, "config": cfg.to_dict()}))
 
-    model = session.model
     try:
-        (model.save if model.adapter is None else model.save_adapter)(target, overwrite=True, extra=extra)
+        session.model.save_any(target, overwrite=True, extra=extra)
     except DiskFull as err:
         last = checkpoints(out)
         resume = f"; --resume continues from the last complete checkpoint, {last[-1].name}" if last else ""
@@ -210,22 +172,50 @@ def make_streams(
     return train, [world.share(Batch(*next(val))) for _ in range(cfg.val_batches)]
 
 
-def run(
+class Interrupted(KeyboardInterrupt):
+    """The run stopped on SIGINT or SIGTERM; the message says what was kept and how to continue."""
+
+
+class StopRequests:
+    """SIGINT and SIGTERM (Ctrl-C, a scheduler about to preempt) ask the run to stop after the step under way and keep a
+    checkpoint; a second Ctrl-C stops at once. Installed while the loop runs (main thread only)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say, self.asked = say, ""
+        self.previous: dict[int, Any] = {}
+
+    def handle(self, number: int, frame: FrameType | None) -> None:
+        if self.asked and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.asked = signal.Signals(number).name
+        self.say(f"{self.asked}: stopping after this step and keeping a checkpoint (Ctrl-C again stops at once)")
+
+    def __enter__(self) -> StopRequests:
+        try:
+            self.previous = {n: signal.signal(n, self.handle) for n in self.SIGNALS}
+        except ValueError:  # not the main thread: signals stay as they are
+            self.previous = {}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+def train(
     cfg: TrainConfig, backend: Backend, resume: bool = False, overwrite: bool = False, show_progress: bool = True
 ) -> Path:
     """Train on `backend` (cfg.backend names it); returns the run directory (its `model` link points at the newest
     checkpoint)."""
-    from rich.console import Console
-
-    console = Console(stderr=True)
+    backend.check_settings(cfg)
     world = backend.join()
-
-    def say(message: str) -> None:
-        if world.main:
-            console.print(message, highlight=False, soft_wrap=True)
-
+    if cfg.threads is not None:
+        backend.set_threads(cfg.threads)
+    log = TrainingLog(cfg, world, show_progress)
     out = Path(cfg.out)
-    with RunDirectory(out, say) if world.main else nullcontext() as run_dir:  # rank 0 owns the directory
+    with RunDirectory(out, log.say) if world.main else nullcontext() as run_dir:  # rank 0 owns the directory
         chosen = run_dir.prepare(resume, overwrite) if run_dir is not None else None
         found = world.gather(None if chosen is None else str(chosen))[0]  # every rank resumes from rank 0's choice
         latest = None if found is None else Path(found)
@@ -234,20 +224,15 @@ def run(
             raise ValueError(f"{cfg.model} has no tokenizer files: qstar train needs them to tokenize --data")
         train_stream, val_batches = make_streams(cfg, model.tokenizer, model.recipe.min_seq_len(), world)
         session: Session = backend.Session(model, cfg, world)
-        say(run_header(cfg, model, latest))
-        if world.size > 1:
-            say(f"  data parallel: {world.size} processes x {cfg.batch_size} sequences each; {session.parallel}")
-        start, guard, window = 0, Guard(cfg.max_bad_steps), []
+        log.say(run_header(cfg, model, latest, session.parallel, world))
+        loop = Loop(cfg, session, train_stream, val_batches, out, log)
         if latest is not None:
-            state = json.loads((latest / STATE_FILE).read_text())
-            session.read_state(latest)
-            train_stream.restore(state["data"])
-            start, window = state["step"], state.get("window", [])
-            guard = Guard(cfg.max_bad_steps, **state.get("guard", {}))
+            loop.restore(latest)
         if run_dir is not None:
             write_atomic(out / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2))
             run_dir.started()
-        train_loop(cfg, session, train_stream, val_batches, out, start, guard, window, say, show_progress, world)
+        with log.open(out, loop.start), StopRequests(log.say) as stops:
+            loop.run(stops)
     return out
 
 
@@ -260,7 +245,7 @@ def load_for_training(cfg: TrainConfig, backend: Backend, latest: Path | None) -
         source, adapter_path = cfg.model, str(latest)
     else:
         source, adapter_path = str(latest or cfg.model), cfg.adapter_path
-    model = load(backend, source, cfg.dtype, cfg.make_recipe(), step_mode=cfg.step_mode, adapter_path=adapter_path)
+    model = load(source, backend, cfg.dtype, cfg.make_recipe(), step_mode=cfg.step_mode, adapter_path=adapter_path)
     if model.adapter is not None and adapters is None:
         raise ValueError(
             f"--model {source} is an adapter: pass --fine-tune-type {model.adapter.fine_tune_type} to train it on, or "
@@ -282,152 +267,113 @@ def load_for_training(cfg: TrainConfig, backend: Backend, latest: Path | None) -
                 f"with {', '.join(tops)} (e.g. --train-only mixing_head)"
             )
         kept = lora.trainable if model.adapter is not None else (lambda name: True)  # within an adapter run's set
-        model._freeze(lambda name: name.startswith(prefixes) and kept(name))
+        model.freeze(lambda name: name.startswith(prefixes) and kept(name))
     return model
 
 
-def run_header(cfg: TrainConfig, model: QStarModel, resumed: Path | None) -> str:
-    """What the run is, before it starts: model, where it computes, recipe, data, length, where it writes."""
-    r = model.recipe
-    return "\n".join(
-        [
-            f"qstar train: {cfg.model} ({model.config.model_type}) on {cfg.backend}, {model.ops.device_name()}, "
-            f"{cfg.dtype}, {model.step_mode} steps",
-            f"  recipe {cfg.recipe_name()}: {r.thought_tokens} thought tokens, lookahead {r.lookahead}, "
-            f"{r.thoughts_per_position} thoughts per position, policy weight {r.policy_weight:g}"
-            + (
-                f" (changed: {', '.join(f'{k}={v}' for k, v in cfg.recipe_overrides.items())})"
-                if cfg.recipe_overrides
-                else ""
-            ),
-            *([f"  {adapter_line(model)}"] if model.adapter else []),
-            f"  data {cfg.data}: {cfg.iters} steps of {cfg.batch_size} x {cfg.max_seq_length} tokens"
-            + (f" x {cfg.grad_accumulation_steps} accumulated" if cfg.grad_accumulation_steps > 1 else "")
-            + f", learning rate {cfg.learning_rate:g}",
-            *([f"  training only {cfg.train_only} (every other weight frozen)"] if cfg.train_only else []),
-            f"  writing to {cfg.out}" + (f" (resuming {resumed.name})" if resumed else ""),
-        ]
-    )
+class Loop:
+    """Steps start+1..iters: a report every steps_per_report, validation every steps_per_eval, a checkpoint every
+    save_every (and at the end, or when asked to stop). Every rank steps; rank 0 alone logs and writes checkpoints."""
 
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        session: Session,
+        stream: BlockStream,
+        val_batches: list[Batch],
+        out: Path,
+        log: TrainingLog,
+    ) -> None:
+        self.cfg, self.session, self.stream, self.val_batches, self.out, self.log = (
+            cfg,
+            session,
+            stream,
+            val_batches,
+            out,
+            log,
+        )
+        self.world: World = session.world
+        self.start, self.guard = 0, Guard(cfg.max_bad_steps)
+        self.validation: dict[str, float] = {}
+        self.window: list[dict[str, float]] = []
+        """The steps since the last report (restored on resume)."""
+        self.tokens_per_step = self.world.size * cfg.batch_size * cfg.grad_accumulation_steps * cfg.max_seq_length
 
-def adapter_line(model: QStarModel) -> str:
-    """What an adapter run trains, and how much of the model that is."""
-    a = model.adapter
-    assert a is not None
-    params = model.parameters()
-    trained = sum(int(np.prod(v.shape)) for k, v in params.items() if lora.trainable(k))
-    total = sum(int(np.prod(v.shape)) for v in params.values())
-    layers = "all" if a.num_layers < 0 else f"the last {min(a.num_layers, model.config.num_layers)}"
-    return (
-        f"{a.fine_tune_type} rank {a.rank} scale {a.scale:g} on {len(a.keys)} Linear layers of {layers} decoder "
-        "layers, "
-        f"with the thought vectors and mixing head: {trained:,} of {total:,} parameters train ({trained / total:.2%})"
-    )
+    def restore(self, checkpoint: Path) -> None:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        self.session.read_state(checkpoint)
+        self.stream.restore(state["data"])
+        self.start, self.window = state["step"], state.get("window", [])
+        self.guard = Guard(self.cfg.max_bad_steps, **state.get("guard", {}))
 
+    def run(self, stops: StopRequests) -> None:
+        tic, timed = time.perf_counter(), 0
+        for step in range(self.start, self.cfg.iters):
+            done = step + 1
+            lr = learning_rate(self.cfg, step)
+            batches = [self.world.share(Batch(*next(self.stream))) for _ in range(self.cfg.grad_accumulation_steps)]
+            self.window.append(self.session.step(batches, lr))
+            self.log.stepped(self.window[-1])
+            timed += 1
+            failed = self.guard.check(done, self.window[-1], lr, self.out, self.log.say)
+            if failed or done % self.cfg.steps_per_report == 0 or done == self.cfg.iters:
+                self.report(done, lr, timed / (time.perf_counter() - tic))
+                tic, timed = time.perf_counter(), 0
+            if failed:
+                raise failed
+            if done % self.cfg.steps_per_eval == 0 or done == self.cfg.iters:
+                self.validation = evaluate(self.session, self.val_batches, self.cfg.seed + 1)
+                self.log.record({"split": "val", "step": done, **self.validation})
+            stop = self.stop_asked(stops)
+            if done % self.cfg.save_every == 0 or done == self.cfg.iters or stop:
+                self.save(done)
+            if stop:
+                raise Interrupted(self.interrupted(done, stops.asked))
+        if self.guard.skipped:
+            self.log.say(
+                f"{self.guard.skipped} of the steps had a non-finite loss or gradient norm; their updates were skipped"
+            )
+        self.log.say(f"trained {self.cfg.iters - self.start} steps in {self.log.elapsed()}")
+        self.log.say(self.summary())
 
-def train_loop(
-    cfg: TrainConfig,
-    session: Session,
-    train_stream: BlockStream,
-    val_batches: list[Batch],
-    out: Path,
-    start: int,
-    guard: Guard,
-    window: list[dict[str, float]],
-    say: Callable[[str], None],
-    show_progress: bool,
-    world: World,
-) -> None:
-    """Steps start+1..iters: reports every steps_per_report, validation every steps_per_eval, a checkpoint every
-    save_every (and at the end). `window` holds the steps since the last report (restored on resume). Every rank
-    steps; rank 0 alone reports, logs and writes the checkpoints."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    def summary(self) -> str:
+        """What the run achieved on held-out data: the final validation's next-token NLL (and the hard tokens'), and
+        on the synthetic corpus the measurement of the README's table (qstar/core/toy_effect.py)."""
+        v = self.validation
+        parts = [f"summary: held-out next-token NLL {v['nll_base_next']:.4f} -> {v['nll_talk_next']:.4f} with thoughts"]
+        if "nll_base_hard" in v:
+            parts.append(f"hard tokens {v['nll_base_hard']:.4f} -> {v['nll_talk_hard']:.4f}")
+        parts.append(f"mixing weight {v['mixing_weight']:.3f}")
+        line = ", ".join(parts)
+        if is_synthetic(self.cfg.data) and self.world.size == 1:
+            from qstar.core import toy_effect
 
-    log = MetricLog(out, cfg) if world.main else None
-    columns = [
-        TextColumn("[bold]train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-    ]
-    tokens_per_step = world.size * cfg.batch_size * cfg.grad_accumulation_steps * cfg.max_seq_length
-    try:
-        with Progress(*columns, console=Console(stderr=True), disable=not (show_progress and world.main)) as progress:
+            line += "\n  " + toy_effect.summary_line(toy_effect.measure(self.session.model))
+        return line
 
-            def show(line: str) -> None:
-                if world.main:
-                    progress.console.print(line)
+    def stop_asked(self, stops: StopRequests) -> bool:
+        """Whether any rank was asked to stop (every rank stops after the same step)."""
+        asked = bool(stops.asked)
+        return any(self.world.gather(asked)) if self.world.size > 1 else asked
 
-            task = progress.add_task("", total=cfg.iters, completed=start)
-            tic, timed = time.perf_counter(), 0
-            for step in range(start, cfg.iters):
-                batches = [world.share(Batch(*next(train_stream))) for _ in range(cfg.grad_accumulation_steps)]
-                lr = learning_rate(cfg, step)
-                window.append(session.step(batches, lr))
-                done, timed = step + 1, timed + 1
-                progress.update(task, advance=1, description=f"loss {window[-1]['loss']:.4g}")
-                stop = guard.check(done, window[-1], lr, out, show)
-                if stop or done % cfg.steps_per_report == 0 or done == cfg.iters:
-                    record = {
-                        "split": "train",
-                        "step": done,
-                        "lr": lr,
-                        **mean_metrics(window),
-                        "tokens_per_s": tokens_per_step * timed / (time.perf_counter() - tic),
-                        "peak_memory_gb": session.peak_memory(),
-                    }
-                    if log is not None:
-                        log.write(record)
-                    show(format_record(record))
-                    window, tic, timed = [], time.perf_counter(), 0
-                if stop:
-                    raise stop
-                if done % cfg.steps_per_eval == 0 or done == cfg.iters:
-                    record = {"split": "val", "step": done, **session.evaluate(val_batches, cfg.seed + 1)}
-                    if log is not None:
-                        log.write(record)
-                    show(format_record(record))
-                if (done % cfg.save_every == 0 or done == cfg.iters) and guard.bad:
-                    show(f"step {done}: no checkpoint after a skipped step")
-                elif done % cfg.save_every == 0 or done == cfg.iters:
-                    state = {"data": train_stream.state(), "window": window, "guard": guard.state()}
-                    with session.gathered():
-                        if world.main:
-                            save_checkpoint(session, out, done, state, cfg)
-                    world.barrier()  # no rank runs ahead of a checkpoint it may have to resume from
-    finally:
-        if log is not None:
-            log.close()
-    if guard.skipped:
-        say(f"{guard.skipped} of the steps had a non-finite loss or gradient norm; their updates were skipped")
+    def report(self, done: int, lr: float, steps_per_s: float) -> None:
+        record = {"split": "train", "step": done, "lr": lr, **mean_metrics(self.window)}
+        record |= {"tokens_per_s": self.tokens_per_step * steps_per_s, "peak_memory_gb": self.session.peak_memory()}
+        self.log.record(record)
+        self.window = []
 
+    def save(self, done: int) -> None:
+        if self.guard.bad:
+            self.log.say(f"step {done}: no checkpoint after a skipped step")
+            return
+        state = {"data": self.stream.state(), "window": self.window, "guard": self.guard.state()}
+        with self.session.gathered():
+            if self.world.main:
+                save_checkpoint(self.session, self.out, done, state, self.cfg)
+        self.world.barrier()  # no rank runs ahead of a checkpoint it may have to resume from
 
-def format_record(record: dict[str, Any]) -> str:
-    keys = [
-        "loss",
-        "lm",
-        "policy",
-        "nll_base",
-        "nll_talk",
-        "nll_base_hard",
-        "nll_talk_hard",
-        "mixing_weight",
-        "positive_advantage",
-        "grad_norm",
-        "skipped",
-        "tokens_per_s",
-        "peak_memory_gb",
-    ]
-    parts = [f"{k}={record[k]:.4g}" for k in keys if k in record and (k != "skipped" or record[k])]
-    return f"{record['split']:>5} step {record['step']}: " + " ".join(parts)
+    def interrupted(self, done: int, signal_name: str) -> str:
+        kept = checkpoints(self.out)
+        if not kept:
+            return f"{signal_name} at step {done}: no checkpoint could be kept; start over with --overwrite"
+        return f"{signal_name} at step {done}: kept {kept[-1]}; continue with: {resume_command(self.cfg.out)}"

@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from qstar.core.ops import peak_rss_gb
+from qstar.core.ops import peak_rss_gb, reset_peak_rss, rss_gb
 
 HALF = (mx.float16, mx.bfloat16)
 
@@ -122,6 +122,9 @@ class MLXOps:
     def sigmoid(self, x: mx.array) -> mx.array:
         return sigmoid(x)
 
+    def silu(self, x: mx.array) -> mx.array:
+        return x * sigmoid(x)
+
     def maximum(self, x: mx.array, y: float) -> mx.array:
         return mx.maximum(x, y)
 
@@ -171,7 +174,16 @@ class MLXOps:
         return str(mx.default_device())
 
     def peak_memory_gb(self) -> float:
-        return mx.get_peak_memory() / 1e9 if mx.default_device().type == mx.gpu else peak_rss_gb()
+        return mx.get_peak_memory() / 1e9 if self.on_accelerator() else peak_rss_gb()
+
+    def memory_gb(self) -> float:
+        return mx.get_active_memory() / 1e9 if self.on_accelerator() else rss_gb()
+
+    def reset_peak_memory(self) -> None:
+        mx.reset_peak_memory() if self.on_accelerator() else reset_peak_rss()
+
+    def synchronize(self) -> None:
+        mx.synchronize()
 
     def gumbel(self, shape: Sequence[int], like: mx.array) -> mx.array:
         # mx.random draws no float64: draw in float32 (ample for sampling noise) and cast.

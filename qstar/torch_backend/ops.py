@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qstar.core.ops import peak_rss_gb
+from qstar.core.ops import peak_rss_gb, reset_peak_rss, rss_gb
 
 HALF = (torch.float16, torch.bfloat16)
 MAX_CONSTANTS = 256
@@ -84,6 +84,9 @@ class TorchOps:
     def sigmoid(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(x)
 
+    def silu(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.silu(x)
+
     def all_sum(self, x: torch.Tensor) -> torch.Tensor:
         if self.ranks == 1:
             return x
@@ -137,10 +140,22 @@ class TorchOps:
         return self.device.type != "cpu"
 
     def device_name(self) -> str:
-        return f"{self.device} ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else "cpu"
+        if self.device.type == "cuda":
+            return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
+        return f"cpu ({torch.get_num_threads()} threads)"
 
     def peak_memory_gb(self) -> float:
-        return torch.cuda.max_memory_allocated() / 1e9 if self.device.type == "cuda" else peak_rss_gb()
+        return torch.cuda.max_memory_allocated(self.device) / 1e9 if self.device.type == "cuda" else peak_rss_gb()
+
+    def memory_gb(self) -> float:
+        return torch.cuda.memory_allocated(self.device) / 1e9 if self.device.type == "cuda" else rss_gb()
+
+    def reset_peak_memory(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device) if self.device.type == "cuda" else reset_peak_rss()
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def gumbel(self, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
         u = torch.rand(tuple(shape), device=self.device, dtype=like.dtype)  # torch's default generator

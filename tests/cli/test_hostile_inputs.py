@@ -159,14 +159,16 @@ def test_the_files_of_a_run_killed_before_its_first_checkpoint_are_not_mixed_in(
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text(json.dumps({"split": "train", "step": 1, "loss": 9.0}) + "\n")
-    fails(train_args(llama_checkpoint, out, "--iters", "2"), "earlier run's files (metrics.jsonl)", "--overwrite")
-    fails(["train", "--resume", "--out", out], "has no checkpoint to resume from")
+    # both commands name the one action that works: --overwrite
+    new = fails(train_args(llama_checkpoint, out, "--iters", "2"), "earlier run's files (metrics.jsonl)", "--overwrite")
+    resumed = fails(["train", "--resume", "--out", out], "no complete checkpoint", "start over with --overwrite")
+    assert "--resume to continue" not in new and "without --resume" not in resumed
     succeeds(train_args(llama_checkpoint, out, "--iters", "2", "--overwrite"))
     assert train_records(out)[1]["loss"] != 9.0
 
 
 def test_resume_without_a_run_is_refused_and_creates_nothing(tmp_path):
-    fails(["train", "--resume", "--out", tmp_path / "nothing"], "has no checkpoint to resume from")
+    fails(["train", "--resume", "--out", tmp_path / "nothing"], "holds no run: start one without --resume")
     assert not (tmp_path / "nothing").exists()
 
 
@@ -308,12 +310,12 @@ def test_inspect_into_a_read_only_place(llama_checkpoint, tmp_path, monkeypatch)
 
 def test_disk_full_during_convert(llama_checkpoint, tmp_path, monkeypatch):
     """Simulated where safetensors writes, with the error safetensors raises on a full disk."""
-    from qstar.torch_backend import api
+    from qstar.torch_backend import qstar_model
 
     def full(*args: object, **kwargs: object) -> None:
         raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(api, "save_file", full)
+    monkeypatch.setattr(qstar_model, "save_file", full)
     fails(["convert", llama_checkpoint, tmp_path / "dst", "--backend", "torch"], "no space left on device", "dst")
     assert os.listdir(tmp_path) == []  # neither the destination nor a temporary directory
 

@@ -12,7 +12,7 @@ import qstar.core
 
 CORE = Path(qstar.core.__file__).parent
 FRAMEWORKS = ("torch", "mlx", "mlx_lm")
-PACKAGES = ("qstar.torch_backend", "qstar.mlx_backend", "qstar.backends")
+PACKAGES = ("qstar.torch_backend", "qstar.mlx_backend")
 
 
 def core_modules() -> list[str]:

@@ -10,39 +10,31 @@ import pytest
 from helpers import ROOT
 
 import qstar
-from qstar.bench import BenchConfig, random_checkpoint, shape_config
-from qstar.core.memory import (
-    MODELS,
-    Step,
-    estimate,
-    extra_parameters,
-    fitting,
-    layer_parameters,
-    lora_parameters,
-    outer_parameters,
-)
+from qstar.core.bench import random_checkpoint
+from qstar.core.lora import LoraConfig
+from qstar.core.memory import MODELS, Step, counts, estimate, fitting, lora_parameters
+from qstar.core.model_config import parse_config, shape_config
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import memory_table  # noqa: E402
 import tables  # noqa: E402
 
+SHAPES = [
+    shape_config("small", num_hidden_layers=2),
+    shape_config("small", model_type="qwen2", tie_word_embeddings=True, num_hidden_layers=2),
+    shape_config("small", model_type="qwen3", head_dim=32, num_hidden_layers=2),
+]
 
-@pytest.mark.parametrize("shape", [dict(), dict(arch="qwen2", tie_embeddings=True)])
-def test_parameter_counts_are_the_models(tmp_path, shape):
-    cfg = BenchConfig(**shape)  # type: ignore[arg-type]
-    model = qstar.load(str(random_checkpoint(cfg, tmp_path)), backend="torch")
-    c = shape_config(cfg)
-    counted = sum(p.numel() for p in model.parameters().values())
-    assert counted == c.num_layers * layer_parameters(c) + outer_parameters(c)
-    model.add_adapters(memory_table_lora(c.num_layers))
+
+@pytest.mark.parametrize("fields", SHAPES, ids=["llama", "qwen2", "qwen3"])
+def test_parameter_counts_are_the_models(tmp_path, fields):
+    model = qstar.load(str(random_checkpoint(fields, tmp_path)), backend="torch")
+    c, n = parse_config(fields), counts(parse_config(fields))
+    assert sum(p.numel() for p in model.parameters().values()) == n.total
+    adapters = LoraConfig(num_layers=-1)  # the estimate's default adapters (rank 8, seven keys) on every layer
+    model.add_adapters(adapters)
     trained = sum(p.numel() for p in model.parameters().values() if p.requires_grad)
-    assert trained == lora_parameters(c, Step(lora_layers=-1)) + extra_parameters(c)
-
-
-def memory_table_lora(layers: int):  # the estimate's default adapters (rank 8, seven keys) on every layer
-    from qstar.core.lora import LINEAR_KEYS, LoraConfig
-
-    return LoraConfig("lora", layers, 8, 20.0, 0.0, list(LINEAR_KEYS))
+    assert trained == lora_parameters(c, adapters) + n.extras
 
 
 def test_sharding_adapters_and_quantization_shrink_what_they_should():

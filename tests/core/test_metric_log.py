@@ -28,7 +28,7 @@ def read_events(directory: Path) -> dict[tuple[str, int], float]:
 def test_tensorboard_events_without_torch(tmp_path):
     code = (
         "import sys; sys.modules['torch'] = None; from pathlib import Path; "
-        "from qstar.core.trainer import MetricLog; from qstar.core.train_config import TrainConfig; "
+        "from qstar.core.training_log import MetricLog; from qstar.core.train_config import TrainConfig; "
         "log = MetricLog(Path(sys.argv[1]), TrainConfig(tensorboard=True)); "
         "log.write({'split': 'train', 'step': 3, 'loss': 1.5, 'lr': 0.25}); "
         "log.write({'split': 'val', 'step': 3, 'nll_talk': 2.0}); log.close()"

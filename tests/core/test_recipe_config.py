@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from qstar.core.hf_config import inverse_frequencies, parse_config
+from qstar.core.model_config import inverse_frequencies, parse_config
 from qstar.core.recipe import PRESETS, Recipe, make_recipe
 
 

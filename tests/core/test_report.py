@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qstar.core.report import hard_line, render_html, summarize_tokens, summary_line
+from qstar.core.inspect_report import hard_line, render_html, summarize_tokens, summary_line
 
 CHROMIUM = Path("/usr/bin/chromium")
 TOKENS = ["The", " cat", " <script>document.title='pwned'</script>", "\n", "  sat", " &", " on", " mat"]

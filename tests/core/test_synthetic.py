@@ -110,11 +110,11 @@ def test_hard_tokens_are_the_answers_the_metric_scores(tmp_path):
 
 def test_held_out_batches_mark_exactly_the_answers_and_the_metric_scores_them(tmp_path):
     """Packed validation batches (trainer.make_streams) flag the answer digit of every document, nothing else; the
-    hard-token NLL (session.hard_token_sums) reads the prediction of each flagged token from the position before it."""
+    hard-token NLL (session.token_sums) reads the prediction of each flagged token from the position before it."""
     import numpy as np
     from transformers import AutoTokenizer
 
-    from qstar.core.session import evaluation_metrics, hard_token_sums
+    from qstar.core.session import evaluation_metrics, token_sums
     from qstar.core.train_config import TrainConfig
     from qstar.core.trainer import make_streams
 
@@ -134,7 +134,7 @@ def test_held_out_batches_mark_exactly_the_answers_and_the_metric_scores_them(tm
     rows, length = hard.shape
     nll_base = np.tile(np.arange(length - 1, dtype=float), (2 * rows, 1))  # 2 thoughts per row: rows repeat
     nll_talk = 100 + nll_base[:, : length - 2]  # stream p predicts token p + 1; the last stream scores nothing
-    sums = hard_token_sums(nll_base, nll_talk, np.arange(length - 1), hard)
+    sums = token_sums("hard", nll_base, nll_talk, np.arange(length - 1), hard)
     scored = hard[:, 1 : length - 1]
     positions = np.nonzero(scored)[1]  # the stream (position before the token)
     assert sums["hard_tokens"] == 2 * scored.sum()

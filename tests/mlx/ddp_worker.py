@@ -13,11 +13,11 @@ import mlx.core as mx
 import numpy as np
 
 import qstar
-from qstar.core.session import Batch
+from qstar.core.data import Batch
 from qstar.core.train_config import TrainConfig
 from qstar.mlx_backend import join
 from qstar.mlx_backend.ops import flat
-from qstar.mlx_backend.train import Session
+from qstar.mlx_backend.session import Session
 
 checkpoint, inputs, out = sys.argv[1:4]
 world = join()

@@ -24,10 +24,11 @@ from helpers import (
 from mlx.utils import tree_flatten
 
 import qstar
+from qstar.core.data import Batch
+from qstar.core.session import evaluate
 from qstar.core.train_config import TrainConfig
-from qstar.core.trainer import Batch
-from qstar.mlx_backend.train import Session as MLXSession
-from qstar.mlx_backend.train import random_key, set_random_key
+from qstar.mlx_backend.session import Session as MLXSession
+from qstar.mlx_backend.session import random_key, set_random_key
 
 RECIPE = dict(thought_tokens=2, lookahead=2, policy_weight=1.0)
 
@@ -93,9 +94,9 @@ def test_step_compiles_once_and_evaluation_leaves_the_training_random_state(llam
         s.step(batches(10 * i, 2, padded=i == 2), 1e-3)
     val = batches(100, 2)
     key = random_key()
-    first = s.evaluate(val, seed=5)
+    first = evaluate(s, val, seed=5)
     assert (random_key() == key).all()
-    assert s.evaluate(val, seed=5) == first != s.evaluate(val, seed=6)
+    assert evaluate(s, val, seed=5) == first != evaluate(s, val, seed=6)
     assert dict(s.traces) == {"accumulate": 1, "step": 1, "evaluate": 1}
 
     # Evaluating between steps changes nothing in training. (Sessions share MLX's one global random key and each
@@ -104,7 +105,7 @@ def test_step_compiles_once_and_evaluation_leaves_the_training_random_state(llam
     want = [plain.step(batches(10 * i, 1), 1e-3) for i in range(3)]
     checked = session(llama_checkpoint)
     for i in range(3):
-        checked.evaluate(val, seed=i)
+        evaluate(checked, val, seed=i)
         assert checked.step(batches(10 * i, 1), 1e-3) == want[i]
 
 
@@ -117,7 +118,7 @@ def test_one_step_matches_torch(mixing_checkpoint, thoughts):
     (measured <= 1.4e-6 relative). The first AdamW step is lr * g / (|g| + eps), nearly lr * sign(g): entries with
     tiny |g| amplify float noise, so the update per tensor agrees less well (measured <= 1e-4 relative, checked at
     1e-3), and the parameters, which the update moves by ~lr, to <= 7e-6 (checked at 1e-4)."""
-    from qstar.torch_backend.train import Session as TorchSession
+    from qstar.torch_backend.session import Session as TorchSession
 
     recipe = {**RECIPE, "sample_temperature": 0.0 if thoughts == "greedy" else 1.0}
     cfg = TrainConfig(model=str(mixing_checkpoint), max_seq_length=16, batch_size=2, recipe_overrides=recipe)

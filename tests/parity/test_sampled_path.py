@@ -9,7 +9,6 @@ import pytest
 from helpers import random_ids
 
 import qstar
-from qstar.core import thinker
 
 RECIPE = dict(thought_tokens=3, lookahead=2, thoughts_per_position=2, policy_weight=1.0)
 
@@ -64,7 +63,7 @@ def test_sampling_steps_keep_each_steps_keys_once(mixing_checkpoint, backend):
     h_base, base_kv = m.backbone.base(ops.asarray(ids))
     layout = m.layout(ids.shape[1])
     rows = ids.shape[0] * m.recipe.thoughts_per_position
-    *_, cache = thinker.thought_steps(m.backbone, m.recipe, base_kv, rows, layout, None, None)
+    *_, cache = m.thinker().sample_with_gradient(base_kv, rows, layout, None)
     assert len(cache) == m.config.num_layers
     for keys, values in cache:
         assert len(keys) == len(values) == k

@@ -18,8 +18,7 @@ from helpers import random_ids
 from mlx.utils import tree_unflatten
 
 import qstar
-from qstar.core.hf_config import inverse_frequencies
-from qstar.core.thinker import thought_inputs
+from qstar.core.model_config import inverse_frequencies
 
 RECIPE = dict(thought_tokens=3, lookahead=2, thoughts_per_position=2)
 B, L = 2, 9
@@ -60,7 +59,7 @@ def thought_pass(model: qstar.QStarModel, ids: np.ndarray, thoughts: np.ndarray)
     net, ops, recipe = model.backbone, model.ops, model.recipe
     layout = model.layout(ids.shape[1])
     h0, base_kv = net.base(ops.asarray(ids))
-    x = thought_inputs(net, recipe, ops.asarray(ids), ops.asarray(thoughts), layout, model.config.fallback_pad_id)
+    x = model.thinker().inputs(ops.asarray(ids), ops.asarray(thoughts), layout)
     h, _ = net.think(x, layout.steps(1, recipe.thought_steps), base_kv, None)
     return tuple(ops.to_numpy(a) for a in (net.logits(h0), h, net.logits(h)))
 
@@ -103,8 +102,8 @@ def test_loss_terms_and_gradients(pair):
 def pure_float64(monkeypatch):
     """Both backends without transformers' float32 RMSNorm and RoPE steps, whose float32 rounding differs
     between the frameworks (reduction order, cos/sin): what is left must agree to float64 rounding."""
-    from qstar.mlx_backend import model as mlx_model
-    from qstar.torch_backend import model as torch_model
+    from qstar.mlx_backend import backbone as mlx_model
+    from qstar.torch_backend import backbone as torch_model
 
     def rope(self, positions: np.ndarray) -> tuple:
         freqs = positions.astype(np.float64)[..., None] * inverse_frequencies(self.cfg).astype(np.float64)
@@ -118,7 +117,7 @@ def pure_float64(monkeypatch):
         return self.weight * (x * mx.rsqrt(mx.mean(x * x, axis=-1, keepdims=True) + self.eps))
 
     for module in (torch_model, mlx_model):
-        monkeypatch.setattr(module.Model, "rope", rope)
+        monkeypatch.setattr(module.Backbone, "rope", rope)
     monkeypatch.setattr(torch_model.RMSNorm, "forward", torch_norm)
     monkeypatch.setattr(mlx_model.RMSNorm, "__call__", mlx_norm)
 

@@ -17,10 +17,10 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 import qstar
-from qstar.core.session import Batch
+from qstar.core.data import Batch
 from qstar.core.train_config import TrainConfig
 from qstar.torch_backend import join
-from qstar.torch_backend.train import Session
+from qstar.torch_backend.session import Session
 
 checkpoint, inputs, out, distributed = sys.argv[1:5]
 recompute = sys.argv[5:] == ["ckpt"]

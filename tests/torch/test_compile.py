@@ -10,7 +10,7 @@ import torch
 from helpers import random_ids
 
 import qstar
-from qstar.torch_backend.model import FlexBias
+from qstar.torch_backend.backbone import FlexBias
 
 
 def loss_and_gradients(m: qstar.QStarModel, ids: np.ndarray) -> tuple[float, np.ndarray, dict[str, np.ndarray]]:

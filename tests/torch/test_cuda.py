@@ -12,9 +12,9 @@ from helpers import random_ids
 from transformers import AutoModelForCausalLM
 
 import qstar
-from qstar.core.session import Batch
+from qstar.core.data import Batch
 from qstar.core.train_config import TrainConfig
-from qstar.torch_backend.train import Session as TorchSession
+from qstar.torch_backend.session import Session as TorchSession
 
 DEVICE = "cuda"
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

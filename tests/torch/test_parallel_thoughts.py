@@ -9,7 +9,6 @@ from helpers import random_ids
 from transformers import AutoModelForCausalLM
 
 import qstar
-from qstar.core.thinker import thought_inputs
 
 
 @pytest.mark.parametrize("think_every", [1, 3])
@@ -36,7 +35,7 @@ def test_parallel_equals_naive(hf_checkpoint, think_every):
     with torch.no_grad():
         _, base_kv = net.base(torch.from_numpy(ids))
         start, end = net.thought_vectors()
-        x = thought_inputs(net, m.recipe, torch.from_numpy(ids), torch.from_numpy(thoughts), layout, 2)
+        x = m.thinker().inputs(torch.from_numpy(ids), torch.from_numpy(thoughts), layout)
         h, _ = net.think(x, layout.steps(1, k + A + 1), base_kv, None)
         parallel = net.logits(h).numpy()  # (R, k+A+1, S, V)
 

@@ -205,7 +205,7 @@ def check_same(out: Path, saved: dict[str, Any], current: dict[str, Any]) -> Non
     )
 
 
-def evaluate(
+def evaluate_task(
     model: Any,
     task: Task,
     examples: list[Example],

@@ -1,4 +1,4 @@
-"""The Llama family in MLX: the core's model (qstar/core/llama.py) on mlx.nn modules.
+"""The core's network (qstar/core/decoder.py) on mlx.nn modules.
 
 Parameter names are Hugging Face's (and mlx-lm's), so checkpoints load without renaming. What is MLX's own:
 RMSNorm, RoPE and the causal attention (mx.fast kernels, float64-accurate fallbacks), activation checkpointing.
@@ -12,9 +12,9 @@ from typing import Any, cast
 import mlx.core as mx
 import mlx.nn as nn
 
-from qstar.core import llama
-from qstar.core.hf_config import ModelConfig
-from qstar.mlx_backend.ops import MLXOps, sigmoid, softmax
+from qstar.core import decoder
+from qstar.core.model_config import ModelConfig
+from qstar.mlx_backend.ops import MLXOps, softmax
 
 OPS = MLXOps()
 
@@ -32,19 +32,12 @@ class RMSNorm(nn.Module):
         return self.weight * y.astype(x.dtype)
 
 
-class Attention(nn.Module, llama.Attention):
+class Attention(nn.Module, decoder.Attention):
     ops = OPS
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.build(cfg, index, MODULES)
 
     def rotate(self, x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
         half = x.shape[-1] // 2
@@ -63,55 +56,39 @@ class Attention(nn.Module, llama.Attention):
         return (probs @ v[:, :, None]).reshape(batch, heads, n, dim)
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+class MLP(nn.Module, decoder.MLP):
+    ops = OPS
+
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        gate = self.gate_proj(x)
-        return self.down_proj(gate * sigmoid(gate) * self.up_proj(x))
+        self.build(cfg, index, MODULES)
 
 
-class Block(nn.Module, llama.Block):
-    def __init__(self, cfg: ModelConfig) -> None:
+class Block(nn.Module, decoder.Block):
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.build(cfg, index, MODULES)
 
 
-class Decoder(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = [Block(cfg) for _ in range(cfg.num_layers)]
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+MODULES = decoder.Modules(
+    linear=nn.Linear,
+    norm=RMSNorm,
+    embedding=nn.Embedding,
+    relu=nn.ReLU,
+    layer_list=list,  # plain lists: MLX names their entries .0, .1, ... as torch's ModuleList does
+    module=nn.Module,
+    zeros=lambda n: mx.zeros((n,)),
+    attention=Attention,
+    mlp=MLP,
+    block=Block,
+)
 
 
-class Thought(nn.Module):
-    """The <start>/<end> parameters; their input vectors are embedding_scale * parameter."""
-
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.start = mx.zeros((hidden,))
-        self.end = mx.zeros((hidden,))
-
-
-class Model(nn.Module, llama.Model):
+class Backbone(nn.Module, decoder.Backbone):
     def __init__(self, cfg: ModelConfig, embedding_scale: float) -> None:
         super().__init__()
-        self.cfg, self.embedding_scale, self.ops = cfg, embedding_scale, MLXOps()
-        self.model = Decoder(cfg)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.thought = Thought(cfg.hidden_size)
-        h = cfg.hidden_size
-        # A plain list (not nn.Sequential) so the names are mixing_head.0.weight, ... as in torch.
-        self.mixing_head = [nn.Linear(2 * h, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1, bias=False)]
+        self.ops = MLXOps()
+        self.build(cfg, embedding_scale, MODULES)
         self.grad_checkpoint = False
 
     def logits(self, h: mx.array) -> mx.array:
@@ -132,6 +109,6 @@ class Model(nn.Module, llama.Model):
 
         nn.quantize(self, group_size, bits, class_predicate=chosen)
 
-    def call_layer(self, layer: llama.Block, method: str, *args: Any) -> tuple[mx.array, ...]:
+    def call_layer(self, layer: decoder.Block, method: str, *args: Any) -> tuple[mx.array, ...]:
         fn = getattr(layer, method)
         return nn.utils.checkpoint(cast(nn.Module, layer), fn)(*args) if self.grad_checkpoint else fn(*args)

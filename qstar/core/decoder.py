@@ -1,9 +1,11 @@
-"""The Llama family (llama, mistral, qwen2, qwen3) with thought-aware attention, written once for every backend.
+"""The decoder-only transformer of every supported family (qstar/core/model_config.py) with thought-aware attention,
+written once for every backend.
 
 A backend subclasses each class here together with its framework's module class (`class Attention(nn.Module,
-llama.Attention)`), builds the layers under Hugging Face's parameter names, and supplies the few primitives that
-differ between frameworks: `rotate`, `causal` and `call_layer`, plus its RMSNorm and MLP. Everything else, the
-projections, the two kinds of pass and the layer loop, lives here, so that the backends compute the same thing.
+decoder.Attention)`), hands over its layer classes (`Modules`: Linear, RMSNorm, Embedding, ...), and supplies the few
+primitives that differ between frameworks: `rotate`, `causal` and `call_layer`. Everything else, the network's
+structure under Hugging Face's parameter names, each layer's shape, the projections, the two kinds of pass and the
+layer loop, lives here, so that the backends build and compute the same thing.
 
 Two passes over the layers:
 - `extend`: ordinary causal attention of new tokens on top of a cache (the base pass is `extend` from nothing);
@@ -21,8 +23,8 @@ from typing import Any, cast
 import numpy as np
 
 from qstar.core import attention
-from qstar.core.hf_config import ModelConfig, rope_angles
 from qstar.core.layout import StepGeometry, extend_mask
+from qstar.core.model_config import ModelConfig, rope_angles
 from qstar.core.ops import Array, Ops
 
 KV = tuple[Array, Array]
@@ -34,17 +36,52 @@ StreamCache = list[Chunks]
 Layer = Callable[[Array], Array]
 
 
+@dataclass(frozen=True)
+class Modules:
+    """A framework's layer classes, from which the core builds the network."""
+
+    linear: Callable[..., Layer]
+    """Linear(in, out, bias=True)."""
+    norm: Callable[[int, float], Layer]
+    """RMSNorm(dim, eps)."""
+    embedding: Callable[[int, int], Any]
+    relu: Callable[[], Layer]
+    layer_list: Callable[[list[Any]], Any]
+    """A list of modules whose parameters the container holds (torch's ModuleList)."""
+    module: Callable[[], Any]
+    """An empty module to hold named parameters and modules."""
+    zeros: Callable[[int], Any]
+    """A trainable parameter (n,) of zeros."""
+    attention: Callable[[ModelConfig, int], Any]
+    mlp: Callable[[ModelConfig, int], Any]
+    block: Callable[[ModelConfig, int], Any]
+
+
 class Attention(ABC):
     """Attention with grouped keys/values (GQA), optional q/k RMSNorm (qwen3) and RoPE."""
 
     ops: Ops
     cfg: ModelConfig
+    num_heads: int
+    num_kv_heads: int
     q_proj: Layer
     k_proj: Layer
     v_proj: Layer
     o_proj: Layer
     q_norm: Layer
     k_norm: Layer
+
+    def build(self, cfg: ModelConfig, index: int, m: Modules) -> None:
+        """The projections of decoder layer `index` under Hugging Face's names."""
+        shape, d, hd = cfg.layer(index), cfg.hidden_size, cfg.head_dim
+        self.cfg, self.num_heads, self.num_kv_heads = cfg, shape.num_heads, shape.num_kv_heads
+        self.q_proj = m.linear(d, shape.num_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = m.linear(d, shape.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = m.linear(d, shape.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = m.linear(shape.num_heads * hd, d, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = m.norm(hd, cfg.rms_norm_eps)
+            self.k_norm = m.norm(hd, cfg.rms_norm_eps)
 
     @abstractmethod
     def rotate(self, x: Array, cos: Array, sin: Array) -> Array:
@@ -58,9 +95,9 @@ class Attention(ABC):
     def project(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array, Array]:
         """(..., D) -> rotated q (..., H, d), k (..., h, d) and v (..., h, d)."""
         lead, cfg = tuple(x.shape[:-1]), self.cfg
-        q = self.q_proj(x).reshape(*lead, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+        q = self.q_proj(x).reshape(*lead, self.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(*lead, self.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(*lead, self.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         return self.rotate(q, cos, sin), self.rotate(k, cos, sin), v
@@ -103,6 +140,26 @@ class Attention(ABC):
         return self.o_proj(out), k, v
 
 
+class MLP:
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    ops: Ops
+    gate_proj: Layer
+    up_proj: Layer
+    down_proj: Layer
+
+    def build(self, cfg: ModelConfig, index: int, m: Modules) -> None:
+        width = cfg.layer(index).intermediate_size
+        self.gate_proj = m.linear(cfg.hidden_size, width, bias=False)
+        self.up_proj = m.linear(cfg.hidden_size, width, bias=False)
+        self.down_proj = m.linear(width, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Array) -> Array:
+        return self.down_proj(self.ops.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    __call__ = forward  # MLX calls a module; torch's nn.Module.__call__ calls forward
+
+
 class Block:
     """Pre-norm decoder layer: x + attention(norm(x)), then + mlp(norm(.))."""
 
@@ -110,6 +167,12 @@ class Block:
     post_attention_layernorm: Layer
     self_attn: Attention
     mlp: Layer
+
+    def build(self, cfg: ModelConfig, index: int, m: Modules) -> None:
+        self.input_layernorm = m.norm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = m.attention(cfg, index)
+        self.post_attention_layernorm = m.norm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = m.mlp(cfg, index)
 
     def finish(self, x: Array, attn: Array) -> Array:
         x = x + attn
@@ -133,8 +196,8 @@ class Placed:
     bias: Array
 
 
-class Model(ABC):
-    """A Llama-family causal LM plus the Quiet-STaR extras (<start>/<end> vectors, mixing head): what the core's
+class Backbone(ABC):
+    """A causal LM plus the Quiet-STaR extras (<start>/<end> vectors, mixing head): what the core's
     algorithm (thinker, generate) computes with. Shapes: B rows, L tokens, R = B*P thought rows, S streams,
     n steps, D hidden, V vocabulary."""
 
@@ -148,6 +211,23 @@ class Model(ABC):
     thought: Any
     """start and end parameters (D,)."""
     mixing_head: Iterable[Layer]
+
+    def build(self, cfg: ModelConfig, embedding_scale: float, m: Modules) -> None:
+        """The network under Hugging Face's names (`model.embed_tokens`, `model.layers.N...`, `model.norm`, `lm_head`
+        unless tied), plus the thought vectors and the mixing head Linear(2D, D) -> ReLU -> Linear(D, D) -> ReLU ->
+        Linear(D, 1) as `mixing_head.0/2/4`."""
+        d = cfg.hidden_size
+        self.cfg, self.embedding_scale = cfg, embedding_scale
+        self.model = m.module()
+        self.model.embed_tokens = m.embedding(cfg.vocab_size, d)
+        self.model.layers = m.layer_list([m.block(cfg, i) for i in range(cfg.num_layers)])
+        self.model.norm = m.norm(d, cfg.rms_norm_eps)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = m.linear(d, cfg.vocab_size, bias=False)
+        self.thought = m.module()
+        self.thought.start, self.thought.end = m.zeros(d), m.zeros(d)
+        head = [m.linear(2 * d, d), m.relu(), m.linear(d, d), m.relu(), m.linear(d, 1, bias=False)]
+        self.mixing_head = m.layer_list(head)
 
     @abstractmethod
     def call_layer(self, layer: Block, method: str, *args: Any) -> tuple[Array, ...]:

@@ -24,12 +24,13 @@ import numpy as np
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_map
 
+from qstar.core.data import Batch
 from qstar.core.distributed import World
-from qstar.core.session import Batch, evaluation_metrics, hard_token_sums, mean_metrics
-from qstar.core.thinker import LossTerms, quietstar_loss
+from qstar.core.session import Scored, check_ranks, mean_metrics
+from qstar.core.thinker import LossTerms
 from qstar.core.train_config import TrainConfig
-from qstar.mlx_backend.api import MLXQStar, read_safetensors
 from qstar.mlx_backend.ops import HALF, flat, random_state
+from qstar.mlx_backend.qstar_model import MLXQStar, read_safetensors
 
 STATE_FILE = "optimizer_state.safetensors"
 META_FILE = "optimizer_state.json"
@@ -81,7 +82,6 @@ def scalars(terms: LossTerms) -> Metrics:
 class Session:
     def __init__(self, model: MLXQStar, cfg: TrainConfig, world: World | None = None) -> None:
         self.model, self.cfg, self.world = model, cfg, world or World()
-        cfg.check_distributed("mlx")
         self.parallel = "the whole model in each process, gradients averaged (mx.distributed)"
         net = model.backbone
         model.ops.ranks = self.world.size  # masked means over every rank's count (losses.masked_mean)
@@ -118,11 +118,7 @@ class Session:
         """Thoughts (unless given) are drawn with the global mx.random state (MLXOps.gumbel), i.e. the compiled
         function's random input."""
         m = self.model
-        layout = m.layout(ids.shape[1])
-        pad = m.config.fallback_pad_id
-        return quietstar_loss(
-            m.backbone, m.recipe, ids, valid, thoughts, layout, m.device_banned, pad, m.ops.gumbel, m.step_mode
-        )
+        return m.thinker().loss(ids, valid, m.layout(ids.shape[1]), thoughts, m.ops.gumbel, m.step_mode)
 
     def gradients(self, ids: mx.array, valid: mx.array, acc: Tree | None, count: int) -> tuple[Metrics, Tree]:
         """Metrics of one micro-batch and acc + d(total / count)/d params, `count` micro-batches in the step (torch:
@@ -177,7 +173,7 @@ class Session:
         return grads if self.world.size == 1 else average_gradients(grads)
 
     def evaluate_fn(self, ids: mx.array, valid: mx.array) -> tuple[Metrics, mx.array, mx.array]:
-        """The metrics, and the NLL without and after the thought of the next token (hard_token_sums)."""
+        """The metrics, and the NLL without and after the thought of the next token (session.token_sums)."""
         self.traces["evaluate"] += 1
         terms = self.terms(ids, valid)
         return scalars(terms), terms.nll_base, terms.nll_talk[0]
@@ -210,22 +206,20 @@ class Session:
         means = self.world.mean(mean_metrics([{k: float(v) for k, v in r.items()} for r in records]))
         return {**means, "grad_norm": float(norm), "skipped": float(skipped)}
 
-    def evaluate(self, batches: list[Batch], seed: int) -> dict[str, float]:
+    @contextmanager
+    def seeded(self, seed: int) -> Iterator[None]:
         training_key = random_key()
         mx.random.seed(seed)
         try:
-            records = []
-            for batch in batches:
-                metrics, nll_base, nll_talk = self._evaluate(*self.inputs(batch))
-                mx.eval(metrics, nll_base, nll_talk)
-                records.append({k: float(v) for k, v in metrics.items()})
-                if batch.hard is not None:
-                    streams = self.model.layout(batch.ids.shape[1]).streams
-                    base, talk = np.array(nll_base.astype(mx.float32)), np.array(nll_talk.astype(mx.float32))
-                    records[-1].update(hard_token_sums(base, talk, streams, batch.hard))
+            yield
         finally:
             set_random_key(training_key)
-        return evaluation_metrics([self.world.mean(mean_metrics(records))])  # hard-token sums over every rank
+
+    def score(self, batch: Batch) -> Scored:
+        metrics, nll_base, nll_talk = self._evaluate(*self.inputs(batch))
+        mx.eval(metrics, nll_base, nll_talk)
+        as_numpy = [np.array(x.astype(mx.float32)) for x in (nll_base, nll_talk)]
+        return Scored({k: float(v) for k, v in metrics.items()}, *as_numpy)
 
     @contextmanager
     def gathered(self) -> Iterator[None]:
@@ -239,7 +233,7 @@ class Session:
         tensors["random.key"] = mx.array(random_key())
         if self.rank_keys:
             tensors["random.ranks"] = mx.array(np.stack(self.rank_keys))
-        self.model._write_tensors(tensors, directory / STATE_FILE)  # float64 optimizer state goes through numpy
+        self.model.write_tensors(tensors, directory / STATE_FILE)  # float64 optimizer state goes through numpy
         meta = {"format": FORMAT, "dtype": self.model.dtype, "master": self.half}
         (directory / META_FILE).write_text(json.dumps(meta))
 
@@ -260,11 +254,7 @@ class Session:
         if "key" not in groups["random"]:
             raise ValueError(f"{directory}: {STATE_FILE} holds no random key")
         keys = np.array(groups["random"].get("ranks", groups["random"]["key"][None]))  # (ranks, 2)
-        if len(keys) != self.world.size:
-            raise ValueError(
-                f"{directory} was saved by a run of {len(keys)} process(es), this one has {self.world.size}: resume "
-                f"it with as many (mlx.launch -n {len(keys)})"
-            )
+        check_ranks(directory, len(keys), self.world, "mlx.launch -n")
         for group, tree in (("optimizer", self.optimizer.state), ("master", self.master)):
             current = flat(tree)
             if set(current) != set(groups[group]):

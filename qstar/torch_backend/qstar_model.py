@@ -1,4 +1,5 @@
-"""The core API on PyTorch: any supported checkpoint loaded into `Model`, parameters, gradients, tensor files."""
+"""The core's QStarModel on PyTorch: any supported checkpoint built into `Backbone`, and the hooks the core's model
+needs of the framework (parameters, gradients, tensor files, freezing, adapters)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qstar.core import checkpoint
-from qstar.core.api import QStarModel
 from qstar.core.checkpoint import CheckpointInfo
 from qstar.core.lora import LoraConfig
+from qstar.core.model import QStarModel
 from qstar.core.recipe import Recipe
 from qstar.torch_backend import lora
-from qstar.torch_backend.model import Model
+from qstar.torch_backend.backbone import Backbone
 from qstar.torch_backend.ops import TorchOps
 
 TORCH_DTYPES = {
@@ -31,13 +32,13 @@ def default_device() -> str:
 
 
 class TorchQStar(QStarModel):
-    backbone: Model
+    backbone: Backbone
     ops: TorchOps
 
     def parameters(self) -> dict[str, torch.Tensor]:
         return dict(self.backbone.named_parameters())
 
-    def _gradients(self, loss_fn: Callable[[], torch.Tensor]) -> dict[str, np.ndarray]:
+    def gradients_of(self, loss_fn: Callable[[], torch.Tensor]) -> dict[str, np.ndarray]:
         self.backbone.zero_grad(set_to_none=True)
         loss_fn().backward()
         return {
@@ -46,30 +47,30 @@ class TorchQStar(QStarModel):
             if p.requires_grad
         }
 
-    def _write_tensors(self, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    def write_tensors(self, tensors: dict[str, torch.Tensor], file: Path) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(file))
 
     @staticmethod
-    def _nbytes(tensor: torch.Tensor) -> int:
+    def nbytes(tensor: torch.Tensor) -> int:
         return tensor.numel() * tensor.element_size()
 
-    def _read_tensors(self, file: Path) -> dict[str, torch.Tensor]:
-        return read_file(file)
+    def read_tensors(self, file: Path) -> dict[str, torch.Tensor]:
+        return load_file(str(file))
 
-    def _assign(self, tensors: dict[str, torch.Tensor]) -> None:
+    def assign(self, tensors: dict[str, torch.Tensor]) -> None:
         params = self.parameters()
         with torch.no_grad():
             for name, value in tensors.items():
                 params[name].copy_(value)
 
-    def _wrap(self, cfg: LoraConfig) -> None:
+    def wrap_adapters(self, cfg: LoraConfig) -> None:
         lora.wrap(self.backbone, cfg, self.config.num_layers)
 
-    def _freeze(self, trainable: Callable[[str], bool]) -> None:
+    def freeze(self, trainable: Callable[[str], bool]) -> None:
         for name, p in self.backbone.named_parameters():
             p.requires_grad_(trainable(name))
 
-    def _fuse(self) -> None:
+    def merge_adapters(self) -> None:
         lora.fuse(self.backbone)
 
 
@@ -77,12 +78,8 @@ def embedding_rows(embedding: torch.Tensor, ids: list[int]) -> np.ndarray:
     return (embedding[ids] if ids else embedding).double().numpy()
 
 
-def read_file(file: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(file))
-
-
-def load(info: CheckpointInfo, recipe: Recipe, dtype: str, device: str | None = None) -> TorchQStar:
-    """Build the model on the meta device, then fill it from the checkpoint (extras created for plain HF)."""
+def build_model(info: CheckpointInfo, recipe: Recipe, dtype: str, device: str | None = None) -> TorchQStar:
+    """Build the network on the meta device, then fill it from the checkpoint (extras created for plain HF)."""
     if "quantization" in info.raw_config:
         raise ValueError(
             f"{info.path / 'config.json'} is an MLX-quantized model (qstar convert --quantize): pass --backend mlx, "
@@ -90,9 +87,10 @@ def load(info: CheckpointInfo, recipe: Recipe, dtype: str, device: str | None = 
         )
     device = device or default_device()
     with torch.device("meta"):
-        model = Model(info.config, recipe.embedding_scale, device)
+        model = Backbone(info.config, recipe.embedding_scale, device)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tensors = checkpoint.model_tensors(info, recipe, read_file, embedding_rows, torch.from_numpy, expected)
+    read = lambda file: load_file(str(file))  # noqa: E731
+    tensors = checkpoint.model_tensors(info, recipe, read, embedding_rows, torch.from_numpy, expected)
     torch_dtype = TORCH_DTYPES[dtype]
     model.load_state_dict({k: v.to(device=device, dtype=torch_dtype) for k, v in tensors.items()}, assign=True)
     return TorchQStar(model, recipe, info, dtype)

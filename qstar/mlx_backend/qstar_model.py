@@ -1,4 +1,5 @@
-"""The core API on MLX: any supported checkpoint loaded into `Model`, parameters, gradients, tensor files."""
+"""The core's QStarModel on MLX: any supported checkpoint built into `Backbone`, and the hooks the core's model needs
+of the framework (parameters, gradients, tensor files, freezing, adapters, quantization)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from qstar.core import checkpoint
-from qstar.core.api import QStarModel
 from qstar.core.checkpoint import CheckpointInfo
 from qstar.core.lora import LoraConfig
+from qstar.core.model import QStarModel
 from qstar.core.recipe import Recipe
 from qstar.mlx_backend import lora
-from qstar.mlx_backend.model import Model
+from qstar.mlx_backend.backbone import Backbone
 from qstar.mlx_backend.ops import HALF, MLXOps, flat, from_numpy
 
 MLX_DTYPES = {
@@ -47,14 +48,14 @@ def select_device(dtype: str, device: str | None) -> mx.Device:
 
 
 class MLXQStar(QStarModel):
-    backbone: Model
+    backbone: Backbone
     ops: MLXOps
 
     def parameters(self) -> dict[str, mx.array]:
         # an adapted layer keeps its Linear as `.linear` (mlx-lm's layers): its weights keep their checkpoint names
         return {name.replace(".linear.", "."): v for name, v in flat(self.backbone.parameters()).items()}
 
-    def _gradients(self, loss_fn: Callable[[], mx.array]) -> dict[str, np.ndarray]:
+    def gradients_of(self, loss_fn: Callable[[], mx.array]) -> dict[str, np.ndarray]:
         params = self.backbone.trainable_parameters()
         try:
             _, grads = nn.value_and_grad(self.backbone, loss_fn)()
@@ -62,38 +63,38 @@ class MLXQStar(QStarModel):
             self.backbone.update(params)
         return {name: self.ops.to_numpy(g) for name, g in flat(grads).items()}
 
-    def _write_tensors(self, tensors: dict[str, mx.array], file: Path) -> None:
+    def write_tensors(self, tensors: dict[str, mx.array], file: Path) -> None:
         if any(v.dtype == mx.float64 for v in tensors.values()):  # mx.save_safetensors writes no float64
             save_file({k: np.array(v) for k, v in tensors.items()}, str(file), metadata=METADATA)
         else:
             mx.save_safetensors(str(file), tensors, metadata=METADATA)
 
     @staticmethod
-    def _nbytes(tensor: mx.array) -> int:
+    def nbytes(tensor: mx.array) -> int:
         return tensor.nbytes
 
-    def _read_tensors(self, file: Path) -> dict[str, mx.array]:
+    def read_tensors(self, file: Path) -> dict[str, mx.array]:
         return read_safetensors(file)
 
-    def _assign(self, tensors: dict[str, mx.array]) -> None:
+    def assign(self, tensors: dict[str, mx.array]) -> None:
         dtypes = {k: v.dtype for k, v in self.parameters().items()}
         self.backbone.update(tree_unflatten([(k, v.astype(dtypes[k])) for k, v in tensors.items()]))
         mx.eval(self.backbone.parameters())
 
-    def _wrap(self, cfg: LoraConfig) -> None:
+    def wrap_adapters(self, cfg: LoraConfig) -> None:
         lora.wrap(self.backbone, cfg, self.config.num_layers)
 
-    def _freeze(self, trainable: Callable[[str], bool]) -> None:
+    def freeze(self, trainable: Callable[[str], bool]) -> None:
         self.backbone.freeze()
         for name in self.parameters():
             if trainable(name):
                 owner, _, leaf = name.rpartition(".")
                 lora.module(self.backbone, owner).unfreeze(keys=[leaf], recurse=False)
 
-    def _fuse(self) -> None:
+    def merge_adapters(self) -> None:
         lora.fuse(self.backbone)
 
-    def _quantize(self, bits: int, group_size: int) -> None:
+    def quantize_weights(self, bits: int, group_size: int) -> None:
         self.backbone.quantize(bits, group_size)
         mx.eval(self.backbone.parameters())
 
@@ -115,10 +116,10 @@ def embedding_rows(embedding: mx.array, ids: list[int]) -> np.ndarray:
     return to_float64(mx.take(embedding, mx.array(ids), axis=0, stream=mx.cpu) if ids else embedding)
 
 
-def load(info: CheckpointInfo, recipe: Recipe, dtype: str, device: str | None = None) -> MLXQStar:
+def build_model(info: CheckpointInfo, recipe: Recipe, dtype: str, device: str | None = None) -> MLXQStar:
     """Build the model (MLX initialises lazily, so nothing is computed), then fill it from the checkpoint."""
     mx.set_default_device(select_device(dtype, device))
-    model = Model(info.config, recipe.embedding_scale)
+    model = Backbone(info.config, recipe.embedding_scale)
     quantization = info.raw_config.get("quantization")
     if quantization is not None:  # a QLoRA base (qstar convert --quantize): quantized layers before their weights
         model.quantize(quantization["bits"], quantization["group_size"])

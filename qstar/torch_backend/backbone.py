@@ -1,4 +1,4 @@
-"""The Llama family in PyTorch: the core's model (qstar/core/llama.py) on torch modules.
+"""The core's network (qstar/core/decoder.py) on torch modules.
 
 Parameter names are Hugging Face's, so checkpoints load without renaming. What is PyTorch's own: RMSNorm and RoPE
 as one autograd node each, SDPA for the causal pass, activation checkpointing and the opt-in torch.compile of a
@@ -18,20 +18,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from qstar.core import llama, thinker
-from qstar.core.hf_config import ModelConfig
+from qstar.core import decoder, thinker
 from qstar.core.layout import StepGeometry
+from qstar.core.model_config import ModelConfig
 from qstar.torch_backend.ops import TorchOps
 
 ROPE_TABLE_MIN = 256
 LAYER_METHODS = ("extend", "think")
-"""How the core calls a decoder layer (qstar/core/llama.py)."""
+"""How the core calls a decoder layer (qstar/core/decoder.py)."""
 MAX_PLACED = 64
 """Placed geometries kept (a layout's steps, and generation's)."""
 OPS = TorchOps()
+"""The ops of the layers' split attention, whose operations (einsum, softmax, ...) follow their inputs' device."""
 FLEX: Any = None
 """flex_attention compiled, made on first use on CUDA."""
-"""For the split attention, whose ops (einsum, softmax, ...) follow their inputs' device."""
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -84,19 +84,12 @@ class RotaryFunction(torch.autograd.Function):
         return g * cos + torch.cat([gs[..., half:], -gs[..., :half]], dim=-1), None, None
 
 
-class Attention(nn.Module, llama.Attention):
+class Attention(nn.Module, decoder.Attention):
     ops = OPS
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.build(cfg, index, MODULES)
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return RotaryFunction.apply(x, cos, sin)
@@ -106,12 +99,12 @@ class Attention(nn.Module, llama.Attention):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        base_kv: llama.KV,
-        cache: llama.Chunks | llama.KV | None,
+        base_kv: decoder.KV,
+        cache: decoder.Chunks | decoder.KV | None,
         bias: torch.Tensor | FlexBias,
         slot: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The core's thought attention, or FlexAttention (Model.attention = "flex") for a pass over all steps."""
+        """The core's thought attention, or FlexAttention (Backbone.attention = "flex") for a pass over all steps."""
         if not isinstance(bias, FlexBias):
             return super().think(x, cos, sin, base_kv, cache, bias, slot)
         if cache is not None or slot is not None:  # a step on top of a cache: split attention
@@ -120,7 +113,7 @@ class Attention(nn.Module, llama.Attention):
         return self.o_proj(flex_thought_attention(q, k, v, *base_kv, bias)), k, v
 
     def causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        gqa = self.cfg.num_heads != self.cfg.num_kv_heads
+        gqa = self.num_heads != self.num_kv_heads
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
 
 
@@ -176,64 +169,49 @@ def flex_thought_attention(
     return out.reshape(rows, heads, streams, n, dim).permute(0, 3, 2, 1, 4).reshape(rows, n, streams, heads * dim)
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+class MLP(nn.Module, decoder.MLP):
+    ops = OPS
+    forward = decoder.MLP.forward  # nn.Module's own placeholder comes first in the MRO
+
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        self.build(cfg, index, MODULES)
 
 
-class Block(nn.Module, llama.Block):
-    def __init__(self, cfg: ModelConfig) -> None:
+class Block(nn.Module, decoder.Block):
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.build(cfg, index, MODULES)
 
 
-class Decoder(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+MODULES = decoder.Modules(
+    linear=nn.Linear,
+    norm=RMSNorm,
+    embedding=nn.Embedding,
+    relu=nn.ReLU,
+    layer_list=nn.ModuleList,
+    module=nn.Module,
+    zeros=lambda n: nn.Parameter(torch.zeros(n)),
+    attention=Attention,
+    mlp=MLP,
+    block=Block,
+)
 
 
-class Thought(nn.Module):
-    """The <start>/<end> parameters; their input vectors are embedding_scale * parameter."""
-
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.start = nn.Parameter(torch.zeros(hidden))
-        self.end = nn.Parameter(torch.zeros(hidden))
-
-
-class Model(nn.Module, llama.Model):
+class Backbone(nn.Module, decoder.Backbone):
     ops: TorchOps
 
     def __init__(self, cfg: ModelConfig, embedding_scale: float, device: torch.device | str = "cpu") -> None:
         super().__init__()
-        self.cfg, self.embedding_scale, self.ops = cfg, embedding_scale, TorchOps(device)
-        self.model = Decoder(cfg)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.thought = Thought(cfg.hidden_size)
-        h = cfg.hidden_size
-        self.mixing_head = nn.Sequential(
-            nn.Linear(2 * h, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1, bias=False)
-        )
+        self.ops = TorchOps(device)
+        self.build(cfg, embedding_scale, MODULES)
         self.rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
         self.grad_checkpoint = False
         self.compiled_think: Callable[..., tuple[torch.Tensor, ...]] | None = None
         self.compiled_loop: Callable[..., torch.Tensor] | None = None
         self.attention = "split"
         """"split" (qstar/core/attention.py) or "flex": FlexAttention for the passes over all thought steps (CUDA)."""
-        self.placed: dict[tuple[str | bytes, ...], llama.Placed] = {}
+        self.placed: dict[tuple[str | bytes, ...], decoder.Placed] = {}
 
     def compile_thought_steps(self, backend: str = "inductor") -> None:
         """torch.compile the thought step of a layer (one graph serves every layer; sizes are dynamic): a thought step
@@ -241,14 +219,14 @@ class Model(nn.Module, llama.Model):
         # Graphs: with and without grad x (no cache, a preallocated one, and in one-pass steps a cache of each number
         # of step chunks, 1..k, then the multi-step tail).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        compiled = torch.compile(llama.Block.think, dynamic=True, backend=backend)
+        compiled = torch.compile(decoder.Block.think, dynamic=True, backend=backend)
 
         def think(layer: Block, x: torch.Tensor, *args: Any) -> tuple[torch.Tensor, ...]:
             return compiled(layer, x.contiguous(), *args)  # one memory layout for every input: the graph guards on it
 
         self.compiled_think = think
 
-    def place(self, geometry: StepGeometry) -> llama.Placed:
+    def place(self, geometry: StepGeometry) -> decoder.Placed:
         """The core's placed geometry, kept per geometry (the same every step); with attention "flex", a geometry
         shared by all rows also gets its FlexAttention block mask."""
         arrays = (geometry.positions, geometry.base_mask, geometry.own_mask)
@@ -258,7 +236,7 @@ class Model(nn.Module, llama.Model):
             if self.attention == "flex" and geometry.base_mask.shape[0] == 1:
                 masks = self.ops.constant(geometry.base_mask[0]), self.ops.constant(geometry.own_mask)
                 flex = FlexBias(placed.bias, flex_block_mask(*masks, self.ops.device))
-                placed = llama.Placed(placed.cos, placed.sin, flex)
+                placed = decoder.Placed(placed.cos, placed.sin, flex)
             self.placed[key] = placed
             if len(self.placed) > MAX_PLACED:
                 self.placed.pop(next(iter(self.placed)))
@@ -283,7 +261,7 @@ class Model(nn.Module, llama.Model):
     def call_loop(self, loop: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
         return (self.compiled_loop or loop)(*args)
 
-    def call_layer(self, layer: llama.Block, method: str, *args: Any) -> tuple[torch.Tensor, ...]:
+    def call_layer(self, layer: decoder.Block, method: str, *args: Any) -> tuple[torch.Tensor, ...]:
         """Through the layer's own (bound) method, which FSDP2 wraps to all-gather its weights."""
         compiled = self.compiled_think if method == "think" else None
         fn = partial(compiled, layer) if compiled else getattr(layer, method)

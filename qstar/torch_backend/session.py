@@ -4,7 +4,6 @@ torchrun DDP or FSDP2."""
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -12,19 +11,19 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from qstar.core.data import Batch
 from qstar.core.distributed import World
-from qstar.core.session import Batch, evaluation_metrics, hard_token_sums, mean_metrics
+from qstar.core.session import Scored, check_ranks, mean_metrics
 from qstar.core.thinker import LossTerms
 from qstar.core.train_config import TrainConfig
-from qstar.torch_backend.api import TorchQStar
-from qstar.torch_backend.model import LAYER_METHODS
 from qstar.torch_backend.ops import HALF
+from qstar.torch_backend.parallelize import parallelize
+from qstar.torch_backend.qstar_model import TorchQStar
 
 STATE_FILE = "optimizer_state.pt"
 FULL = StateDictOptions(full_state_dict=True)
@@ -34,47 +33,11 @@ FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 """Where torch has a fused AdamW: one kernel per tensor instead of about ten, the same update to the last bit or two."""
 
 
-def shard(model: TorchQStar, reshard_after_forward: bool) -> nn.Module:
-    """FSDP2 over a model: each decoder layer its own unit (all-gathered before its calls; with reshard_after_forward
-    freed after each, else kept until its backward), the rest (embeddings, final norm, head, thought vectors, mixing
-    head) the root's. Float32 shards are the master weights; a half-precision run all-gathers them in its dtype and
-    reduces gradients in float32."""
-    net, dtype = model.backbone, model.backbone.dtype
-    policy = MixedPrecisionPolicy()
-    if dtype in HALF:
-        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        net.float()
-    # A layer returns views (its values are v_proj's output reshaped), which FSDP2 warns of in case they are updated
-    # in place afterwards: qstar never does.
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    for layer in net.model.layers:
-        fully_shard(layer, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-        for method in LAYER_METHODS:  # a layer is called through these (once per thought step), not forward
-            register_fsdp_forward_method(layer, method)
-    return cast(nn.Module, fully_shard(Terms(model), mp_policy=policy))
-
-
 def scalars(terms: LossTerms) -> dict[str, float]:
     """The step's metrics, read from the device in one copy."""
     values = {"loss": terms.total, "lm": terms.lm, "policy": terms.policy, **terms.metrics}
     read = torch.stack([v.detach().float() for v in values.values()]).tolist()
     return dict(zip(values, read, strict=True))
-
-
-class Terms(nn.Module):
-    """A model's loss terms as a module's forward: what DistributedDataParallel and FSDP2 wrap (their hooks around
-    forward and backward all-gather the weights and reduce the gradients). The loss comes first in the output, a
-    tensor those hooks can see (they do not look inside a LossTerms)."""
-
-    def __init__(self, model: TorchQStar) -> None:
-        super().__init__()
-        self.net, self.qstar = model.backbone, model
-
-    def forward(
-        self, ids: np.ndarray, mask: np.ndarray, thoughts: np.ndarray | None = None
-    ) -> tuple[torch.Tensor, LossTerms]:
-        terms = self.qstar.terms(ids, mask, thoughts)
-        return terms.total, terms
 
 
 class Session:
@@ -83,23 +46,12 @@ class Session:
         net = model.backbone
         self.ops = net.ops
         net.grad_checkpoint, net.attention = cfg.grad_checkpoint, cfg.attention
-        sharded = self.world.size > 1 and cfg.sharded()
-        if cfg.compile and sharded:
-            raise ValueError("--compile does not run under --distributed fsdp yet: pass --distributed ddp with it")
         if cfg.compile:
             net.compile_thought_steps()
             net.compile_sampling_loop()
         # torchrun: each rank steps on its rows; FSDP2 shards the float32 weights and all-gathers them layer by layer
-        # in the compute dtype (before the optimizer sees the parameters: they become shards), DDP replicates them
-        # and averages the gradients while backward runs.
-        self.wrapped: nn.Module | None = None
-        self.parallel = "the whole model in each process (DDP)"
-        if sharded:
-            self.wrapped = shard(model, cfg.reshard_after_forward)
-            self.parallel = "weights, gradients and optimizer state sharded per decoder layer (FSDP2)"
-        elif self.world.size > 1:
-            devices = [self.ops.device] if self.ops.device.type == "cuda" else None
-            self.wrapped = DistributedDataParallel(Terms(model), device_ids=devices)
+        # in the compute dtype, DDP replicates them and averages the gradients while backward runs.
+        self.wrapped, self.parallel = parallelize(model, cfg, self.world)
         self.ops.ranks = self.world.size
         self.params = [p for p in net.parameters() if p.requires_grad]  # an adapter run trains a few
         # Half-precision compute keeps float32 master weights: at lr 1e-6 a bf16 update would round away (sharded,
@@ -164,18 +116,16 @@ class Session:
     def cuda_devices(self) -> list[torch.device]:
         return [self.ops.device] if self.ops.device.type == "cuda" else []
 
-    def evaluate(self, batches: list[Batch], seed: int) -> dict[str, float]:
-        with torch.random.fork_rng(devices=self.cuda_devices), torch.no_grad():  # the training draws go on after it
+    @contextmanager
+    def seeded(self, seed: int) -> Iterator[None]:
+        with torch.random.fork_rng(devices=self.cuda_devices):  # the training draws go on after it
             torch.manual_seed(seed)
-            records = []
-            for batch in batches:
-                terms = self.forward(batch.ids, batch.mask)
-                records.append(scalars(terms))
-                if batch.hard is not None:
-                    streams = self.model.layout(batch.ids.shape[1]).streams
-                    base, talk = self.ops.to_numpy(terms.nll_base), self.ops.to_numpy(terms.nll_talk[0])
-                    records[-1].update(hard_token_sums(base, talk, streams, batch.hard))
-        return evaluation_metrics([self.world.mean(mean_metrics(records))])  # hard-token sums over every rank
+            yield
+
+    def score(self, batch: Batch) -> Scored:
+        with torch.no_grad():
+            terms = self.forward(batch.ids, batch.mask)
+            return Scored(scalars(terms), self.ops.to_numpy(terms.nll_base), self.ops.to_numpy(terms.nll_talk[0]))
 
     def random_state(self) -> dict[str, torch.Tensor]:
         rng = {"cpu": torch.get_rng_state()}
@@ -236,11 +186,7 @@ class Session:
                 for m, saved in zip(separate, state["master"], strict=True):
                     m.copy_(saved)
         ranks = state.get("ranks") or [state["rng"]]
-        if len(ranks) != self.world.size:
-            raise ValueError(
-                f"{directory} was saved by a run of {len(ranks)} process(es), this one has {self.world.size}: resume "
-                f"it with as many (torchrun --nproc-per-node {len(ranks)})"
-            )
+        check_ranks(directory, len(ranks), self.world, "torchrun --nproc-per-node")
         rng = ranks[self.world.rank]
         torch.set_rng_state(rng["cpu"].cpu())
         for device in self.cuda_devices:

@@ -1,4 +1,6 @@
-"""Read a Hugging Face `config.json` of the Llama family into one plain description both backends build from.
+"""The models qstar knows, described once: a Hugging Face `config.json` read into one plain description both backends
+build from, the weights (names and shapes) that description implies, and the named shapes of the models users train
+(what `qstar bench` builds at random and the memory estimate covers).
 
 Handles both places transformers has kept RoPE settings: a top-level `rope_theta`/`rope_scaling`
 (checkpoints written before transformers 5) and the `rope_parameters` dict (transformers 5).
@@ -19,6 +21,15 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 Power = Callable[[float, np.ndarray], np.ndarray]
 """base ** exponents (float32 in and out)."""
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What may differ between decoder layers (OpenELM scales them layer by layer)."""
+
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,14 @@ class ModelConfig:
     eos_token_id: int | None = None
     pad_token_id: int | None = None
     max_position_embeddings: int | None = None
+    layer_shapes: tuple[LayerShape, ...] = ()
+    """Per decoder layer, where layers differ (else every layer has num_heads, num_kv_heads, intermediate_size)."""
+
+    def layer(self, index: int) -> LayerShape:
+        """The shape of decoder layer `index`."""
+        if self.layer_shapes:
+            return self.layer_shapes[index]
+        return LayerShape(self.num_heads, self.num_kv_heads, self.intermediate_size)
 
     def check_length(self, length: int) -> None:
         """Sequences past the sliding window would need its mask, which qstar does not implement."""
@@ -167,3 +186,68 @@ def rope_angles(cfg: ModelConfig, positions: np.ndarray, power: Power = float32_
     """Angles (..., head_dim) in float32 for integer positions, halves duplicated (rotate-half convention)."""
     freqs = positions.astype(np.float32)[..., None] * inverse_frequencies(cfg, power)
     return np.concatenate([freqs, freqs], axis=-1)
+
+
+def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight of the base model under its Hugging Face name, with its shape (what a checkpoint holds; the
+    Quiet-STaR extras are checkpoint.init_extras')."""
+    d, hd = cfg.hidden_size, cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, d)}
+    for i in range(cfg.num_layers):
+        dims = cfg.layer(i)
+        layer, q, kv = f"model.layers.{i}.", dims.num_heads * hd, dims.num_kv_heads * hd
+        attention = {"q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, q)}
+        for name, shape in attention.items():
+            shapes[f"{layer}self_attn.{name}.weight"] = shape
+            if cfg.qkv_bias and name != "o_proj" or cfg.o_bias and name == "o_proj":
+                shapes[f"{layer}self_attn.{name}.bias"] = (shape[0],)
+        if cfg.qk_norm:
+            shapes[f"{layer}self_attn.q_norm.weight"] = shapes[f"{layer}self_attn.k_norm.weight"] = (hd,)
+        f = dims.intermediate_size
+        mlp = {"gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
+        shapes |= {f"{layer}mlp.{name}.weight": shape for name, shape in mlp.items()}
+        shapes[f"{layer}input_layernorm.weight"] = shapes[f"{layer}post_attention_layernorm.weight"] = (d,)
+    shapes["model.norm.weight"] = (d,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, d)
+    return shapes
+
+
+def is_linear(name: str) -> bool:
+    """Whether a weight is a decoder layer's Linear weight (what LoRA adapts and quantization packs)."""
+    return ".layers." in name and name.endswith("proj.weight")
+
+
+SHAPE_FIELDS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "tie_word_embeddings",
+)
+SHAPES: dict[str, dict[str, Any]] = {
+    name: dict(zip(SHAPE_FIELDS, row, strict=True))
+    for name, *row in [
+        ("small", "llama", 4096, 256, 704, 4, 4, 2, False),
+        ("proxy-24", "qwen2", 512, 64, 128, 24, 2, 1, True),
+        ("Qwen2.5-0.5B", "qwen2", 151936, 896, 4864, 24, 14, 2, True),
+        ("Qwen2.5-1.5B", "qwen2", 151936, 1536, 8960, 28, 12, 2, True),
+        ("Qwen2.5-7B", "qwen2", 152064, 3584, 18944, 28, 28, 4, False),
+        ("Mistral-7B", "mistral", 32000, 4096, 14336, 32, 32, 8, False),
+    ]
+}
+"""Named model shapes as their config.json fields: `small` (a CPU benchmark's Llama), `proxy-24` (Qwen2-0.5B's 24
+layers at width 64: a real model's operator count at a CPU's cost), and the published shapes of the models the
+README's memory table covers."""
+SHAPE_DEFAULTS = {"max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_norm_eps": 1e-6}
+"""What a named shape's config.json gets besides (the model family's defaults)."""
+
+
+def shape_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """The config.json fields of a named shape, with single fields changed."""
+    if name not in SHAPES:
+        raise ValueError(f"unknown shape {name!r}: choose one of {', '.join(SHAPES)}")
+    return {**SHAPE_DEFAULTS, **SHAPES[name], **overrides}

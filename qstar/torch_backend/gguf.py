@@ -11,32 +11,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-GGUF_SUFFIX = ".gguf"
-
-
-def gguf_source(src: str | Path, gguf_file: str | None) -> tuple[Path, str] | None:
-    """(directory, file name) when `src` names a GGUF checkpoint (a .gguf file, or a directory and --gguf-file)."""
-    path = Path(src).expanduser()
-    if gguf_file is not None:
-        if not (path / gguf_file).is_file():
-            raise FileNotFoundError(f"{path / gguf_file} not found: --gguf-file names a file inside SRC")
-        return path, gguf_file
-    if path.suffix.lower() == GGUF_SUFFIX:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: pass an existing .gguf file")
-        return path.parent, path.name
-    return None
+import torch
+from safetensors.torch import save_file
 
 
 def gguf_to_hf(directory: Path, gguf_file: str, out: Path) -> Path:
     """Write the dequantized float32 model of directory/gguf_file as a Hugging Face checkpoint directory `out`."""
     try:
         import gguf  # noqa: F401  (transformers needs it; say so before it does, less clearly)
-        import torch
-        from safetensors.torch import save_file
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError as err:
-        raise ImportError(f"reading GGUF needs torch and gguf ({err.name} is missing): pip install gguf") from None
+    except ImportError:
+        raise ImportError("reading GGUF needs the gguf package: pip install gguf") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # qstar convert shows its own status

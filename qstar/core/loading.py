@@ -1,0 +1,128 @@
+"""Loading a checkpoint of any kind onto a backend, and converting one into a qstar checkpoint: `qstar.load` and
+`qstar.convert`."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from qstar.core import checkpoint, lora
+from qstar.core.backend import Backend, get, gguf_to_hf
+from qstar.core.dtypes import check_dtype
+from qstar.core.files import remove_orphans
+from qstar.core.hub import resolve
+from qstar.core.model import QStarModel
+from qstar.core.recipe import Recipe, make_recipe
+from qstar.core.thinker import check_step_mode
+from qstar.weights import default_preset
+
+
+def load(
+    path: str | Path,
+    backend: str | Backend = "auto",
+    dtype: str = "float32",
+    recipe: str | Recipe | None = None,
+    device: str | None = None,
+    step_mode: str | None = None,
+    adapter_path: str | Path | None = None,
+    **recipe_overrides: Any,
+) -> QStarModel:
+    """Load a qstar, authors' or plain Hugging Face checkpoint (local directory or hub id), or an adapter directory
+    (its base model with the adapter applied).
+
+    `backend`: auto (mlx on Apple silicon when installed, else torch), torch, mlx, or a backend package.
+    `recipe`: a preset name or Recipe; None uses the recipe saved in a qstar checkpoint (or adapter), else the
+    model's default preset. `step_mode`: one-pass or two-pass (thinker.STEP_MODES); None: the device's default.
+    `adapter_path`: an adapter (lora/dora) to apply to the model at `path`.
+    `recipe_overrides`: recipe field values, e.g. thought_tokens=3.
+    """
+    chosen = get(backend) if isinstance(backend, str) else backend
+    dtype = check_dtype(dtype)
+    adapter = None if adapter_path is None else Path(adapter_path)
+    if lora.is_adapter(path):  # the adapter (unless another is given) on the base model it records
+        adapter = adapter or Path(path)
+        path = base_model(Path(path), lora.read_adapter_config(Path(path)))
+    if adapter is not None and recipe is None:
+        recipe = (lora.read_adapter_config(adapter).get("qstar") or {}).get("recipe")
+    local = resolve(path)
+    info = checkpoint.inspect(local)
+    saved = info.saved_recipe or default_preset(local)
+    model = chosen.build_model(
+        info, make_recipe(saved if recipe is None else recipe, **recipe_overrides), dtype, device
+    )
+    model.source = str(local.resolve()) if Path(path).is_dir() else str(path)  # a hub id stays one
+    if adapter is not None:
+        model.load_adapter(adapter)
+    if step_mode is not None:
+        model.step_mode = check_step_mode(step_mode)
+    return model
+
+
+def base_model(adapter: Path, meta: dict[str, Any]) -> str:
+    """The base model an adapter directory records (qstar writes it; mlx-lm's have none)."""
+    base = meta.get("base_model")
+    if not isinstance(base, str):
+        raise ValueError(
+            f"{adapter / lora.CONFIG_FILE} names no base_model: pass --model BASE --adapter-path {adapter}"
+        )
+    if base.startswith(("/", ".")) and not Path(base).is_dir():
+        raise FileNotFoundError(
+            f"{adapter} was trained on {base}, which is not there any more: pass --model BASE --adapter-path {adapter}"
+        )
+    return base
+
+
+def gguf_source(src: str | Path, gguf_file: str | None) -> tuple[Path, str] | None:
+    """(directory, file name) when `src` names a GGUF checkpoint (a .gguf file, or a directory and --gguf-file)."""
+    path = Path(src).expanduser()
+    if gguf_file is not None:
+        if not (path / gguf_file).is_file():
+            raise FileNotFoundError(f"{path / gguf_file} not found: --gguf-file names a file inside SRC")
+        return path, gguf_file
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: pass an existing .gguf file")
+        return path.parent, path.name
+    return None
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    dtype: str | None = None,
+    recipe: str | None = None,
+    backend: str | Backend = "auto",
+    gguf_file: str | None = None,
+    quantize: tuple[int, int] | None = None,
+    **recipe_overrides: Any,
+) -> QStarModel:
+    """Write a qstar checkpoint at `dst` from an HF or authors' checkpoint (local or hub id), a GGUF file (or a
+    directory and `gguf_file`), or a qstar one.
+
+    `dtype` None keeps the checkpoint's own dtype where it has one (else float32). `recipe` None keeps the
+    checkpoint's own recipe (a qstar or authors' one), else the default preset; `recipe_overrides` change single
+    fields. `quantize` (bits, group_size): quantize the base weights (a QLoRA base). Nothing is left at `dst` if
+    anything fails.
+    """
+    if Path(dst).exists():
+        raise FileExistsError(f"{dst} already exists: choose a new output directory or remove it first")
+    remove_orphans(Path(dst).parent, lambda message: print(message, file=sys.stderr))  # what killed converts left
+    gguf = gguf_source(src, gguf_file)
+    with tempfile.TemporaryDirectory(prefix="qstar-gguf-") if gguf else nullcontext("") as scratch:
+        local = gguf_to_hf(*gguf, Path(scratch)) if gguf else resolve(src)
+        model = load(
+            local, backend=backend, dtype=dtype or checkpoint.source_dtype(local), recipe=recipe, **recipe_overrides
+        )
+        if quantize is not None:
+            model.quantize(*quantize)
+
+        def generation_config(tmp: Path) -> None:  # eos ids and sampling defaults travel with the checkpoint
+            if (local / "generation_config.json").is_file():
+                shutil.copyfile(local / "generation_config.json", tmp / "generation_config.json")
+
+        model.save(dst, extra=generation_config)
+    return model

@@ -1,0 +1,300 @@
+"""The model object a user calls, written once: numpy in, numpy out, any backend underneath.
+
+A backend subclasses `QStarModel` with its network (`backbone`, qstar/core/decoder.py) and supplies the hooks of
+`StoredModel` (qstar/core/persistence.py, what reaches files) and `gradients_of`."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from qstar.core import checkpoint
+from qstar.core.checkpoint import CheckpointInfo
+from qstar.core.decoder import Backbone
+from qstar.core.generate import Sampling, generate
+from qstar.core.layout import ThoughtLayout
+from qstar.core.model_config import ModelConfig
+from qstar.core.ops import Ops
+from qstar.core.persistence import StoredModel
+from qstar.core.recipe import Recipe
+from qstar.core.sampling import NoiseFn, banned_mask, numpy_gumbel, row_gumbel
+from qstar.core.thinker import LossTerms, Thinker
+
+DEFAULT_CPU_STEP_MODE = "two-pass"
+"""The faster on a CPU at short sequences, one-pass at L >= 128: benchmarks/step_modes.py (docs/PERFORMANCE.md)."""
+
+
+@dataclass
+class LossOutput:
+    total: float
+    lm: float
+    policy: float
+    """Before policy_weight."""
+    nll_base: np.ndarray
+    nll_talk: list[np.ndarray]
+    reward: np.ndarray
+    advantage: np.ndarray
+    mixing_weight: list[np.ndarray]
+    thoughts: np.ndarray
+
+
+@dataclass
+class Completion:
+    text: str
+    """The emitted text, cut before a stop string."""
+    tokens: list[int]
+    thoughts: list[str]
+    """Per emitted token, the decoded thought that preceded it (empty strings without thoughts)."""
+    stop: str
+    """Why it ended: "eos", "stop" (a stop string), "max_tokens" or "context" (the model's context is full)."""
+    prompt_tokens: int
+    """Tokens of the prompt the model saw."""
+    truncated: int = 0
+    """Tokens cut from the start of a prompt longer than the context (generate(..., truncate=True))."""
+    prompt_tps: float = 0.0
+    """Prompt tokens per second of the batch it was generated in."""
+    generation_tps: float = 0.0
+    """Emitted tokens per second of that batch (thoughts are extra work, not extra tokens)."""
+    peak_memory_gb: float = 0.0
+
+
+def default_step_mode(ops: Ops) -> str:
+    """The step mode a device gets unless asked for another (docs/PERFORMANCE.md)."""
+    return "two-pass" if ops.on_accelerator() else DEFAULT_CPU_STEP_MODE
+
+
+class QStarModel(StoredModel):
+    """A loaded Quiet-STaR model. Backends supply the network, its gradients and the hooks of StoredModel."""
+
+    def __init__(self, backbone: Backbone, recipe: Recipe, info: CheckpointInfo, dtype: str) -> None:
+        self.backbone, self.recipe, self.info, self.dtype = backbone, recipe, info, dtype
+        self.ops = backbone.ops
+        self.step_mode = default_step_mode(self.ops)
+        """How training steps score sampled thoughts (thinker.STEP_MODES); qstar.load's step_mode sets it."""
+        self.adapter = None
+        self.source = str(info.path)
+        self.banned = banned_mask(info.config.vocab_size, [info.start_id, info.end_id])
+        """(V,) bool: ids a thought never draws (the delimiters, where the vocabulary holds them)."""
+        self.device_banned = self.ops.asarray(self.banned) if self.banned.any() else None
+        """The same on the device; None when nothing is banned, which spares a pass over every (..., V) logits."""
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.info.config
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.info.tokenizer
+
+    def check_ids(self, input_ids: Any, attention_mask: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """Validated (B, L) int64 ids and a right-padded (B, L) bool mask."""
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(
+                f"input_ids must be an integer array of shape (batch, length), got {ids.dtype} {ids.shape}"
+            )
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}); got {ids.min()}..{ids.max()}")
+        mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+        if (np.diff(mask.astype(np.int8), axis=1) > 0).any():
+            raise ValueError(
+                "attention_mask must be right-padded (ones, then zeros): left padding is not supported in training"
+            )
+        return ids.astype(np.int64), mask
+
+    def layout(self, length: int) -> ThoughtLayout:
+        if length < self.recipe.min_seq_len():
+            raise ValueError(
+                f"sequences of {length} tokens are too short for lookahead={self.recipe.lookahead}: "
+                f"need at least {self.recipe.min_seq_len()} tokens"
+            )
+        return ThoughtLayout.every(length, self.recipe.think_every)
+
+    def logits(self, input_ids: Any) -> np.ndarray:
+        """Plain LM logits (B, L, V), no thoughts."""
+        ids, _ = self.check_ids(input_ids)
+        with self.ops.no_grad():
+            h, _ = self.backbone.base(self.ops.asarray(ids))
+            return self.ops.to_numpy(self.backbone.logits(h))
+
+    def sample_thoughts(self, input_ids: Any, seed: int | None = None) -> np.ndarray:
+        """(B*P, S, k) thought tokens; with a seed the noise comes from numpy, so every backend draws the same."""
+        ids, _ = self.check_ids(input_ids)
+        layout, rows = self.layout(ids.shape[1]), ids.shape[0] * self.recipe.thoughts_per_position
+        with self.ops.no_grad():
+            _, base_kv = self.backbone.base(self.ops.asarray(ids))
+            tokens = self.thinker().sample_without_gradient(base_kv, rows, layout, self.noise(seed))
+        return self.ops.to_numpy(tokens).astype(np.int64)
+
+    def thinker(self, recipe: Recipe | None = None) -> Thinker:
+        """The algorithm's steps on this model (with another recipe where given)."""
+        return Thinker(self.backbone, recipe or self.recipe, self.device_banned, self.config.fallback_pad_id)
+
+    def check_thoughts(self, thoughts: Any, rows: int, streams: int) -> np.ndarray:
+        t = np.asarray(thoughts)
+        expected = (rows, streams, self.recipe.thought_tokens)
+        if t.shape != expected:
+            raise ValueError(f"thoughts must have shape (B*P, streams, thought_tokens) = {expected}, got {t.shape}")
+        if (
+            (t < 0).any()
+            or (t >= self.config.vocab_size).any()
+            or np.isin(t, [self.info.start_id, self.info.end_id]).any()
+        ):
+            raise ValueError("thoughts must be ordinary token ids (no <start>/<end>, inside the vocabulary)")
+        return t.astype(np.int64)
+
+    def terms(
+        self, input_ids: Any, attention_mask: Any = None, thoughts: Any = None, seed: int | None = None
+    ) -> LossTerms:
+        """The backend arrays of one Quiet-STaR forward (differentiable unless under ops.no_grad())."""
+        ids, mask = self.check_ids(input_ids, attention_mask)
+        layout = self.layout(ids.shape[1])
+        rows = ids.shape[0] * self.recipe.thoughts_per_position
+        given = None if thoughts is None else self.ops.asarray(self.check_thoughts(thoughts, rows, layout.num_streams))
+        # with several ranks every one takes the masked path: its denominators are collectives (losses.masked_mean)
+        valid = None if mask.all() and self.ops.ranks == 1 else self.ops.asarray(mask.astype(np.float32))
+        return self.thinker().loss(self.ops.asarray(ids), valid, layout, given, self.noise(seed), self.step_mode)
+
+    def noise(self, seed: int | Sequence[int] | None) -> NoiseFn:
+        """Gumbel noise for sampling: with a seed from numpy (every backend draws the same); with one seed per row,
+        each row from its own numpy generator (its draws do not depend on the rest of the batch); else from the
+        backend's generator."""
+        if seed is None:
+            return self.ops.gumbel
+        return numpy_gumbel(seed) if isinstance(seed, int) else row_gumbel(list(seed))
+
+    def loss(
+        self, input_ids: Any, attention_mask: Any = None, thoughts: Any = None, seed: int | None = None
+    ) -> LossOutput:
+        """Every Quiet-STaR loss term as numpy; thoughts are sampled unless given (B*P, S, k)."""
+        with self.ops.no_grad():
+            terms = self.terms(input_ids, attention_mask, thoughts, seed)
+        return self.to_output(terms)
+
+    def next_token_logits(self, input_ids: Any, seed: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(plain, thoughtful, thoughts): next-token logits (B, L, V) without and after a thought sampled at every
+        position (one per position, the recipe's sample_temperature), and those thoughts (B, L, k)."""
+        ids, _ = self.check_ids(input_ids)
+        single = replace(self.recipe, thoughts_per_position=1, think_every=1)
+        layout = ThoughtLayout.every(ids.shape[1])
+        thinker = self.thinker(single)
+        with self.ops.no_grad():
+            x = self.ops.asarray(ids)
+            _, base_kv = self.backbone.base(x)
+            thoughts = thinker.sample_without_gradient(base_kv, ids.shape[0], layout, self.noise(seed))
+            plain, mixed = thinker.next_token_logits(x, thoughts, layout)
+            return self.ops.to_numpy(plain), self.ops.to_numpy(mixed), self.ops.to_numpy(thoughts).astype(np.int64)
+
+    def generate(
+        self,
+        prompts: str | list[str] | list[list[int]],
+        max_tokens: int = 64,
+        thoughts: bool = True,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | Sequence[int] | None = None,
+        stop: list[str] | tuple[str, ...] = (),
+        truncate: bool = False,
+    ) -> list[Completion]:
+        """Continue each prompt (text, or token ids), thinking before every token unless thoughts=False. A batch is
+        left-padded; a row ends at EOS, a stop string, max_tokens or the model's context. `seed`: one for the batch,
+        or one per prompt. A prompt longer than the context is an error, or with `truncate` loses its first tokens
+        (as lm-evaluation-harness does)."""
+        sampling = Sampling(max_tokens, temperature, top_k, top_p, thoughts)
+        ids, truncated = self.prompt_ids(prompts, truncate)
+        eos = None if self.tokenizer is None else self.tokenizer.eos_token_id
+
+        def finished(row: int, tokens: list[int]) -> str | None:
+            if tokens[-1] == eos:
+                return "eos"
+            return "stop" if stop and any(s in self.decode(tokens) for s in stop) else None
+
+        out = generate(self.thinker(), ids, sampling, self.noise(seed), finished, self.config.context)
+        speed = (
+            sum(map(len, ids)) / max(out.prompt_seconds, 1e-9),
+            sum(map(len, out.tokens)) / max(out.generation_seconds, 1e-9),
+            self.ops.peak_memory_gb(),
+        )
+        results = []
+        for row, (tokens, thought_ids) in enumerate(zip(out.tokens, out.thoughts, strict=True)):
+            text = self.decode(tokens)
+            for s in stop:
+                text = text.split(s)[0] if s in text else text
+            thought_texts = [self.decode(t) for t in thought_ids]
+            results.append(
+                Completion(text, tokens, thought_texts, out.stops[row], len(ids[row]), truncated[row], *speed)
+            )
+        return results
+
+    def decode(self, tokens: list[int]) -> str:
+        """Text of token ids, special tokens left out ("" without a tokenizer)."""
+        return "" if self.tokenizer is None else self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def prompt_ids(
+        self, prompts: str | list[str] | list[list[int]], truncate: bool
+    ) -> tuple[list[list[int]], list[int]]:
+        """The ids of each prompt (text is tokenized) that fit the context with room for one token, and how many
+        tokens each lost from its start (an error instead unless `truncate`)."""
+        texts: list[str | list[int]] = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not texts:
+            raise ValueError("no prompt given")
+        if any(isinstance(p, str) for p in texts) and self.tokenizer is None:
+            raise ValueError(
+                f"{self.info.path} has no tokenizer files, so it cannot read text: convert a checkpoint "
+                "that has them (tokenizer.json, ...), or pass token ids through the Python API"
+            )
+        ids: list[list[int]] = [self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in texts]
+        if any(not p or (isinstance(t, str) and not t.strip()) for p, t in zip(ids, texts, strict=True)):
+            raise ValueError("empty prompt: give some text to continue")
+        context, truncated = self.config.context, [0] * len(ids)
+        for row, prompt in enumerate(ids):
+            if context is not None and len(prompt) >= context:  # room for at least one new token
+                if not truncate:
+                    raise ValueError(
+                        f"the prompt has {len(prompt)} tokens, more than the model's context of {context} leaves "
+                        "room for: shorten it"
+                    )
+                truncated[row], ids[row] = len(prompt) - context + 1, prompt[len(prompt) - context + 1 :]
+        return ids, truncated
+
+    def to_output(self, terms: LossTerms) -> LossOutput:
+        n = self.ops.to_numpy
+        return LossOutput(
+            total=float(n(terms.total)),
+            lm=float(n(terms.lm)),
+            policy=float(n(terms.policy)),
+            nll_base=n(terms.nll_base),
+            nll_talk=[n(x) for x in terms.nll_talk],
+            reward=n(terms.reward),
+            advantage=n(terms.advantage),
+            mixing_weight=[n(x) for x in terms.mixing_weight],
+            thoughts=n(terms.thoughts).astype(np.int64),
+        )
+
+    def finite(self) -> bool:
+        """Whether every parameter is finite."""
+        return self.ops.all_finite(list(self.parameters().values()))
+
+    def gradients(
+        self, input_ids: Any, attention_mask: Any = None, thoughts: Any = None, seed: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """d total / d parameter for every parameter, under the names (and shapes) of the loaded checkpoint."""
+        grads = self.gradients_of(lambda: self.terms(input_ids, attention_mask, thoughts, seed).total)
+        return checkpoint.source_gradients(self.info.kind, grads, self.source_shapes())
+
+    def source_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shapes the loaded checkpoint gives the parameters it stores otherwise (the authors' thought rows)."""
+        if self.info.kind != "authors":
+            return {}
+        return {src: (2, self.config.hidden_size) for src in checkpoint.AUTHORS_EXTRAS}
+
+    @abstractmethod
+    def gradients_of(self, loss_fn: Callable[[], Any]) -> dict[str, np.ndarray]:
+        """The gradient of loss_fn() with respect to every trained parameter (checkpoint names), as numpy."""
