@@ -14,9 +14,13 @@ set -uo pipefail
 out="${OUT:-.}"
 export TORCHINDUCTOR_CACHE_DIR="${QSTAR_INDUCTOR_CACHE:-/tmp/qstar-inductor}"
 status=0
-python3 -c "import torch, transformers; assert torch.cuda.is_available(), 'no CUDA device'; \
-print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'transformers', transformers.__version__)" || exit 1
-report=(--backend torch --device cuda --dtype bfloat16 --shape qwen2-0.5b --seq-len 256 --thought-tokens 12
+if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_check.sh: PyTorch sees no CUDA GPU here: run it on a machine with one" >&2
+  exit 1
+fi
+python3 -c "import torch, transformers; \
+print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'transformers', transformers.__version__)"
+report=(--backend torch --device cuda --dtype bfloat16 --shape Qwen2.5-0.5B --seq-len 256 --thought-tokens 12
   --lookahead 4 --thoughts-per-position 2 --steps 5 --no-generation)
 part() {  # part SECONDS NAME COMMAND...: run with a time limit, note a failure, go on
   local limit=$1 name=$2
@@ -29,9 +33,9 @@ part 60 "two-pass" qstar bench "${report[@]}" --step-mode two-pass --out "$out/g
 part 60 "one-pass" qstar bench "${report[@]}" --step-mode one-pass --out "$out/gpu-one-pass.json"
 part 80 "two-pass, flex" qstar bench "${report[@]}" --step-mode two-pass --attention flex --out "$out/gpu-flex.json"
 part 120 "two-pass, compiled" qstar bench "${report[@]}" --step-mode two-pass --compile --out "$out/gpu-compiled.json"
-part 40 "profile" python3 benchmarks/profile_step.py --device cuda --shape qwen2-0.5b --dtype bfloat16 --seq-len 256 \
+part 40 "profile" python3 benchmarks/profile_step.py --device cuda --shape Qwen2.5-0.5B --dtype bfloat16 --seq-len 256 \
   --thought-tokens 12 --step-mode two-pass --kind qstar --rows 30 >"$out/gpu-profile.txt" 2>&1
-part 60 "memory" qstar bench --memory --measure --backend torch --device cuda --dtype bfloat16 --shape qwen2-0.5b \
+part 60 "memory" qstar bench --memory --measure --backend torch --device cuda --dtype bfloat16 --shape Qwen2.5-0.5B \
   --seq-len 256 --thought-tokens 12 --grad-checkpoint --step-mode two-pass --out "$out/gpu-memory.json"
 grep -E "^== " "$out/gpu-profile.txt"
 exit $status

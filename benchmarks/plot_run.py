@@ -37,12 +37,21 @@ def render(records: list[dict]) -> str:
     def y(value: float) -> float:
         return HEIGHT - PAD - (HEIGHT - 2 * PAD) * (value - lo) / max(hi - lo, 1e-9)
 
+    left, right, top, bottom = PAD, WIDTH - PAD, PAD, HEIGHT - PAD
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" font-family="sans-serif" '
         'font-size="12"><rect width="100%" height="100%" fill="white"/>',
-        f'<text x="{PAD}" y="{HEIGHT - 16}">step (0..{last})</text>',
-        f'<text x="4" y="{PAD - 8}">nats: {lo:.3f} .. {hi:.3f}</text>',
+        f'<path d="M{left},{top} V{bottom} H{right}" fill="none" stroke="black"/>',  # the axes
+        f'<text x="{(left + right) / 2}" y="{bottom + 30}" text-anchor="middle">step</text>',
+        f'<text x="12" y="{(top + bottom) / 2}" transform="rotate(-90 12 {(top + bottom) / 2})" '
+        'text-anchor="middle">NLL (nats)</text>',
     ]
+    for i in range(5):  # ticks: five steps, five NLL values
+        step, value = last * i / 4, lo + (hi - lo) * i / 4
+        parts.append(f'<line x1="{x(step):.1f}" y1="{bottom}" x2="{x(step):.1f}" y2="{bottom + 4}" stroke="black"/>')
+        parts.append(f'<text x="{x(step):.1f}" y="{bottom + 16}" text-anchor="middle">{step:.0f}</text>')
+        parts.append(f'<line x1="{left - 4}" y1="{y(value):.1f}" x2="{left}" y2="{y(value):.1f}" stroke="black"/>')
+        parts.append(f'<text x="{left - 6}" y="{y(value) + 4:.1f}" text-anchor="end">{value:.2f}</text>')
     for i, (_, key, colour, label) in enumerate(series):
         line = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points[key])
         dash = ' stroke-dasharray="6 3"' if key.endswith("_hard") else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -38,7 +39,8 @@ def evaluate(
     teacher_forced: Annotated[bool, typer.Option(help="Also the paper's teacher-forced answer probability")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the sampling noise (every question draws its own)")] = 0,
     out: Annotated[
-        Path | None, typer.Option(help="Directory of questions.jsonl and results.json [runs/eval/TASK-PROTOCOL-...]")
+        Path | None,
+        typer.Option(help="Directory of questions.jsonl and results.json [runs/eval/MODEL/TASK-PROTOCOL-THOUGHTS]"),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Start over in --out instead of resuming it")] = False,
 ) -> None:
@@ -61,7 +63,8 @@ def evaluate(
         seed=seed,
         teacher_forced=teacher_forced,
     )
-    out = out or Path("runs") / "eval" / f"{task}-{protocol}-{'thoughts' if thoughts else 'no-thoughts'}"
+    name = re.sub(r"[^\w.-]+", "-", model.path).strip("-")  # every model its own directory
+    out = out or Path("runs") / "eval" / name / f"{task}-{protocol}-{'thoughts' if thoughts else 'no-thoughts'}"
     examples = load_examples(spec, data)
     m = model.load()
     console = Console(stderr=True)

@@ -130,9 +130,9 @@ class ModelChoice:
         from qstar.core.loading import load
 
         chosen = backends.get(self.backend)
-        if self.threads is not None:
-            chosen.set_threads(self.threads)
-        return load(self.path, chosen, self.dtype, adapter_path=self.adapter_path, **self.recipe_overrides)
+        model = load(self.path, chosen, self.dtype, adapter_path=self.adapter_path, **self.recipe_overrides)
+        chosen.set_threads(self.threads, model.parameter_count)
+        return model
 
 
 def model_flags() -> list[inspect.Parameter]:

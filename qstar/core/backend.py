@@ -42,8 +42,8 @@ class Backend(Protocol):
     def make_ops(self, device: str | None = None) -> Ops:
         """The array interface on `device`: synchronisation and memory for measurements with no model loaded."""
 
-    def set_threads(self, threads: int) -> None:
-        """Compute on this many CPU threads."""
+    def set_threads(self, threads: int | None, parameters: int) -> None:
+        """Compute on `threads` CPU threads, or on what the backend finds fastest for a model of `parameters`."""
 
     def check_settings(self, cfg: TrainConfig) -> None:
         """Refuse, with one clear line, what this backend cannot run of a run's settings (before anything is

@@ -34,7 +34,7 @@ from safetensors.numpy import save_file
 from qstar.core import backend as backends
 from qstar.core.data import Batch
 from qstar.core.lora import FINE_TUNE_TYPES
-from qstar.core.memory import Step
+from qstar.core.memory import Step, counts
 from qstar.core.model_config import ModelConfig, is_linear, parse_config, read_config, shape_config, weight_shapes
 from qstar.core.train_config import TrainConfig
 
@@ -124,8 +124,7 @@ def make_step(cfg: BenchConfig, mode: str, path: Path) -> Callable[[], Any]:
     from qstar.core.loading import load
 
     backend, train = backends.get(cfg.train.backend), replace(cfg.train, model=str(path))
-    if train.threads:
-        backend.set_threads(train.threads)
+    backend.set_threads(train.threads, counts(cfg.model_config()).total)
     vocab, B, L = cfg.model_config().vocab_size, train.batch_size, train.max_seq_length
     if mode != "qstar":
         rows = math.ceil(cfg.tokens / L) if mode == "lm" else B

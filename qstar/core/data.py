@@ -131,8 +131,8 @@ def selected(texts: Iterator[str], spec: str, part: str, held_out: float) -> Ite
         raise ValueError(f"{spec} has no usable text (no non-blank documents): {WHAT_TO_PASS}")
     if count == 0:
         raise ValueError(
-            f"no document of {spec} falls in the {part} part (held_out={held_out}): "
-            "pass a larger source, another held_out, or a separate validation file"
+            f"no document of {spec} falls in the {part} part ({held_out:.0%} of the documents are held out for "
+            "validation): pass a larger source, or a separate validation file with --val-data"
         )
 
 

@@ -36,8 +36,9 @@ def require_hub(what: str, instead: str) -> None:
 
 
 def looks_like_hub_id(name: str) -> bool:
+    """owner/name, where `owner` is no directory here (`runs/model` with a `runs/` beside it is a local path)."""
     parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and not Path(parts[0]).is_dir()
 
 
 def resolve(name: str | Path) -> Path:

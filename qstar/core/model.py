@@ -5,6 +5,7 @@ A backend subclasses `QStarModel` with its network (`backbone`, qstar/core/decod
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -81,6 +82,10 @@ class QStarModel(StoredModel):
         """(V,) bool: ids a thought never draws (the delimiters, where the vocabulary holds them)."""
         self.device_banned = self.ops.asarray(self.banned) if self.banned.any() else None
         """The same on the device; None when nothing is banned, which spares a pass over every (..., V) logits."""
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(math.prod(v.shape) for v in self.parameters().values())
 
     @property
     def config(self) -> ModelConfig:

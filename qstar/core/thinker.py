@@ -215,17 +215,13 @@ class Thinker:
         ops, model, P = self.ops, self.model, self.recipe.thoughts_per_position
         rows = ids.shape[0] * P
         _, end = model.thought_vectors()
-        future = self.future_ids(ids, layout, self.recipe.lookahead - 1)  # teacher-forced after <end>
         drawn = ops.transpose(thoughts[:, :, max(first_step - 2, 0) :], (0, 2, 1))  # step s >= 2 feeds t_(s-1)
-        return ops.concat(
-            ([self.start_inputs(rows, layout.num_streams)] if first_step == 1 else [])
-            + [
-                model.embed(drawn),
-                ops.broadcast_to(end, (rows, 1, layout.num_streams, end.shape[-1])),
-                repeat_rows(ops, model.embed(future), P),
-            ],
-            axis=1,
-        )
+        parts = [model.embed(drawn), ops.broadcast_to(end, (rows, 1, layout.num_streams, end.shape[-1]))]
+        if first_step == 1:
+            parts.insert(0, self.start_inputs(rows, layout.num_streams))
+        if self.recipe.lookahead > 1:  # teacher-forced after <end> (a quantized embedding takes no empty lookup)
+            parts.append(repeat_rows(ops, model.embed(self.future_ids(ids, layout, self.recipe.lookahead - 1)), P))
+        return ops.concat(parts, axis=1)
 
     def think(
         self, ids: Array, base_kv: Cache, thoughts: Array | None, layout: ThoughtLayout, noise: NoiseFn | None

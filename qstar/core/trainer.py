@@ -211,8 +211,6 @@ def train(
     checkpoint)."""
     backend.check_settings(cfg)
     world = backend.join()
-    if cfg.threads is not None:
-        backend.set_threads(cfg.threads)
     log = TrainingLog(cfg, world, show_progress)
     out = Path(cfg.out)
     with RunDirectory(out, log.say) if world.main else nullcontext() as run_dir:  # rank 0 owns the directory
@@ -220,11 +218,17 @@ def train(
         found = world.gather(None if chosen is None else str(chosen))[0]  # every rank resumes from rank 0's choice
         latest = None if found is None else Path(found)
         model = load_for_training(cfg, backend, latest)
+        backend.set_threads(cfg.threads, model.parameter_count)
         if model.tokenizer is None:
             raise ValueError(f"{cfg.model} has no tokenizer files: qstar train needs them to tokenize --data")
         train_stream, val_batches = make_streams(cfg, model.tokenizer, model.recipe.min_seq_len(), world)
         session: Session = backend.Session(model, cfg, world)
         log.say(run_header(cfg, model, latest, session.parallel, world))
+        if cfg.iters <= cfg.warmup_steps:
+            log.say(
+                f"warning: --iters {cfg.iters} ends inside --warmup-steps {cfg.warmup_steps}: the learning rate never "
+                f"reaches --learning-rate {cfg.learning_rate:g}; pass fewer --warmup-steps"
+            )
         loop = Loop(cfg, session, train_stream, val_batches, out, log)
         if latest is not None:
             loop.restore(latest)
@@ -345,7 +349,7 @@ class Loop:
             parts.append(f"hard tokens {v['nll_base_hard']:.4f} -> {v['nll_talk_hard']:.4f}")
         parts.append(f"mixing weight {v['mixing_weight']:.3f}")
         line = ", ".join(parts)
-        if is_synthetic(self.cfg.data) and self.world.size == 1:
+        if is_synthetic(self.cfg.data) and self.cfg.recipe == "toy" and self.world.size == 1:  # the default run
             from qstar.core import toy_effect
 
             line += "\n  " + toy_effect.summary_line(toy_effect.measure(self.session.model))

@@ -20,16 +20,18 @@ def make_ops(device: str | None = None) -> MLXOps:
     return MLXOps()
 
 
-def set_threads(threads: int) -> None:
-    raise ValueError("--threads sets PyTorch's CPU threads: MLX chooses its own, so drop --threads with --backend mlx")
+def set_threads(threads: int | None, parameters: int) -> None:
+    if threads is not None:
+        raise ValueError(
+            "--threads sets PyTorch's CPU threads: MLX chooses its own, so drop --threads with --backend mlx"
+        )
 
 
 def check_settings(cfg: TrainConfig) -> None:
     """What MLX cannot run of a run's settings, said before anything is written."""
     if cfg.distributed == "fsdp":
         raise ValueError("--distributed fsdp is PyTorch's FSDP2: MLX holds the whole model in each process; drop it")
-    if cfg.threads is not None:
-        set_threads(cfg.threads)
+    set_threads(cfg.threads, 0)
 
 
 __all__ = ["name", "build_model", "Session", "join", "make_ops", "set_threads", "check_settings", "lm_step"]

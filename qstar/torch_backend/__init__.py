@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-import torch
+import os
 
-from qstar.core.train_config import TrainConfig
-from qstar.torch_backend.baseline import lm_step
-from qstar.torch_backend.distributed import join
-from qstar.torch_backend.ops import TorchOps
-from qstar.torch_backend.qstar_model import build_model, default_device
-from qstar.torch_backend.session import Session
+# OpenMP threads that wait for work sleep instead of spinning: a spinning thread steals the core another process
+# needs, and a run beside a busy process then takes 3-6x its time (docs/PERFORMANCE.md#threads). Read when torch
+# loads its OpenMP runtime, so set before the import; a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from qstar.core.train_config import TrainConfig  # noqa: E402
+from qstar.torch_backend.baseline import lm_step  # noqa: E402
+from qstar.torch_backend.distributed import join  # noqa: E402
+from qstar.torch_backend.ops import TorchOps  # noqa: E402
+from qstar.torch_backend.qstar_model import build_model, default_device  # noqa: E402
+from qstar.torch_backend.session import Session  # noqa: E402
 
 name = "torch"
 
@@ -18,8 +25,19 @@ def make_ops(device: str | None = None) -> TorchOps:
     return TorchOps(device or default_device())
 
 
-def set_threads(threads: int) -> None:
-    torch.set_num_threads(threads)
+ONE_THREAD_BELOW = 20_000_000
+"""Parameters under which a model computes on one CPU thread unless told otherwise: its many small operations are
+bound by dispatch, so a second thread adds little and loses much beside a busy process (the shipped model's 40 steps:
+2 spinning threads 15 s idle, 84 s beside a busy process; 1 thread 20 s and 22 s; docs/PERFORMANCE.md#threads);
+larger ones use every core (SmolLM2-135M: 1.3x faster idle on 2 threads, as fast beside a busy process)."""
+
+
+def set_threads(threads: int | None, parameters: int) -> None:
+    torch.set_num_threads(threads or (1 if parameters < ONE_THREAD_BELOW else CORES))
+
+
+CORES = torch.get_num_threads()
+"""PyTorch's own choice at import: one thread a physical core."""
 
 
 def check_settings(cfg: TrainConfig) -> None:

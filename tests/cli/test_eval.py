@@ -136,3 +136,25 @@ def test_the_papers_protocol_end_to_end(mixing_checkpoint, tmp_path):
     assert set(summary["metrics"]) == {"pass@1 (authors)", "cot-maj@2 (authors)", "pass@1 (qstar)", "cot-maj@2 (qstar)"}
     _, first, _ = lines(tmp_path)
     assert all(g.count("\nTherefore, the answer (arabic numerals) is") == 1 for g in first["generations"])
+
+
+def test_a_larger_limit_extends_an_evaluation_and_each_model_has_its_own_default_out(
+    mixing_checkpoint, llama_checkpoint, tmp_path, monkeypatch
+):
+    """The README's command run for a second model, then again with a larger --limit: no collision, no refusal; the
+    questions already answered are kept and only the new ones are asked."""
+    monkeypatch.chdir(tmp_path)
+    data = str(shared_file("data/gsm8k/test.jsonl"))
+    common = ["eval", "gsm8k", "--data", data, "--max-tokens", "4", "--backend", "torch"]
+    for model in (mixing_checkpoint, llama_checkpoint):
+        result = runner.invoke(app, [*common, "--model", str(model), "--limit", "2"])
+        assert result.exit_code == 0, result.output
+    outs = sorted(tmp_path.glob("runs/eval/*/gsm8k-qstar-thoughts"))
+    assert len(outs) == 2
+    first = lines(outs[0])
+    model = mixing_checkpoint if str(mixing_checkpoint).endswith(outs[0].parent.name[-10:]) else llama_checkpoint
+    result = runner.invoke(app, [*common, "--model", str(model), "--limit", "4"])
+    assert result.exit_code == 0, result.output
+    extended = lines(outs[0])
+    assert extended[: len(first)] == first and len(extended) == len(first) + 2
+    assert json.loads((outs[0] / "results.json").read_text())["n"] == 4

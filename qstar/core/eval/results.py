@@ -175,10 +175,6 @@ def write_results(path: str | Path, result: EvalResult) -> None:
     write_atomic(path, json.dumps(asdict(result), indent=2, ensure_ascii=False) + "\n")
 
 
-def read_results(path: str | Path) -> EvalResult:
-    return EvalResult(**json.loads(Path(path).read_text(encoding="utf-8")))
-
-
 @dataclass
 class RunningAccuracy:
     """The headline accuracy so far, for a progress bar ("acc 61.3% (49/80)")."""

@@ -182,7 +182,8 @@ def header(model: Any, task: Task, s: EvalSettings, model_name: str, data: str |
     """Everything the answers depend on, recorded as the first line of questions.jsonl."""
     return {
         "task": task.name,
-        "settings": asdict(s) | {"teacher_forced": None},  # scored afterwards: no answer depends on it
+        # scored afterwards, and a larger --limit extends the evaluation: no answer depends on either
+        "settings": asdict(s) | {"teacher_forced": None, "limit": None},
         "model": model_name,
         "model_fingerprint": model_fingerprint(Path(model.info.path)),
         "recipe": model.recipe.to_dict(),
