@@ -28,6 +28,10 @@ def convert(
         typer.Option(help=f"Recipe preset: {', '.join(PRESETS)} [default: the checkpoint's own, else default]"),
     ] = None,
     gguf_file: Annotated[str | None, typer.Option(help="The .gguf file inside SRC, a directory")] = None,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(help="A directory or hub id whose tokenizer the checkpoint takes (OpenELM ships none)"),
+    ] = None,
     backend: Backend = "auto",
     quantize: Annotated[
         bool,
@@ -52,6 +56,7 @@ def convert(
             recipe=recipe,
             backend=backend,
             gguf_file=gguf_file,
+            tokenizer=tokenizer,
             quantize=(q_bits, q_group_size) if quantize else None,
             **(recipe_overrides or {}),
         )

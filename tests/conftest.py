@@ -3,13 +3,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import TINY, make_hf_checkpoint
+from helpers import FAMILIES, TINY, make_checkpoint, make_hf_checkpoint
 
 
 @pytest.fixture(scope="session", params=sorted(TINY))
 def hf_checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """(model_type, directory) of a tiny random HF checkpoint with tokenizer files, one per supported type."""
     return request.param, make_hf_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def family_checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """(model_type, directory) of a tiny random checkpoint of every supported family, OpenELM included (which
+    transformers does not build): for the checks that need no transformers model."""
+    return request.param, make_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
 
 
 @pytest.fixture(scope="session")

@@ -132,6 +132,72 @@ def make_hf_checkpoint(
     return path
 
 
+OPENELM = dict(
+    model_type="openelm",
+    vocab_size=VOCAB,
+    model_dim=32,
+    head_dim=8,
+    num_transformer_layers=3,
+    num_gqa_groups=2,
+    num_query_heads=[4, 6, 4],
+    num_kv_heads=[2, 3, 1],  # uneven across layers, GQA ratios 2, 2 and 4
+    ffn_multipliers=[1.0, 2.0, 1.5],
+    ffn_dim_divisor=16,  # widths 32, 64, 48
+    ffn_with_glu=True,
+    normalize_qk_projections=True,
+    share_input_output_layers=True,
+    rope_freq_constant=10000,
+    max_context_length=1024,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+"""A tiny OpenELM in the hub's config format (layer-wise scaling over 3 layers)."""
+
+
+def make_openelm_checkpoint(path: Path, seed: int = 0, **overrides: Any) -> Path:
+    """A random tiny OpenELM as the hub holds one: config.json and model.safetensors under OpenELM's own names (fused
+    qkv_proj rows q | k | v, proj_1 rows gate | up), no tokenizer (OpenELM ships none)."""
+    from safetensors.numpy import save_file
+
+    config, rng = {**OPENELM, **overrides}, np.random.default_rng(seed)
+    d, hd = config["model_dim"], config["head_dim"]
+
+    def normal(*shape: int, scale: float = 0.2) -> np.ndarray:
+        return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+    tensors = {"transformer.token_embeddings.weight": normal(config["vocab_size"], d, scale=1.0)}
+    for i, (q, kv) in enumerate(zip(config["num_query_heads"], config["num_kv_heads"], strict=True)):
+        width = int(config["ffn_multipliers"][i] * d) // config["ffn_dim_divisor"] * config["ffn_dim_divisor"]
+        layer = f"transformer.layers.{i}."
+        tensors |= {
+            layer + "attn.qkv_proj.weight": normal((q + 2 * kv) * hd, d),
+            layer + "attn.out_proj.weight": normal(d, q * hd),
+            layer + "attn.q_norm.weight": 1 + normal(hd, scale=0.1),
+            layer + "attn.k_norm.weight": 1 + normal(hd, scale=0.1),
+            layer + "ffn.proj_1.weight": normal(2 * width, d),
+            layer + "ffn.proj_2.weight": normal(d, width),
+            layer + "attn_norm.weight": 1 + normal(d, scale=0.1),
+            layer + "ffn_norm.weight": 1 + normal(d, scale=0.1),
+        }
+    tensors["transformer.norm.weight"] = 1 + normal(d, scale=0.1)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+FAMILIES = (*sorted(TINY), "openelm")
+"""Every supported family; transformers builds the first ones, OpenELM (not in transformers) is written by hand."""
+
+
+def make_checkpoint(path: Path, family: str) -> Path:
+    """A tiny random checkpoint of a family (tokenizer files beside it, the char tokenizer)."""
+    if family != "openelm":
+        return make_hf_checkpoint(path, family)
+    char_tokenizer().save_pretrained(make_openelm_checkpoint(path))
+    return path
+
+
 def random_ids(batch: int, length: int, seed: int = 0, vocab: int = VOCAB) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, vocab, size=(batch, length))
 
@@ -154,6 +220,27 @@ TRAIN_SMALL = [
     "--warmup-steps",
     "2",
 ]
+
+
+def torchrun(*args: str) -> list[str]:
+    """A 2-process torchrun command on loopback, on a free port."""
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
+    return [*launch, "--master-addr", "127.0.0.1", *args]
+
+
+TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun_train(checkpoint: Path, out: Path, *extra: str) -> list[str]:
+    """`qstar train` of 12 small steps under a 2-process torchrun, a checkpoint after each."""
+    args = ["-m", "qstar.cli.main", "train", "--backend", "torch", "--model", str(checkpoint), "--out", str(out)]
+    return torchrun(*args, "--iters", "12", "--save-every", "1", "--steps-per-eval", "4", *TRAIN_SMALL, *extra)
 
 
 def train_records(out: Path, split: str = "train") -> dict[int, dict]:

@@ -32,6 +32,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from qstar.core import backend as backends
+from qstar.core.checkpoint import source_names
 from qstar.core.data import Batch
 from qstar.core.lora import FINE_TUNE_TYPES
 from qstar.core.memory import Step, counts
@@ -96,8 +97,8 @@ def random_checkpoint(fields: dict[str, Any], directory: Path, seed: int = 0) ->
         name: np.ones(shape, np.float32) if "norm" in name else (0.02 * rng.standard_normal(shape)).astype(np.float32)
         for name, shape in weight_shapes(cfg).items()
     }
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / "model.safetensors"))
+    directory.mkdir(parents=True, exist_ok=True)  # under the family's own names (OpenELM's fused projections)
+    save_file(source_names(cfg, tensors, np.concatenate), str(directory / "model.safetensors"))
     (directory / "config.json").write_text(json.dumps({**fields, "dtype": "float32"}, indent=2))
     return directory
 

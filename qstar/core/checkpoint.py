@@ -211,6 +211,76 @@ def check_weights(info: CheckpointInfo, expected: dict[str, tuple[int, ...]], go
 
 
 AUTHORS_EXTRAS = {"start_embedding": "thought.start", "end_embedding": "thought.end"}
+OPENELM_RENAMED = {
+    "attn.out_proj": "self_attn.o_proj",
+    "attn.q_norm": "self_attn.q_norm",
+    "attn.k_norm": "self_attn.k_norm",
+    "ffn.proj_2": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+OPENELM_FUSED = {
+    "attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "ffn.proj_1": ("mlp.gate_proj", "mlp.up_proj"),
+}
+"""An OpenELM layer's modules under qstar's (Hugging Face Llama) names: its fused projections hold their parts' rows
+in this order (q | k | v, gate | up), whatever the leaf (weight; a quantized base's scales and biases)."""
+OPENELM_OUTER = {"transformer.token_embeddings": "model.embed_tokens", "transformer.norm": "model.norm"}
+
+
+def part_rows(cfg: ModelConfig, index: int, fused: str) -> list[int]:
+    """How many rows each part of a fused projection of layer `index` holds."""
+    shape = cfg.layer(index)
+    if fused == "attn.qkv_proj":
+        return [shape.num_heads * cfg.head_dim, shape.num_kv_heads * cfg.head_dim, shape.num_kv_heads * cfg.head_dim]
+    return [shape.intermediate_size, shape.intermediate_size]
+
+
+def openelm_modules(cfg: ModelConfig) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+    """OpenELM module path -> qstar's, renamed and fused, over every layer."""
+    renamed, fused = dict(OPENELM_OUTER), dict[str, tuple[str, ...]]()
+    for i in range(cfg.num_layers):
+        layer, ours = f"transformer.layers.{i}.", f"model.layers.{i}."
+        renamed |= {layer + name: ours + internal for name, internal in OPENELM_RENAMED.items()}
+        fused |= {layer + name: tuple(ours + p for p in parts) for name, parts in OPENELM_FUSED.items()}
+    return renamed, fused
+
+
+def qstar_names(cfg: ModelConfig, tensors: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's base weights under qstar's names: OpenELM's renamed and its fused projections split by rows
+    (any other family's are qstar's already)."""
+    if cfg.model_type != "openelm":
+        return tensors
+    renamed, fused = openelm_modules(cfg)
+    out: dict[str, Any] = {}
+    for name, value in tensors.items():
+        module, leaf = name.rsplit(".", 1)
+        if module in fused:
+            ends = np.cumsum([0, *part_rows(cfg, int(module.split(".")[2]), module.split(".", 3)[3])])
+            out |= {f"{p}.{leaf}": value[a:b] for p, a, b in zip(fused[module], ends[:-1], ends[1:], strict=True)}
+        else:
+            out[f"{renamed.get(module, module)}.{leaf}"] = value
+    return out
+
+
+def source_names(cfg: ModelConfig, tensors: dict[str, Any], concat: Callable[[list[Any]], Any]) -> dict[str, Any]:
+    """The inverse of qstar_names: base weights under the checkpoint family's own names (OpenELM's projections fused
+    again with `concat` along the rows), so that its own loaders (mlx-lm's) read what qstar writes."""
+    if cfg.model_type != "openelm":
+        return tensors
+    renamed, fused = openelm_modules(cfg)
+    back = {ours: theirs for theirs, ours in renamed.items()}
+    parts = {p: (theirs, i) for theirs, ours in fused.items() for i, p in enumerate(ours)}
+    out: dict[str, Any] = {}
+    pieces: dict[str, dict[int, Any]] = {}
+    for name, value in tensors.items():
+        module, leaf = name.rsplit(".", 1)
+        if module in parts:
+            theirs, i = parts[module]
+            pieces.setdefault(f"{theirs}.{leaf}", {})[i] = value
+        else:
+            out[f"{back.get(module, module)}.{leaf}"] = value
+    return out | {name: concat([got[i] for i in sorted(got)]) for name, got in pieces.items()}
 
 
 def source_name(kind: str, name: str) -> tuple[str, int | None]:
@@ -277,7 +347,7 @@ def model_tensors(
     tensors = {k: v for k, v in tensors.items() if not k.endswith(IGNORED_SUFFIXES)}
     if info.config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
-    tensors = internal_weights(info.kind, tensors)
+    tensors = qstar_names(info.config, internal_weights(info.kind, tensors))
     if info.kind == "hf":
         rows = embedding_rows(tensors["model.embed_tokens.weight"], info.token_ids(recipe.init_token))
         extras = init_extras(rows, info.config.hidden_size, recipe.embedding_scale)

@@ -8,6 +8,15 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "merges.txt", "vocab.json"]
+TOKENIZER_PATTERNS = [
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "*.jinja",
+    "merges.txt",
+    "vocab.json",
+]
+"""A tokenizer's files alone (qstar convert --tokenizer)."""
 
 
 HUB_HOST = ("huggingface.co", 443)
@@ -41,8 +50,9 @@ def looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and not Path(parts[0]).is_dir()
 
 
-def resolve(name: str | Path) -> Path:
-    """A local directory as is; otherwise download `owner/name` from the Hub (weights as safetensors only)."""
+def resolve(name: str | Path, patterns: list[str] = HUB_PATTERNS) -> Path:
+    """A local directory as is; otherwise download `owner/name` from the Hub (its files matching `patterns`: by
+    default the model, weights as safetensors only)."""
     path = Path(name).expanduser()
     if path.exists():
         return path
@@ -54,7 +64,7 @@ def resolve(name: str | Path) -> Path:
 
     require_hub(f"download {name}", "pass a local checkpoint directory instead")
     try:
-        return Path(snapshot_download(str(name), allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(str(name), allow_patterns=patterns))
     except Exception as err:  # network, auth, missing repo: one message that says what to do
         reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
         raise RuntimeError(

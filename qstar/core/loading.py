@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,9 @@ from qstar.core import checkpoint, lora
 from qstar.core.backend import Backend, get, gguf_to_hf
 from qstar.core.dtypes import check_dtype
 from qstar.core.files import remove_orphans
-from qstar.core.hub import resolve
+from qstar.core.hub import TOKENIZER_PATTERNS, resolve
 from qstar.core.model import QStarModel
+from qstar.core.model_config import read_config
 from qstar.core.recipe import Recipe, make_recipe
 from qstar.core.thinker import check_step_mode
 from qstar.weights import default_preset
@@ -76,6 +76,31 @@ def base_model(adapter: Path, meta: dict[str, Any]) -> str:
     return base
 
 
+def with_tokenizer(local: Path, tokenizer: str | Path | None, scratch: Path) -> Path:
+    """The checkpoint directory with `tokenizer`'s files (a directory or hub id) beside its own files, in `scratch`
+    (the source is left as it is); one clear error for a checkpoint that needs a tokenizer and gets none."""
+    config, _ = read_config(local)
+    has_one = any((local / f).is_file() for f in checkpoint.TOKENIZER_FILES[:3])
+    if tokenizer is None:
+        if config.model_type == "openelm" and not has_one:
+            raise ValueError(
+                f"{local} is an OpenELM checkpoint, which ships no tokenizer: pass --tokenizer DIR_OR_HUB_ID (Apple's "
+                "models use Llama-2's, e.g. --tokenizer meta-llama/Llama-2-7b-hf)"
+            )
+        return local
+    files = resolve(tokenizer, TOKENIZER_PATTERNS)
+    found = [f for f in checkpoint.TOKENIZER_FILES if (files / f).is_file()]
+    if not any(f in found for f in checkpoint.TOKENIZER_FILES[:3]):
+        raise FileNotFoundError(f"--tokenizer {tokenizer} holds no tokenizer.json, tokenizer.model or vocab.json")
+    scratch.mkdir(parents=True)
+    for item in local.iterdir():
+        if item.name not in checkpoint.TOKENIZER_FILES:
+            (scratch / item.name).symlink_to(item.resolve())
+    for name in found:
+        shutil.copyfile(files / name, scratch / name)
+    return scratch
+
+
 def gguf_source(src: str | Path, gguf_file: str | None) -> tuple[Path, str] | None:
     """(directory, file name) when `src` names a GGUF checkpoint (a .gguf file, or a directory and --gguf-file)."""
     path = Path(src).expanduser()
@@ -98,6 +123,7 @@ def convert(
     backend: str | Backend = "auto",
     gguf_file: str | None = None,
     quantize: tuple[int, int] | None = None,
+    tokenizer: str | Path | None = None,
     **recipe_overrides: Any,
 ) -> QStarModel:
     """Write a qstar checkpoint at `dst` from an HF or authors' checkpoint (local or hub id), a GGUF file (or a
@@ -105,15 +131,16 @@ def convert(
 
     `dtype` None keeps the checkpoint's own dtype where it has one (else float32). `recipe` None keeps the
     checkpoint's own recipe (a qstar or authors' one), else the default preset; `recipe_overrides` change single
-    fields. `quantize` (bits, group_size): quantize the base weights (a QLoRA base). Nothing is left at `dst` if
-    anything fails.
+    fields. `quantize` (bits, group_size): quantize the base weights (a QLoRA base). `tokenizer`: a directory or hub
+    id whose tokenizer the checkpoint takes (OpenELM ships none). Nothing is left at `dst` if anything fails.
     """
     if Path(dst).exists():
         raise FileExistsError(f"{dst} already exists: choose a new output directory or remove it first")
     remove_orphans(Path(dst).parent, lambda message: print(message, file=sys.stderr))  # what killed converts left
     gguf = gguf_source(src, gguf_file)
-    with tempfile.TemporaryDirectory(prefix="qstar-gguf-") if gguf else nullcontext("") as scratch:
-        local = gguf_to_hf(*gguf, Path(scratch)) if gguf else resolve(src)
+    with tempfile.TemporaryDirectory(prefix="qstar-convert-") as scratch:
+        local = gguf_to_hf(*gguf, Path(scratch) / "gguf") if gguf else resolve(src)
+        local = with_tokenizer(local, tokenizer, Path(scratch) / "source")
         model = load(
             local, backend=backend, dtype=dtype or checkpoint.source_dtype(local), recipe=recipe, **recipe_overrides
         )

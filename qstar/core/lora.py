@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from qstar.core.checkpoint import EXTRA_PREFIXES
+from qstar.core.checkpoint import EXTRA_PREFIXES, OPENELM_FUSED, OPENELM_RENAMED
 from qstar.core.fields import check_fields
 
 FINE_TUNE_TYPES = ("full", "lora", "dora")
@@ -34,6 +34,8 @@ LINEAR_KEYS = (
     "mlp.down_proj",
 )
 """The Linear layers of a decoder layer, mlx-lm's default keys for the Llama family."""
+FUSED_KEYS = OPENELM_FUSED | {name: (internal,) for name, internal in OPENELM_RENAMED.items() if "proj" in name}
+"""OpenELM's names of its projections, as --lora-keys takes them: a fused one adapts each of its parts."""
 QUANTIZE_BITS = (2, 3, 4, 5, 6, 8)
 QUANTIZE_GROUPS = (32, 64, 128)
 """What MLX's affine quantization takes (QLoRA: `qstar convert --quantize`)."""
@@ -61,9 +63,10 @@ class LoraConfig:
             raise ValueError(f"--num-layers {self.num_layers}: wrap the last N >= 1 decoder layers, or -1 for all")
         if self.rank < 1 or self.scale <= 0 or not 0 <= self.dropout < 1:
             raise ValueError("--lora-rank must be >= 1, --lora-scale > 0 and dropout in [0, 1)")
+        self.keys = list(dict.fromkeys(k for key in self.keys for k in FUSED_KEYS.get(key, (key,))))
         unknown = sorted(set(self.keys) - set(LINEAR_KEYS))
         if unknown:
-            raise ValueError(f"--lora-keys {unknown}: choose among {', '.join(LINEAR_KEYS)}")
+            raise ValueError(f"--lora-keys {unknown}: choose among {', '.join([*LINEAR_KEYS, *FUSED_KEYS])}")
 
     def layers(self, num_layers: int) -> range:
         """The indices of the wrapped decoder layers: the last num_layers (mlx-lm's slicing, -1 all)."""

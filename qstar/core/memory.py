@@ -23,7 +23,7 @@ RECOMPUTED_ACTIVATIONS = {"mlx": 1.6}
 checkpointing."""
 LAYERS_GATHERED = 2
 """FSDP2 units a rank holds whole at once with resharding after each call: the running one and the prefetched."""
-TABLE_MODELS = ("Qwen2.5-0.5B", "Qwen2.5-1.5B", "Qwen2.5-7B", "Mistral-7B")
+TABLE_MODELS = ("OpenELM-270M", "Qwen2.5-0.5B", "Qwen2.5-1.5B", "Qwen2.5-7B", "Mistral-7B")
 """The named shapes (model_config.SHAPES) of the README's table."""
 MODELS = {name: parse_config(shape_config(name)) for name in SHAPES}
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "openelm")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 Power = Callable[[float, np.ndarray], np.ndarray]
 """base ** exponents (float32 in and out)."""
@@ -95,6 +95,8 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"unsupported model_type {model_type!r}: qstar supports {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if model_type == "openelm":
+        return parse_openelm(raw)
     rope: dict[str, Any] = dict(raw.get("rope_parameters") or {})
     scaling = dict(raw.get("rope_scaling") or {})
     theta: float = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
@@ -129,6 +131,79 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         eos_token_id=_first_int(raw.get("eos_token_id")),
         pad_token_id=_first_int(raw.get("pad_token_id")),
         max_position_embeddings=_first_int(raw.get("max_position_embeddings")),
+    )
+
+
+def make_divisible(value: float, divisor: int) -> int:
+    """OpenELM's widths (corenet's make_divisible): the nearest multiple of divisor, at least divisor, and never more
+    than 10% below value."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def per_layer(raw: dict[str, Any], name: str, layers: int) -> list[float]:
+    """A per-layer OpenELM setting: a list of one value a layer, two ends spread linearly over the layers (rounded to
+    2 decimals, as the hub's config class spreads them), or one value for every layer."""
+    value = raw[name]
+    if isinstance(value, int | float):
+        return [float(value)] * layers
+    if len(value) == 2 and layers != 2:
+        return [round(float(v), 2) for v in np.linspace(value[0], value[1], num=layers)]
+    if len(value) != layers:
+        raise ValueError(f"{name} holds {len(value)} values for {layers} layers: give one a layer")
+    return [float(v) for v in value]
+
+
+def openelm_layers(raw: dict[str, Any]) -> tuple[LayerShape, ...]:
+    """OpenELM's layer-wise scaling: each layer's query and KV heads and FFN width. The head lists are read as
+    config.json gives them (as mlx-lm does), else computed from qkv_multipliers and num_gqa_groups (as the hub's
+    config class does); FFN width = make_divisible(multiplier * model_dim, ffn_dim_divisor)."""
+    layers, d, hd = int(raw["num_transformer_layers"]), int(raw["model_dim"]), int(raw["head_dim"])
+    groups = int(raw.get("num_gqa_groups", 1))
+    if "num_query_heads" in raw:
+        heads = [int(h) for h in raw["num_query_heads"]]
+        kv = [int(h) for h in raw.get("num_kv_heads", [h // groups for h in heads])]
+    else:
+        heads = [make_divisible(d * m, hd * groups) // hd for m in per_layer(raw, "qkv_multipliers", layers)]
+        kv = [h // groups for h in heads]
+    widths = [
+        make_divisible(m * d, int(raw.get("ffn_dim_divisor", 256))) for m in per_layer(raw, "ffn_multipliers", layers)
+    ]
+    if not len(heads) == len(kv) == layers:
+        raise ValueError(f"num_query_heads and num_kv_heads need one value for each of the {layers} layers")
+    return tuple(LayerShape(h, k, f) for h, k, f in zip(heads, kv, widths, strict=True))
+
+
+def parse_openelm(raw: dict[str, Any]) -> ModelConfig:
+    """Apple's OpenELM: Llama's layers (fused projections are split where checkpoints are read), scaled layer by
+    layer, q/k RMSNorm, tied embeddings; RMSNorm eps 1e-6 as mlx-lm takes it (config.json has none)."""
+    if not raw.get("ffn_with_glu", True) or raw.get("activation_fn_name", "swish") not in ("swish", "silu"):
+        raise ValueError("unsupported OpenELM config: qstar runs its gated SiLU FFN (ffn_with_glu, swish) only")
+    if raw.get("normalization_layer_name", "rms_norm") != "rms_norm":
+        raise ValueError("unsupported OpenELM config: qstar runs its RMSNorm (normalization_layer_name rms_norm) only")
+    shapes = openelm_layers(raw)
+    widest = max(shapes, key=lambda s: (s.num_heads, s.intermediate_size))
+    return ModelConfig(
+        model_type="openelm",
+        vocab_size=int(raw["vocab_size"]),
+        hidden_size=int(raw["model_dim"]),
+        intermediate_size=max(s.intermediate_size for s in shapes),
+        num_layers=len(shapes),
+        num_heads=widest.num_heads,
+        num_kv_heads=widest.num_kv_heads,
+        head_dim=int(raw["head_dim"]),
+        rms_norm_eps=1e-6,
+        rope_theta=float(raw.get("rope_freq_constant", 10000.0)),
+        tie_word_embeddings=bool(raw.get("share_input_output_layers", True)),
+        qkv_bias=False,
+        o_bias=False,
+        qk_norm=bool(raw.get("normalize_qk_projections", True)),
+        rope_scaling={"rope_type": "default"},
+        bos_token_id=_first_int(raw.get("bos_token_id")),
+        eos_token_id=_first_int(raw.get("eos_token_id")),
+        pad_token_id=_first_int(raw.get("pad_token_id")),
+        max_position_embeddings=_first_int(raw.get("max_context_length")),
+        layer_shapes=shapes,
     )
 
 
@@ -239,9 +314,28 @@ SHAPES: dict[str, dict[str, Any]] = {
         ("Mistral-7B", "mistral", 32000, 4096, 14336, 32, 32, 8, False),
     ]
 }
+SHAPES["OpenELM-270M"] = dict(
+    model_type="openelm",
+    vocab_size=32000,
+    model_dim=1280,
+    head_dim=64,
+    num_transformer_layers=16,
+    num_gqa_groups=4,
+    num_query_heads=[12] * 5 + [16] * 7 + [20] * 4,
+    num_kv_heads=[3] * 5 + [4] * 7 + [5] * 4,
+    qkv_multipliers=[0.5, 1.0],
+    ffn_multipliers=[round(float(m), 2) for m in np.linspace(0.5, 4.0, 16)],
+    ffn_dim_divisor=256,
+    max_context_length=2048,
+    rope_freq_constant=10000,
+    normalize_qk_projections=True,
+    share_input_output_layers=True,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 """Named model shapes as their config.json fields: `small` (a CPU benchmark's Llama), `proxy-24` (Qwen2-0.5B's 24
 layers at width 64: a real model's operator count at a CPU's cost), and the published shapes of the models the
-README's memory table covers."""
+README's memory table covers (OpenELM-270M as apple/OpenELM-270M's config.json gives it)."""
 SHAPE_DEFAULTS = {"max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_norm_eps": 1e-6}
 """What a named shape's config.json gets besides (the model family's defaults)."""
 

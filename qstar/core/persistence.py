@@ -18,6 +18,7 @@ from qstar.core import checkpoint, lora
 from qstar.core.checkpoint import CheckpointInfo
 from qstar.core.files import atomic_directory
 from qstar.core.lora import QUANTIZE_BITS, QUANTIZE_GROUPS, LoraConfig
+from qstar.core.ops import Ops
 from qstar.core.recipe import Recipe
 
 Extra = Callable[[Path], None]
@@ -28,6 +29,7 @@ class StoredModel(ABC):
     """A model's checkpoint, recipe and adapters, and the files it reads and writes."""
 
     info: CheckpointInfo
+    ops: Ops
     recipe: Recipe
     dtype: str
     adapter: LoraConfig | None
@@ -155,6 +157,7 @@ class StoredModel(ABC):
         params = self.parameters()
         extras = {k: v for k, v in params.items() if k.startswith(checkpoint.EXTRA_PREFIXES)}
         base = {k: v for k, v in params.items() if k not in extras}
+        base = checkpoint.source_names(self.info.config, base, lambda parts: self.ops.concat(parts, axis=0))
         with atomic_directory(path, overwrite) as tmp:
             sizes = {k: self.nbytes(v) for k, v in base.items()}
             shards = checkpoint.plan_shards(sizes, checkpoint.MAX_SHARD_BYTES)

@@ -35,8 +35,8 @@ def rel(got: np.ndarray, want: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def qstar_checkpoint(hf_checkpoint, tmp_path_factory) -> tuple[str, Path]:
-    model_type, path = hf_checkpoint
+def qstar_checkpoint(family_checkpoint, tmp_path_factory) -> tuple[str, Path]:
+    model_type, path = family_checkpoint
     m = qstar.load(str(path), backend="torch", dtype="float64", device="cpu", **RECIPE)
     with torch.no_grad():
         head = m.parameters()["mixing_head.4.weight"]

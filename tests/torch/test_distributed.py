@@ -6,31 +6,19 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TRAIN_SMALL, assert_same_runs, assert_whole_batch_gradients, uneven_batch
+from helpers import TORCHRUN_ENV as ENV
+from helpers import assert_same_runs, assert_whole_batch_gradients, torchrun, torchrun_train, uneven_batch
 from safetensors.torch import load_file
 
 import qstar
 
 HERE = Path(__file__).resolve().parent
-
-
-def torchrun(*args: str) -> list[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
-    return [*launch, "--master-addr", "127.0.0.1", *args]
-
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.mark.parametrize("distributed", ["ddp", "fsdp", "fsdp ckpt"])
@@ -48,17 +36,12 @@ def test_two_ranks_compute_the_gradient_of_the_whole_batch(mixing_checkpoint, tm
     assert_whole_batch_gradients(tmp_path / "out.npz", reference, ids, mask, thoughts)
 
 
-def train(checkpoint: Path, out: Path, *extra: str) -> list[str]:
-    args = ["-m", "qstar.cli.main", "train", "--backend", "torch", "--model", str(checkpoint), "--out", str(out)]
-    return torchrun(*args, "--iters", "12", "--save-every", "1", "--steps-per-eval", "4", *TRAIN_SMALL, *extra)
-
-
 @pytest.mark.parametrize("distributed", ["ddp", "auto"])
 def test_a_killed_two_rank_run_resumes_exactly(llama_checkpoint, tmp_path, distributed):
     """Under DDP and under FSDP2 (auto for full fine-tuning): the sharded run's checkpoint is a whole one too."""
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     done = subprocess.run(
-        train(llama_checkpoint, whole, "--distributed", distributed),
+        torchrun_train(llama_checkpoint, whole, "--distributed", distributed),
         env=ENV,
         capture_output=True,
         text=True,
@@ -67,7 +50,7 @@ def test_a_killed_two_rank_run_resumes_exactly(llama_checkpoint, tmp_path, distr
     assert done.returncode == 0, done.stderr[-3000:]
     assert ("FSDP2" in done.stderr) == (distributed == "auto")
     process = subprocess.Popen(
-        train(llama_checkpoint, broken, "--distributed", distributed),
+        torchrun_train(llama_checkpoint, broken, "--distributed", distributed),
         env=ENV,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
@@ -82,7 +65,7 @@ def test_a_killed_two_rank_run_resumes_exactly(llama_checkpoint, tmp_path, distr
     assert process.wait(timeout=120) != 0
     assert not (broken / "checkpoints" / "step-0000012").exists()  # killed before the end: the resume reruns steps
     done = subprocess.run(
-        train(llama_checkpoint, broken, "--resume"), env=ENV, capture_output=True, text=True, timeout=600
+        torchrun_train(llama_checkpoint, broken, "--resume"), env=ENV, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_runs(whole, broken, 12)
@@ -97,7 +80,9 @@ def test_fsdp_in_bfloat16_keeps_float32_master_shards(llama_checkpoint, tmp_path
     """Mixed precision: bf16 compute, float32 master weights (the shards) in the checkpoint's training state, a
     bf16 model that one process loads."""
     out = tmp_path / "bf16"
-    args = train(llama_checkpoint, out, "--dtype", "bfloat16", "--grad-accumulation-steps", "2", "--iters", "2")
+    args = torchrun_train(
+        llama_checkpoint, out, "--dtype", "bfloat16", "--grad-accumulation-steps", "2", "--iters", "2"
+    )
     done = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     saved = load_file(out / "model" / "model.safetensors") | load_file(out / "model" / "qstar.safetensors")
