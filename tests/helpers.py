@@ -301,7 +301,9 @@ def short_training(backend: str, checkpoint: Path, tmp_path: Path) -> Path:
     first = np.mean([train[s]["lm"] for s in (1, 2, 3)])
     last = np.mean([train[s]["lm"] for s in (28, 29, 30)])
     assert last < first - 0.3
-    assert set(train_records(out, "val")) == {15, 30}
+    val = train_records(out, "val")
+    assert set(val) == {0, 15, 30}  # step 0: the untrained model's numbers
+    assert val[0]["nll_base_next"] == val[0]["nll_talk_next"]  # a fresh mixing head mixes in nothing
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000015", "step-0000030"]
     config = json.loads((out / "config.json").read_text())
     assert config["iters"] == 30 and config["backend"] == backend

@@ -101,10 +101,17 @@ def is_hub_spec(spec: str) -> bool:
     )
 
 
-def hard_characters(spec: str) -> Callable[[str], list[bool]] | None:
-    """What marks the hard tokens of a source's documents, per character (the synthetic corpus marks its answers:
-    synthetic.hard_mask); None for sources without such a notion."""
-    return synthetic.hard_mask if is_synthetic(spec) else None
+FINAL_ANSWER = re.compile(r"####\s*(\S[^\n]*?)\s*$", re.M)
+"""GSM8K's final answer, after `####` at the end of its line (the worked solutions close with it)."""
+
+
+def hard_mask(text: str) -> list[bool]:
+    """Per character of any text: True for its hard tokens, the answers of the synthetic corpus's documents and
+    GSM8K's final answers (after `####`); all False for text without either."""
+    mask = synthetic.hard_mask(text)
+    for match in FINAL_ANSWER.finditer(text):
+        mask[match.start(1) : match.end(1)] = [True] * (match.end(1) - match.start(1))
+    return mask
 
 
 def synthetic_difficulty(spec: str) -> tuple[int, int]:

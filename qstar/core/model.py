@@ -44,6 +44,20 @@ class LossOutput:
 
 
 @dataclass
+class NextToken:
+    """What inference predicts at every position of (B, L) ids (QStarModel.next_token_logits)."""
+
+    plain: np.ndarray
+    """(B, L, V) logits without a thought."""
+    mixed: np.ndarray
+    """(B, L, V) logits after the thought, mixed with the plain ones by the mixing head."""
+    thoughts: np.ndarray
+    """(B, L, k) the thought at each position."""
+    weight: np.ndarray
+    """(B, L) the mixing head's weight of the thought side."""
+
+
+@dataclass
 class Completion:
     text: str
     """The emitted text, cut before a stop string."""
@@ -182,19 +196,24 @@ class QStarModel(StoredModel):
             terms = self.terms(input_ids, attention_mask, thoughts, seed)
         return self.to_output(terms)
 
-    def next_token_logits(self, input_ids: Any, seed: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(plain, thoughtful, thoughts): next-token logits (B, L, V) without and after a thought sampled at every
-        position (one per position, the recipe's sample_temperature), and those thoughts (B, L, k)."""
+    def next_token_logits(self, input_ids: Any, seed: Any = None, thoughts: Any = None) -> NextToken:
+        """The next-token predictions (B, L, V) at every position without and after a thought: sampled there (one per
+        position, the recipe's sample_temperature; `seed` as for generate) unless `thoughts` (B, L, k) are given
+        (a control: thoughts of other content, the same computation)."""
         ids, _ = self.check_ids(input_ids)
         single = replace(self.recipe, thoughts_per_position=1, think_every=1)
         layout = ThoughtLayout.every(ids.shape[1])
         thinker = self.thinker(single)
         with self.ops.no_grad():
             x = self.ops.asarray(ids)
-            _, base_kv = self.backbone.base(x)
-            thoughts = thinker.sample_without_gradient(base_kv, ids.shape[0], layout, self.noise(seed))
-            plain, mixed = thinker.next_token_logits(x, thoughts, layout)
-            return self.ops.to_numpy(plain), self.ops.to_numpy(mixed), self.ops.to_numpy(thoughts).astype(np.int64)
+            base = self.backbone.base(x)
+            if thoughts is None:
+                drawn = thinker.sample_without_gradient(base[1], ids.shape[0], layout, self.noise(seed))
+            else:
+                drawn = self.ops.asarray(self.check_thoughts(thoughts, ids.shape[0], ids.shape[1]))
+            plain, mixed, w = thinker.next_token_logits(x, base, drawn, layout)
+            n = self.ops.to_numpy
+            return NextToken(n(plain), n(mixed), n(drawn).astype(np.int64), n(w))
 
     def generate(
         self,

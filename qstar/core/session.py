@@ -83,9 +83,9 @@ def evaluation_metrics(records: list[dict[str, float]]) -> dict[str, float]:
     (nll_base_NAME) and with (nll_talk_NAME) the thought."""
     means = mean_metrics(records)
     for name in [k.removesuffix("_tokens") for k in means if k.endswith("_tokens")]:
-        count = max(means.pop(f"{name}_tokens"), 1e-12)
-        means[f"nll_base_{name}"] = means.pop(f"nll_base_{name}_sum") / count
-        means[f"nll_talk_{name}"] = means.pop(f"nll_talk_{name}_sum") / count
+        count, base, talk = (means.pop(k) for k in (f"{name}_tokens", f"nll_base_{name}_sum", f"nll_talk_{name}_sum"))
+        if count > 0:  # (data that marks no hard token has no hard-token NLL)
+            means[f"nll_base_{name}"], means[f"nll_talk_{name}"] = base / count, talk / count
     return means
 
 

@@ -45,7 +45,8 @@ def document_scores(m: QStarModel, group: list[str], seed: int) -> list[dict[str
     """The measurements of documents of one length, scored together."""
     tok = m.tokenizer
     ids = np.array([tok(d)["input_ids"] + [tok.eos_token_id] for d in group], np.int64)
-    plain, mixed, thoughts = m.next_token_logits(ids, seed=seed)
+    out = m.next_token_logits(ids, seed=seed)
+    plain, mixed, thoughts = out.plain, out.mixed, out.thoughts
     weights = m.loss(ids, seed=seed).mixing_weight[0]  # (B*P, S): j = 1, every stream
     targets = ids[:, 1:]
     lp_plain = np.take_along_axis(log_softmax(plain[:, :-1]), targets[..., None], -1)[..., 0]

@@ -55,6 +55,8 @@ class TrainConfig:
     """Steps between validations (base vs thoughtful NLL on held-out data)."""
     val_batches: int = setting(8, positive=True, resumable=True)
     """Held-out batches per validation."""
+    val_batch_size: int | None = setting(None, positive=True)
+    """Sequences per held-out batch (default: --batch-size)."""
     save_every: int = setting(100, positive=True, resumable=True)
     """Steps between checkpoints (and one at the end)."""
     keep_checkpoints: int = setting(2, positive=True, resumable=True)

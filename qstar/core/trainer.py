@@ -22,7 +22,7 @@ from typing import Any
 
 from qstar.core import lora
 from qstar.core.backend import Backend
-from qstar.core.data import Batch, BlockStream, TokenCache, hard_characters, is_hub_spec, is_synthetic, open_documents
+from qstar.core.data import Batch, BlockStream, TokenCache, hard_mask, is_hub_spec, is_synthetic, open_documents
 from qstar.core.distributed import World
 from qstar.core.files import DiskFull, write_atomic
 from qstar.core.loading import load
@@ -132,24 +132,20 @@ def make_streams(
     """The training stream of global batches (world.size * batch_size rows) and a fixed list of this rank's held-out
     batches (a disjoint part of --data unless --val-data).
     A streamed hub dataset is tokenized once into OUT/token-cache/, which resumes and later epochs read. Held-out
-    batches of a source that marks hard tokens (data.hard_characters) carry them (Batch.hard)."""
+    batches carry the hard tokens their text marks (data.hard_mask; Batch.hard)."""
 
     world = world or World()
 
     def encode(text: str) -> list[int]:
         return tokenizer(text)["input_ids"]
 
-    def marker(spec: str) -> Callable[[str], list[bool]] | None:
-        """A token is hard when a character it covers is (the tokenizer's offsets; special tokens cover none)."""
-        hard = hard_characters(spec)
-        if hard is None:
-            return None
-
-        def mark(text: str) -> list[bool]:
-            chars = hard(text)
-            return [any(chars[a:b]) for a, b in tokenizer(text, return_offsets_mapping=True)["offset_mapping"]]
-
-        return mark
+    def mark(text: str | list[int]) -> list[bool]:
+        """A token is hard when a character it covers is (the tokenizer's offsets; special tokens cover none). A
+        streamed source's cached documents are ids already: none is marked."""
+        if not isinstance(text, str):
+            return [False] * len(text)
+        chars = hard_mask(text)
+        return [any(chars[a:b]) for a, b in tokenizer(text, return_offsets_mapping=True)["offset_mapping"]]
 
     def stream(spec: str, part: str, held_out: bool = False) -> BlockStream:
         def documents(seed: int) -> Iterator[Any]:
@@ -161,9 +157,9 @@ def make_streams(
             key = hashlib.sha1(f"{spec}\n{cfg.text_field}".encode()).hexdigest()[:12]
             cache = TokenCache(Path(cfg.out) / "token-cache" / f"{part}-{key}")
             factory, encoder = (lambda seed: cache.documents(lambda: documents(seed), encode)), list
-        mark = marker(spec) if held_out else None
-        rows = cfg.batch_size * world.size
-        return BlockStream(factory, encoder, cfg.max_seq_length, rows, cfg.seed, eos, pad, min_len, mark=mark)
+        marks = mark if held_out else None
+        rows = ((cfg.val_batch_size or cfg.batch_size) if held_out else cfg.batch_size) * world.size
+        return BlockStream(factory, encoder, cfg.max_seq_length, rows, cfg.seed, eos, pad, min_len, mark=marks)
 
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -311,6 +307,8 @@ class Loop:
         self.guard = Guard(self.cfg.max_bad_steps, **state.get("guard", {}))
 
     def run(self, stops: StopRequests) -> None:
+        if self.start == 0:  # where the run starts from: the untrained model's held-out numbers
+            self.validate(0)
         tic, timed = time.perf_counter(), 0
         for step in range(self.start, self.cfg.iters):
             done = step + 1
@@ -326,8 +324,7 @@ class Loop:
             if failed:
                 raise failed
             if done % self.cfg.steps_per_eval == 0 or done == self.cfg.iters:
-                self.validation = evaluate(self.session, self.val_batches, self.cfg.seed + 1)
-                self.log.record({"split": "val", "step": done, **self.validation})
+                self.validate(done)
             stop = self.stop_asked(stops)
             if done % self.cfg.save_every == 0 or done == self.cfg.iters or stop:
                 self.save(done)
@@ -354,6 +351,11 @@ class Loop:
 
             line += "\n  " + toy_effect.summary_line(toy_effect.measure(self.session.model))
         return line
+
+    def validate(self, done: int) -> None:
+        """Held-out metrics with the same thoughts' seed every time (core/session.evaluate)."""
+        self.validation = evaluate(self.session, self.val_batches, self.cfg.seed + 1)
+        self.log.record({"split": "val", "step": done, **self.validation})
 
     def stop_asked(self, stops: StopRequests) -> bool:
         """Whether any rank was asked to stop (every rank stops after the same step)."""

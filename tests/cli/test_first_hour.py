@@ -80,7 +80,7 @@ def test_a_log_written_to_a_file_is_one_record_a_line(llama_checkpoint, tmp_path
         subprocess.run(command, stderr=handle, stdout=handle, check=True, env={**os.environ, "COLUMNS": "80"})
     lines = log.read_text().splitlines()
     records = [line for line in lines if re.match(r"^\s*(train|val) step \d+: ", line)]
-    assert len(records) == 10 + 2 and all("peak_memory_gb=" in r for r in records if "train step" in r)
+    assert len(records) == 10 + 3 and all("peak_memory_gb=" in r for r in records if "train step" in r)
     fragments = [line for line in lines if re.search(r"\b(loss|nll_base|grad_norm|tokens_per_s)=", line)]
     assert all(re.match(r"^\s*(train|val) step", line) for line in fragments), lines
     assert not any("━" in line for line in lines)

@@ -148,7 +148,8 @@ def teacher_forced(model: Any, task: Task, examples: list[Example], s: EvalSetti
         context, answer = task.teacher_forced_prompt(example)
         start = len(model.tokenizer(context)["input_ids"])
         ids = model.tokenizer(context + answer)["input_ids"]
-        plain, mixed, _ = model.next_token_logits(np.array([ids]), seed=[[s.seed, example.index, 2]])
+        out = model.next_token_logits(np.array([ids]), seed=[[s.seed, example.index, 2]])
+        plain, mixed = out.plain, out.mixed
         logits = mixed if s.thoughts else plain
         gold = ids[start:]
         scores.append(teacher_forced_score(teacher_forced_logprobs(logits[0, start - 1 : len(ids) - 1], gold, allowed)))
