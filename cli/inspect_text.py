@@ -56,9 +56,7 @@ def inspect_text(
     scores = heldout.score(m, documents, seed, control, max_tokens)
     ranked = None
     if reference is not None:
-        ranked = heldout.score(
-            ModelChoice(reference, model.backend, model.dtype).load(), documents, seed, "none", max_tokens
-        )
+        ranked = heldout.plain_nll(ModelChoice(reference, model.backend, model.dtype).load(), documents, max_tokens)
     summary = heldout.summary(scores, ranked, hardest)
     console = Console(stderr=True, highlight=False)
     tokens, base, talk, thoughts, hard = page_rows(m, scores)

