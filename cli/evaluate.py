@@ -23,7 +23,10 @@ def evaluate(
         str | None, typer.Option(help="Local JSONL (the task's own format) or a hub dataset id [default: the task's]")
     ] = None,
     protocol: Annotated[
-        str, typer.Option(help="qstar, paper (the authors' zero-shotcot-eval.py) or lm-eval (gsm8k_cot_zeroshot)")
+        str,
+        typer.Option(
+            help="qstar or paper (the authors' zero-shotcot-eval.py); for the harness: python -m qstar.lm_eval"
+        ),
     ] = "qstar",
     limit: Annotated[
         int | None, typer.Option(help="Only the first N questions (after the protocol's shuffle) [paper: 128]")
@@ -31,9 +34,7 @@ def evaluate(
     votes: Annotated[int | None, typer.Option(help="Samples per question; > 1 reports cot-maj@K [paper: 8]")] = None,
     thoughts: Annotated[bool, typer.Option(help="Think before every token")] = True,
     batch_size: Annotated[int, typer.Option(help="Samples generated together")] = 8,
-    max_tokens: Annotated[
-        int | None, typer.Option(help="Reasoning tokens at most [qstar, lm-eval: 256; paper: 385]")
-    ] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Reasoning tokens at most [qstar: 256; paper: 385]")] = None,
     answer_tokens: Annotated[int | None, typer.Option(help="Answer tokens at most [qstar: 16; paper: 13]")] = None,
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature (0 = greedy) [paper: 0.9]")] = None,
     teacher_forced: Annotated[bool, typer.Option(help="Also the paper's teacher-forced answer probability")] = False,

@@ -180,7 +180,7 @@ class QStarModel(StoredModel):
         valid = None if mask.all() and self.ops.ranks == 1 else self.ops.asarray(mask.astype(np.float32))
         return self.thinker().loss(self.ops.asarray(ids), valid, layout, given, self.noise(seed), self.step_mode)
 
-    def noise(self, seed: int | Sequence[int] | None) -> NoiseFn:
+    def noise(self, seed: int | Sequence[int | Sequence[int]] | None) -> NoiseFn:
         """Gumbel noise for sampling: with a seed from numpy (every backend draws the same); with one seed per row,
         each row from its own numpy generator (its draws do not depend on the rest of the batch); else from the
         backend's generator."""
@@ -223,7 +223,7 @@ class QStarModel(StoredModel):
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        seed: int | Sequence[int] | None = None,
+        seed: int | Sequence[int | Sequence[int]] | None = None,
         stop: list[str] | tuple[str, ...] = (),
         truncate: bool = False,
     ) -> list[Completion]:

@@ -34,7 +34,7 @@ def test_wheel_in_a_fresh_venv_trains_the_shipped_model(tmp_path):
         ROOT,
         cwd=tmp_path,
     )
-    (wheel,) = wheels.glob("qstar-*.whl")
+    (wheel,) = wheels.glob("qstar_lm-*.whl")  # the distribution qstar-lm; the import and command stay qstar
     env = tmp_path / "env"
     venv.create(env)
     python = env / "bin" / "python"

@@ -8,9 +8,9 @@
   removed, the first integer; a vote of no number counts, as their Counter does) and, beside it, qstar's.
   Their loop samples the reasoning tokens 0..384 before it switches to the answer and stops 13 tokens after that:
   385 and 13 tokens.
-- `lm-eval`: lm-evaluation-harness's `gsm8k_cot_zeroshot`: one greedy generation of up to 256 tokens until "Q:", no
-  answer step, scored by its exact match after the strict-match filter ("The answer is N.") and the
-  flexible-extract one (the last number), both as lm-evaluation-harness normalises them.
+
+lm-evaluation-harness's tasks (its gsm8k_cot_zeroshot among them) run through the harness itself, with qstar as its
+model: qstar/core/eval/harness.py.
 """
 
 from __future__ import annotations
@@ -96,36 +96,6 @@ def second_triple_newline(text: str) -> str:
     return text if second < 0 else text[:second]
 
 
-LM_EVAL_IGNORE = (",", r"\$", r"(?s).*#### ", r"\.$", r"\.0+$")
-"""gsm8k_cot_zeroshot's regexes_to_ignore, applied to prediction and reference before exact match (ignore_case)."""
-
-
-def lm_eval_normalise(text: str) -> str:
-    for pattern in LM_EVAL_IGNORE:
-        text = re.sub(pattern, "", text)
-    return text.lower()
-
-
-def lm_eval_filter(pattern: str, group: int) -> Callable[[Sample], str]:
-    """lm-evaluation-harness's RegexFilter: findall, the `group`-th match, its first non-empty group; "[invalid]"."""
-    regex = re.compile(pattern)
-
-    def extract(sample: Sample) -> str:
-        found = regex.findall(sample.reasoning)
-        if not found:
-            return "[invalid]"
-        match = found[group]
-        if isinstance(match, tuple):
-            match = [m for m in match if m][0]
-        return str(match).strip()
-
-    return extract
-
-
-def lm_eval_match(predicted: str | None, reference: str) -> bool:
-    return predicted is not None and lm_eval_normalise(predicted) == lm_eval_normalise(reference)
-
-
 def extractions(protocol: Protocol, task: Task) -> tuple[Extraction, ...]:
     """How `protocol` reads the answers of `task`, the headline first."""
     if task.name not in protocol.tasks:
@@ -179,30 +149,6 @@ PROTOCOLS: dict[str, Protocol] = {
         end_reasoning=second_triple_newline,
         shuffle_seed=42,
         limit=128,
-    ),
-    "lm-eval": Protocol(
-        name="lm-eval",
-        votes=1,
-        temperature=0.0,
-        max_tokens=256,
-        answer_tokens=0,
-        stops=("Q:", "</s>", "<|im_end|>"),
-        answer_stops=(),
-        extractions=(
-            Extraction(
-                "strict-match",
-                lm_eval_filter(r"The answer is (\-?[0-9\.\,]+).", 0),
-                lambda e: e.reference,
-                lm_eval_match,
-            ),
-            Extraction(
-                "flexible-extract",
-                lm_eval_filter(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", -1),
-                lambda e: e.reference,
-                lm_eval_match,
-            ),
-        ),
-        tasks=("gsm8k",),
     ),
 }
 

@@ -40,7 +40,7 @@ RESULTS_FILE = "results.json"
 @dataclass
 class EvalSettings:
     protocol: str = "qstar"
-    """qstar, paper or lm-eval (qstar/core/eval/protocols.py); it sets the defaults of the fields below."""
+    """qstar or paper (qstar/core/eval/protocols.py); it sets the defaults of the fields below."""
     votes: int | None = None
     """Samples per question; > 1 reports cot-maj@K."""
     temperature: float | None = None
@@ -71,10 +71,8 @@ class EvalSettings:
             raise ValueError("--votes must be >= 1")
         if self.votes > 1 and self.temperature == 0:
             raise ValueError("--votes > 1 needs --temperature > 0: greedy samples would all be the same")
-        if self.batch_size < 1 or self.max_tokens < 1 or self.answer_tokens < 0 or (self.limit or 1) < 1:
-            raise ValueError("--batch-size, --max-tokens and --limit must be >= 1, --answer-tokens >= 0")
-        if p.answer_tokens and not self.answer_tokens:
-            raise ValueError(f"--protocol {p.name} reads the answer after its trigger: --answer-tokens must be >= 1")
+        if min(self.batch_size, self.max_tokens, self.answer_tokens, self.limit or 1) < 1:
+            raise ValueError("--batch-size, --max-tokens, --answer-tokens and --limit must be >= 1")
 
     @property
     def spec(self) -> Protocol:
@@ -104,32 +102,26 @@ def answer_batch(model: Any, task: Task, examples: list[Example], s: EvalSetting
         **common,
     )
     texts = [p.end_reasoning(r.text) for r in reasoning]
-    follow, answers = [""] * len(samples), [None] * len(samples)
-    if s.answer_tokens:
-        follow = [task.answer_prompt(e, text, p.trigger_separator) for (e, _), text in zip(samples, texts, strict=True)]
-        answers = model.generate(
-            follow,
-            max_tokens=s.answer_tokens,
-            temperature=s.temperature if p.sampled_answer else 0.0,
-            seed=[[s.seed, e.index, vote, 1] for e, vote in samples],
-            stop=list(p.answer_stops),
-            **common,
-        )
-    done = [Sample(t, f, "" if a is None else a.text) for t, f, a in zip(texts, follow, answers, strict=True)]
+    follow = [task.answer_prompt(e, text, p.trigger_separator) for (e, _), text in zip(samples, texts, strict=True)]
+    answers = model.generate(
+        follow,
+        max_tokens=s.answer_tokens,
+        temperature=s.temperature if p.sampled_answer else 0.0,
+        seed=[[s.seed, e.index, vote, 1] for e, vote in samples],
+        stop=list(p.answer_stops),
+        **common,
+    )
+    done = [Sample(t, f, a.text) for t, f, a in zip(texts, follow, answers, strict=True)]
     infos = [
         SampleInfo(
-            "stop" if t != r.text else r.stop,
-            r.prompt_tokens,
-            len(r.tokens),
-            0 if a is None else len(a.tokens),
-            r.truncated + (0 if a is None else a.truncated),
+            "stop" if t != r.text else r.stop, r.prompt_tokens, len(r.tokens), len(a.tokens), r.truncated + a.truncated
         )
         for t, r, a in zip(texts, reasoning, answers, strict=True)
     ]
     records = []
     for i, example in enumerate(examples):
         rows = range(i * (s.votes or 1), (i + 1) * (s.votes or 1))
-        generations = [(follow[r][len(prompts[r]) :] + done[r].continuation) if follow[r] else texts[r] for r in rows]
+        generations = [follow[r][len(prompts[r]) :] + done[r].continuation for r in rows]
         scores = {
             x.name: score_votes([x.extract(done[r]) for r in rows], x.gold(example), x.match, x.votes_without_answer)
             for x in extractions(p, task)
