@@ -54,15 +54,15 @@ def generate(
         raise ValueError(
             f"{model.path} has no tokenizer files, so it cannot read --prompt: convert a checkpoint that has them"
         )
+    prompt_ids: str | list[int] = text
     if chat_template or system_prompt is not None:
         if not m.tokenizer.chat_template:
             raise ValueError(f"{model.path}'s tokenizer has no chat template: drop --chat-template and --system-prompt")
         messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
-        text = m.tokenizer.apply_chat_template(
-            [*messages, {"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
+        prompt_ids = m.chat_ids([*messages, {"role": "user", "content": text}])
+        text = m.decode(prompt_ids, special=True)
     result = m.generate(
-        text,
+        [prompt_ids] if isinstance(prompt_ids, list) else prompt_ids,
         max_tokens=max_tokens,
         thoughts=thoughts,
         temperature=temperature,

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from qstar.cli import bench, convert, evaluate, fuse, generate, inspect_text, train
+from qstar.cli import bench, convert, evaluate, fuse, generate, inspect_text, serve, train
 from qstar.cli.options import Command, Group
 
 app = typer.Typer(
@@ -27,6 +27,7 @@ for name, command in {
     "inspect": inspect_text.inspect_text,
     "bench": bench.bench,
     "fuse": fuse.fuse,
+    "serve": serve.serve,
 }.items():
     app.command(name, cls=Command)(command)
 

@@ -5,12 +5,15 @@ and so is the README's own test command (it runs these tests)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -77,23 +80,48 @@ def test_every_readme_command_runs_as_written(tmp_path):
     else:
         pytest.skip(f"{SHARED} is missing (the README's eval command reads GSM8K from it)")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    for kind, code in readme_steps():
-        if kind == "python":
-            done = subprocess.run([sys.executable, "-c", code], cwd=clone, env=env, capture_output=True, text=True)
-            assert done.returncode == 0, f"README snippet failed:\n{code}\n{done.stderr[-3000:]}"
-            continue
-        tic = time.perf_counter()
-        done = subprocess.run(code, shell=True, cwd=clone, env=env, capture_output=True, text=True, timeout=900)
-        output = done.stdout + done.stderr
-        if code == "qstar train":
-            seconds = time.perf_counter() - tic
-            assert 0.5 < seconds / claimed_seconds() < 1.5, f"the default run took {seconds:.0f} s: {output[-1000:]}"
-        if any(h in code for h in HUB + NEEDS_HUB_MADE):
-            errors = [line for line in output.splitlines() if line.startswith("error:")]
-            assert done.returncode == 1 and len(errors) == 1 and "Traceback" not in output, f"{code}\n{output[-2000:]}"
-            assert "Hugging Face Hub" in errors[0] or "does not exist" in errors[0], errors[0]
-        else:
-            assert done.returncode == 0, f"README command failed: {code}\n{output[-3000:]}"
+    with contextlib.ExitStack() as servers:
+        for kind, code in readme_steps():
+            run_step(kind, code, clone, env, servers)
+
+
+def run_step(kind: str, code: str, clone: Path, env: dict[str, str], servers: contextlib.ExitStack) -> None:
+    """One README step as a newcomer runs it; `qstar serve` keeps running (for the client snippet after it) until
+    the test ends."""
+    if kind == "bash" and code.startswith("qstar serve"):
+        server = subprocess.Popen(shlex.split(code), cwd=clone, env=env, stderr=subprocess.PIPE, text=True)
+        servers.callback(server.wait, 30)
+        servers.callback(server.terminate)
+        wait_for_server(server, "http://127.0.0.1:8080/health")
+        return
+    if kind == "python":
+        done = subprocess.run([sys.executable, "-c", code], cwd=clone, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, f"README snippet failed:\n{code}\n{done.stderr[-3000:]}"
+        return
+    tic = time.perf_counter()
+    done = subprocess.run(code, shell=True, cwd=clone, env=env, capture_output=True, text=True, timeout=900)
+    output = done.stdout + done.stderr
+    if code == "qstar train":
+        seconds = time.perf_counter() - tic
+        assert 0.5 < seconds / claimed_seconds() < 1.5, f"the default run took {seconds:.0f} s: {output[-1000:]}"
+    if any(h in code for h in HUB + NEEDS_HUB_MADE):
+        errors = [line for line in output.splitlines() if line.startswith("error:")]
+        assert done.returncode == 1 and len(errors) == 1 and "Traceback" not in output, f"{code}\n{output[-2000:]}"
+        assert "Hugging Face Hub" in errors[0] or "does not exist" in errors[0], errors[0]
+    else:
+        assert done.returncode == 0, f"README command failed: {code}\n{output[-3000:]}"
+
+
+def wait_for_server(server: subprocess.Popen, health: str) -> None:
+    for _ in range(600):
+        try:
+            with urllib.request.urlopen(health, timeout=1):
+                return
+        except OSError:
+            if server.poll() is not None:
+                pytest.fail(f"qstar serve exited: {server.stderr.read()[-2000:] if server.stderr else ''}")
+            time.sleep(0.1)
+    pytest.fail("qstar serve did not answer within 60 s")
 
 
 def test_every_path_the_readme_names_exists():

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -16,13 +16,13 @@ import numpy as np
 from qstar.core import checkpoint
 from qstar.core.checkpoint import CheckpointInfo
 from qstar.core.decoder import Backbone
-from qstar.core.generate import Sampling, generate
+from qstar.core.generate import Continuation, Sampling, generate
 from qstar.core.layout import ThoughtLayout
 from qstar.core.model_config import ModelConfig
 from qstar.core.ops import Ops
 from qstar.core.persistence import StoredModel
 from qstar.core.recipe import Recipe
-from qstar.core.sampling import NoiseFn, banned_mask, numpy_gumbel, row_gumbel
+from qstar.core.sampling import NoiseFn, RowGumbel, banned_mask, numpy_gumbel
 from qstar.core.thinker import LossTerms, Thinker
 
 DEFAULT_CPU_STEP_MODE = "two-pass"
@@ -75,6 +75,8 @@ class Completion:
     generation_tps: float = 0.0
     """Emitted tokens per second of that batch (thoughts are extra work, not extra tokens)."""
     peak_memory_gb: float = 0.0
+    mixing_weights: list[float] = field(default_factory=list)
+    """Per emitted token, the mixing head's weight of the thought side (empty without thoughts)."""
 
 
 def default_step_mode(ops: Ops) -> str:
@@ -186,7 +188,7 @@ class QStarModel(StoredModel):
         backend's generator."""
         if seed is None:
             return self.ops.gumbel
-        return numpy_gumbel(seed) if isinstance(seed, int) else row_gumbel(list(seed))
+        return numpy_gumbel(seed) if isinstance(seed, int) else RowGumbel(list(seed))
 
     def loss(
         self, input_ids: Any, attention_mask: Any = None, thoughts: Any = None, seed: int | None = None
@@ -233,33 +235,27 @@ class QStarModel(StoredModel):
         (as lm-evaluation-harness does)."""
         sampling = Sampling(max_tokens, temperature, top_k, top_p, thoughts)
         ids, truncated = self.prompt_ids(prompts, truncate)
-        eos = None if self.tokenizer is None else self.tokenizer.eos_token_id
-
-        def finished(row: int, tokens: list[int]) -> str | None:
-            if tokens[-1] == eos:
-                return "eos"
-            return "stop" if stop and any(s in self.decode(tokens) for s in stop) else None
-
-        out = generate(self.thinker(), ids, sampling, self.noise(seed), finished, self.config.context)
+        rows = [self.continuation(len(p), max_tokens, stop) for p in ids]
+        out = generate(self.thinker(), ids, sampling, self.noise(seed), rows)
         speed = (
             sum(map(len, ids)) / max(out.prompt_seconds, 1e-9),
-            sum(map(len, out.tokens)) / max(out.generation_seconds, 1e-9),
+            sum(len(r.tokens) for r in rows) / max(out.generation_seconds, 1e-9),
             self.ops.peak_memory_gb(),
         )
-        results = []
-        for row, (tokens, thought_ids) in enumerate(zip(out.tokens, out.thoughts, strict=True)):
-            text = self.decode(tokens)
-            for s in stop:
-                text = text.split(s)[0] if s in text else text
-            thought_texts = [self.decode(t) for t in thought_ids]
-            results.append(
-                Completion(text, tokens, thought_texts, out.stops[row], len(ids[row]), truncated[row], *speed)
-            )
-        return results
+        return [
+            Completion(r.text, r.tokens, [self.decode(t) for t in r.thoughts], r.stop, len(p), cut, *speed, r.weights)
+            for r, p, cut in zip(rows, ids, truncated, strict=True)
+        ]
 
-    def decode(self, tokens: list[int]) -> str:
-        """Text of token ids, special tokens left out ("" without a tokenizer)."""
-        return "" if self.tokenizer is None else self.tokenizer.decode(tokens, skip_special_tokens=True)
+    def continuation(self, prompt_tokens: int, max_tokens: int, stop: Sequence[str]) -> Continuation:
+        """A row's bookkeeping: it ends at EOS, a stop string, max_tokens or the model's context."""
+        eos = None if self.tokenizer is None else self.tokenizer.eos_token_id
+        room = max_tokens if self.config.context is None else self.config.context - prompt_tokens
+        return Continuation(self.decode, eos, stop, min(max_tokens, room), room < max_tokens)
+
+    def decode(self, tokens: list[int], special: bool = False) -> str:
+        """Text of token ids, special tokens left out unless `special` ("" without a tokenizer)."""
+        return "" if self.tokenizer is None else self.tokenizer.decode(tokens, skip_special_tokens=not special)
 
     def prompt_ids(
         self, prompts: str | list[str] | list[list[int]], truncate: bool
@@ -287,6 +283,17 @@ class QStarModel(StoredModel):
                     )
                 truncated[row], ids[row] = len(prompt) - context + 1, prompt[len(prompt) - context + 1 :]
         return ids, truncated
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """A conversation as prompt ids: the tokenizer's chat template with the assistant's turn opened (the template
+        brings its own special tokens), or, for a tokenizer without one, the plain template: the messages' contents,
+        one a line, as text the model continues."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.info.path} has no tokenizer files, so it cannot read messages")
+        if not self.tokenizer.chat_template:
+            return list(self.tokenizer("\n".join(m["content"] for m in messages))["input_ids"])
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def to_output(self, terms: LossTerms) -> LossOutput:
         n = self.ops.to_numpy

@@ -18,17 +18,30 @@ def numpy_gumbel(seed: int) -> NoiseFn:
     return lambda shape, like: rng.gumbel(size=tuple(shape))
 
 
-def row_gumbel(seeds: Sequence[int | Sequence[int]]) -> NoiseFn:
+class RowGumbel:
     """Noise drawn per row, row r from a generator of its own seeded by seeds[r]: a row's draws do not depend on which
-    other rows share its batch (every call's first axis is the batch row)."""
-    generators = [np.random.default_rng(seed) for seed in seeds]
+    other rows share its batch (every call's first axis is the batch row). Rows join and leave a running batch
+    (`add`, `keep`); `rows` draws for some rows only, the others' generators untouched."""
 
-    def noise(shape: Sequence[int], like: Array) -> np.ndarray:
-        if shape[0] != len(generators):
-            raise ValueError(f"noise for {shape[0]} rows, but {len(generators)} row seeds")
-        return np.stack([g.gumbel(size=tuple(shape[1:])) for g in generators])
+    def __init__(self, seeds: Sequence[int | Sequence[int]]) -> None:
+        self.generators = [np.random.default_rng(seed) for seed in seeds]
 
-    return noise
+    def __call__(self, shape: Sequence[int], like: Array) -> np.ndarray:
+        if shape[0] != len(self.generators):
+            raise ValueError(f"noise for {shape[0]} rows, but {len(self.generators)} row seeds")
+        return np.stack([g.gumbel(size=tuple(shape[1:])) for g in self.generators])
+
+    def rows(self, index: Sequence[int]) -> RowGumbel:
+        """The noise of the rows `index` (their generators shared, not copied)."""
+        chosen = RowGumbel([])
+        chosen.generators = [self.generators[i] for i in index]
+        return chosen
+
+    def keep(self, index: Sequence[int]) -> None:
+        self.generators = [self.generators[i] for i in index]
+
+    def add(self, seeds: Sequence[int | Sequence[int]]) -> None:
+        self.generators += [np.random.default_rng(seed) for seed in seeds]
 
 
 def banned_mask(vocab_size: int, banned_ids: Sequence[int]) -> np.ndarray:
