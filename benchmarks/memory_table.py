@@ -4,7 +4,8 @@ models users train, and the estimate checked against steps measured on this CPU 
     python benchmarks/memory_table.py --publish
 
 The estimated table is the README's (bfloat16, L=256, k=12, A=4, P=2, one sequence a device, two-pass steps with
---grad-checkpoint; LoRA rank 8 on the last 16 layers, QLoRA 4-bit in groups of 64); the measured one compares what
+--grad-checkpoint; LoRA rank 8 on the last 16 layers; QLoRA: NF4 (bitsandbytes) on torch, 4-bit in groups of 64 on
+MLX); the measured one compares what
 a step adds to its loaded model (gradients, optimizer state, activations) with the estimate of those terms.
 """
 
@@ -30,6 +31,8 @@ MEASURED: list[dict[str, Any]] = [
     dict(seq_len=256, fine_tune_type="full"),
     dict(seq_len=64, fine_tune_type="lora"),
     dict(seq_len=256, fine_tune_type="lora"),
+    dict(seq_len=64, fine_tune_type="qlora"),
+    dict(seq_len=256, fine_tune_type="qlora"),
 ]
 """Small steps (the BenchConfig default: the `small` Llama, hidden 256, 4 layers, k=8, A=4, P=2, float32) measured
 here."""
@@ -46,9 +49,8 @@ def estimated_rows() -> list[dict[str, Any]]:
         for fine_tune in ("full", "lora", "qlora"):
             step = replace(STEP, fine_tune=fine_tune)
             row: dict[str, Any] = {"model": name, "fine_tune": fine_tune}
-            if fine_tune != "qlora":  # torch trains no quantized base
-                row["one_gpu"] = gb(step, name)
-                row["gpus"] = gb(replace(step, devices=GPUS), name)
+            row["one_gpu"] = gb(step, name)
+            row["gpus"] = gb(replace(step, devices=GPUS), name)
             row["mac"] = gb(replace(step, backend="mlx"), name)
             rows.append(row)
     return rows
@@ -60,7 +62,8 @@ def measured_rows(threads: int) -> list[dict[str, Any]]:
         for shape in MEASURED:
             length, fine_tune = int(shape["seq_len"]), str(shape["fine_tune_type"])
             train = bench_train(backend=backend, grad_checkpoint=True, threads=threads, max_seq_length=length)
-            cfg = BenchConfig(replace(train, fine_tune_type=fine_tune), device="cpu")
+            adapters = "lora" if fine_tune == "qlora" else fine_tune
+            cfg = BenchConfig(replace(train, fine_tune_type=adapters), device="cpu", quantized=fine_tune == "qlora")
             estimated = added_by_the_step(estimate(cfg.model_config(), memory_step(cfg)))
             measured = measure_memory(cfg)
             print(backend, shape, f"measured {measured:.3f} GB, estimated {estimated:.3f} GB", flush=True)

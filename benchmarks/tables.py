@@ -204,23 +204,22 @@ def memory(results: dict[str, Any]) -> str:
         shape = "Llama, hidden 256, 4 layers, k=8, A=4, P=2, batch 1, float32, --grad-checkpoint. "
         return markdown(header, body) + "\n\n" + shape + source(results)
 
-    def cell(estimate: dict[str, Any] | None, where: str) -> str:
-        if estimate is None:
-            return "- (MLX only)"
+    def cell(estimate: dict[str, Any], where: str) -> str:
         fit = [name.split(" ")[0] + " GB" for name in estimate["fits"] if where in name]
         return f"{estimate['gb']:.1f} GB: " + (f"fits {fit[0]}" if fit else "**does not fit**")
 
     step = results["step"]
     body = [
-        [r["model"], r["fine_tune"], cell(r.get("one_gpu"), "GPU"), cell(r.get("gpus"), "GPU"), cell(r["mac"], "Mac")]
+        [r["model"], r["fine_tune"], cell(r["one_gpu"], "GPU"), cell(r["gpus"], "GPU"), cell(r["mac"], "Mac")]
         for r in rows
     ]
     header = ["model", "fine-tune", "1 GPU", f"{step['gpus']} GPUs (each; full: FSDP2)", "64 GB Mac (MLX)"]
     shape = (
         f"Estimated by qstar/core/memory.py: bfloat16, L={step['seq_len']}, k={step['thought_tokens']}, "
         f"A={step['lookahead']}, P={step['thoughts_per_position']}, {step['batch']} sequence a device, two-pass steps "
-        f"with --grad-checkpoint; LoRA rank {step['lora_rank']} on the last {step['lora_layers']} layers, QLoRA "
-        f"{step['q_bits']}-bit. `qstar bench --memory` shows the terms of any row. "
+        f"with --grad-checkpoint; LoRA rank {step['lora_rank']} on the last {step['lora_layers']} layers; QLoRA "
+        f"{step['q_bits']}-bit: NF4 on the Linear layers (torch), affine on Linear and embeddings (MLX). A 24 GB GPU "
+        "counts 20 GB (its CUDA context and fragmentation). `qstar bench --memory` shows the terms of any row. "
     )
     return markdown(header, body) + "\n\n" + shape + source(results, "Computed")
 

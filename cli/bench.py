@@ -148,8 +148,8 @@ def memory_report(base: BenchConfig, length: int, devices: int, quantized: bool,
     from qstar.core.bench import added_by_the_step, measure_memory, memory_step
     from qstar.core.memory import TABLE_MODELS, estimate, fitting
 
-    cfg = replace(base, train=replace(base.train, max_seq_length=length))
-    step = memory_step(cfg, devices, quantized)
+    cfg = replace(base, train=replace(base.train, max_seq_length=length), quantized=quantized)
+    step = memory_step(cfg, devices)
     terms = estimate(cfg.model_config(), step)
     total = sum(terms.values())
     r = step.recipe
@@ -164,8 +164,6 @@ def memory_report(base: BenchConfig, length: int, devices: int, quantized: bool,
     typer.echo(f"fits: {', '.join(fits) or 'none of the devices in the table'}")
     report: dict[str, Any] = {"terms": terms, "total": total, "fits": fits}
     if measure:
-        if quantized:
-            raise ValueError("--measure runs full, lora or dora steps here: drop --quantized")
         if cfg.model is None and cfg.shape in TABLE_MODELS:
             raise ValueError(
                 f"--measure runs the step here: --shape {cfg.shape} is estimated only (its random model would not fit "

@@ -222,16 +222,32 @@ TRAIN_SMALL = [
 ]
 
 
-def torchrun(*args: str) -> list[str]:
-    """A 2-process torchrun command on loopback, on a free port."""
+def free_port() -> int:
+    """A TCP port free on loopback now."""
     import socket
-    import sys
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
+        return int(s.getsockname()[1])
+
+
+def torchrun(*args: str) -> list[str]:
+    """A 2-process torchrun command on loopback, on a free port."""
+    import sys
+
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
     return [*launch, "--master-addr", "127.0.0.1", *args]
+
+
+def torchrun_nodes(*args: str, nodes: int = 2, per_node: int = 2) -> list[list[str]]:
+    """The torchrun commands of one run over `nodes` nodes of `per_node` processes each, as a cluster launches it
+    (`--nnodes`, `--node-rank`, a c10d rendezvous), all on loopback and a free port: start them all at once."""
+    import sys
+
+    port = free_port()
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--nproc-per-node", str(per_node)]
+    rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"qstar-{port}"]
+    return [[*launch, "--node-rank", str(node), *rendezvous, *args] for node in range(nodes)]
 
 
 TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -65,6 +65,8 @@ class BenchConfig:
     warmup: int = 2
     peak_tflops: float | None = None
     """The device's peak FLOP/s for the dtype, for model FLOPs utilisation; None: known CUDA GPUs in 16-bit."""
+    quantized: bool = False
+    """The random model's base quantized to 4 bits as the step's backend quantizes it (a QLoRA step)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.train, dict):  # read back from JSON (a fresh measuring process)
@@ -199,7 +201,15 @@ def run_one(cfg: BenchConfig, mode: str, path: Path) -> dict[str, Any]:
 
 
 def checkpoint_of(cfg: BenchConfig, scratch: str) -> Path:
-    return Path(cfg.model) if cfg.model else random_checkpoint(cfg.config_fields(), Path(scratch))
+    if cfg.model:
+        return Path(cfg.model)
+    path = random_checkpoint(cfg.config_fields(), Path(scratch))
+    if cfg.quantized:
+        from qstar.core.loading import convert
+
+        convert(path, Path(scratch) / "4-bit", backend=cfg.train.backend, quantize=(4, 64))
+        path = Path(scratch) / "4-bit"
+    return path
 
 
 def overhead(cfg: BenchConfig) -> dict[str, Any]:
@@ -262,11 +272,11 @@ def generation_speed(cfg: BenchConfig, batches: tuple[int, ...] = (1, 8)) -> lis
     return rows
 
 
-def memory_step(cfg: BenchConfig, devices: int = 1, quantized: bool = False) -> Step:
-    """The estimator's description of the step the benchmark runs (a QLoRA base where `quantized`)."""
+def memory_step(cfg: BenchConfig, devices: int = 1) -> Step:
+    """The estimator's description of the step the benchmark runs."""
     t = cfg.train
     adapters = t.lora_config()
-    fine_tune = "full" if adapters is None else "qlora" if quantized else "lora"
+    fine_tune = "full" if adapters is None else "qlora" if cfg.quantized else "lora"
     step = Step(
         batch=t.batch_size,
         seq_len=t.max_seq_length,

@@ -63,3 +63,9 @@ def launched_rank() -> int:
 def launched_size() -> int:
     """How many processes a launcher (torchrun) started for this run; 1 without one."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launched_node_size() -> int:
+    """How many of them torchrun started on this node (its LOCAL_WORLD_SIZE): hsdp's default shard group; 1 without
+    a launcher."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

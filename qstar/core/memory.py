@@ -9,6 +9,7 @@ F MLP width, H/h query/key-value heads of width d, V vocabulary, N decoder layer
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from qstar.core.dtypes import DTYPE_BYTES
@@ -21,6 +22,24 @@ RECOMPUTED_ACTIVATIONS = {"mlx": 1.6}
 """What a backend's step with --grad-checkpoint keeps for backward against this model's activations, where it is not
 1: MLX's recomputed step keeps 1.4-1.6x torch's, measured on a CPU (benchmarks/memory_table.py), about 1.0x without
 checkpointing."""
+
+
+@dataclass(frozen=True)
+class QuantizedLayout:
+    """How a backend stores a QLoRA base: bytes a quantized weight, and whether the embeddings are quantized too."""
+
+    bytes_per_weight: Callable[[Step, int], float]
+    embeddings: bool
+
+
+QUANTIZED = {
+    # MLX's affine quantization (mlx-lm): q_bits packed, a scale and a bias of the compute dtype a group; Linear and
+    # Embedding layers.
+    "mlx": QuantizedLayout(lambda s, b: s.q_bits / 8 + 2 * b / s.q_group_size, embeddings=True),
+    # bitsandbytes' NF4 with double quantization: 4 bits, an 8-bit absmax a block of 64, a float32 one per 256 of
+    # those; decoder Linear layers only (torch_backend/quantize.py).
+    "torch": QuantizedLayout(lambda s, b: 0.5 + 1 / 64 + 4 / (64 * 256), embeddings=False),
+}
 LAYERS_GATHERED = 2
 """FSDP2 units a rank holds whole at once with resharding after each call: the running one and the prefetched."""
 TABLE_MODELS = ("OpenELM-270M", "Qwen2.5-0.5B", "Qwen2.5-1.5B", "Qwen2.5-7B", "Mistral-7B")
@@ -116,8 +135,9 @@ def estimate(c: ModelConfig, step: Step) -> dict[str, float]:
         return with_master_gradients(terms | activations(c, step), n.total if half and n_dev == 1 else 0)
     trained = lora_parameters(c, step.adapters) + n.extras
     if step.fine_tune == "qlora":
-        per_weight = step.q_bits / 8 + 2 * b / step.q_group_size  # packed bits, a scale and a bias a group
-        quantized = n.linear + n.embeddings
+        layout = QUANTIZED[step.backend]
+        quantized = n.linear + (n.embeddings if layout.embeddings else 0)
+        per_weight = layout.bytes_per_weight(step, b)
         terms["weights (quantized)"] = per_weight * quantized + b * (n.total - quantized - n.extras)
         terms["weights (quantized)"] += 4 * n.extras  # the mixing head and thought vectors stay float32
     else:
@@ -168,8 +188,10 @@ def activations(c: ModelConfig, step: Step) -> dict[str, float]:
     return {f"activations: {name}": factor * value for name, value in kept.items()}
 
 
-CAPACITIES_GB = {"80 GB GPU": 80.0, "141 GB GPU": 141.0, "64 GB Mac": 48.0}
-"""What a step may use of each device: the GPUs' memory; of a 64 GB Mac, the 75% macOS lets its GPU wire by default
+CAPACITIES_GB = {"24 GB GPU": 20.0, "80 GB GPU": 80.0, "141 GB GPU": 141.0, "64 GB Mac": 48.0}
+"""What a step may use of each device: of a 24 GB card, 20 GB (its CUDA context takes about 1 GB, the caching
+allocator's fragmentation a few more: a LoRA step estimated at 21.4 GB does not fit one in practice); the large GPUs'
+memory, where the same few GB are lost in the margin; of a 64 GB Mac, the 75% macOS lets its GPU wire by default
 (sysctl iogpu.wired_limit_mb raises it)."""
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from qstar.core import checkpoint, lora
 from qstar.core.checkpoint import CheckpointInfo
 from qstar.core.files import atomic_directory
-from qstar.core.lora import QUANTIZE_BITS, QUANTIZE_GROUPS, LoraConfig
+from qstar.core.lora import LoraConfig
 from qstar.core.ops import Ops
 from qstar.core.recipe import Recipe
 
@@ -71,26 +71,31 @@ class StoredModel(ABC):
     def merge_adapters(self) -> None:
         """Replace every adapted layer by the plain one that computes the same."""
 
-    def quantize_weights(self, bits: int, group_size: int) -> None:
-        """Quantize the base model's layers in place (a backend that can)."""
-        raise ValueError("this backend has no quantized layers: pass --backend mlx")
+    @abstractmethod
+    def quantize_weights(self, bits: int, group_size: int) -> dict[str, Any]:
+        """Quantize the base model's layers in place; returns what config.json records of it."""
+
+    def stored_tensors(self) -> dict[str, Any]:
+        """What a whole checkpoint stores: the parameters (a backend adds what else its layers keep)."""
+        return self.parameters()
 
     # ---- what they make possible ----
 
     @property
-    def quantization(self) -> dict[str, int] | None:
-        """mlx-lm's {"group_size", "bits"} of a quantized base model (config.json "quantization"), else None."""
-        return self.info.raw_config.get("quantization")
+    def quantization(self) -> dict[str, Any] | None:
+        """How the base is quantized (config.json's "quantization": mlx-lm's {"group_size", "bits"}; or
+        "quantization_config": a bitsandbytes 4-bit base), else None."""
+        raw = self.info.raw_config
+        return raw.get("quantization") or raw.get("quantization_config")
 
     def quantize(self, bits: int, group_size: int) -> None:
         """Quantize the base weights for QLoRA; the thought vectors and mixing head stay."""
-        if self.quantization is not None or self.adapter is not None:
-            raise ValueError("quantize a plain model: this one is quantized already or has adapters")
-        if bits not in QUANTIZE_BITS or group_size not in QUANTIZE_GROUPS:
-            raise ValueError(f"--q-bits must be one of {QUANTIZE_BITS} and --q-group-size one of {QUANTIZE_GROUPS}")
-        self.quantize_weights(bits, group_size)
-        config = {**self.info.raw_config, "quantization": {"group_size": group_size, "bits": bits}}
-        self.info = replace(self.info, raw_config=config)
+        if self.quantization is not None:
+            raise ValueError(f"{self.source} is quantized already: convert its float source with --quantize")
+        if self.adapter is not None:
+            raise ValueError("quantize a model without adapters: fuse them first (qstar fuse)")
+        recorded = self.quantize_weights(bits, group_size)
+        self.info = replace(self.info, raw_config={**self.info.raw_config, **recorded})
 
     def add_adapters(self, cfg: LoraConfig) -> None:
         """Wrap the configured Linear layers with fresh adapters; from then on only the adapters, the thought vectors
@@ -154,7 +159,7 @@ class StoredModel(ABC):
             raise ValueError(
                 "this model has adapters: fuse() merges them first (qstar fuse), save_adapter() writes them"
             )
-        params = self.parameters()
+        params = self.stored_tensors()
         extras = {k: v for k, v in params.items() if k.startswith(checkpoint.EXTRA_PREFIXES)}
         base = {k: v for k, v in params.items() if k not in extras}
         base = checkpoint.source_names(self.info.config, base, lambda parts: self.ops.concat(parts, axis=0))

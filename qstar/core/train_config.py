@@ -76,12 +76,16 @@ class TrainConfig:
     """torch: compile the layers' thought steps with torch.compile (inductor); the first step compiles for minutes,
     later ones run faster (docs/PERFORMANCE.md). mlx always compiles its whole step."""
     distributed: str = "auto"
-    """torch under torchrun: fsdp (FSDP2: weights, gradients and optimizer state sharded per decoder layer) or ddp
-    (every process holds the whole model); auto: fsdp for full fine-tuning, ddp for adapters. mlx: data parallel."""
+    """torch under torchrun: fsdp (FSDP2: weights, gradients and optimizer state sharded per decoder layer), hsdp
+    (FSDP2 within groups of --shard-size processes, replicated across the groups: shard within a node, replicate
+    across nodes) or ddp (every process holds the whole model); auto: fsdp for full fine-tuning, ddp for adapters.
+    mlx: data parallel."""
+    shard_size: int | None = setting(None, positive=True)
+    """hsdp: processes a shard group spans; default: the processes of one node (torchrun's LOCAL_WORLD_SIZE)."""
     reshard_after_forward: bool = setting(True, resumable=True)
-    """fsdp: free each layer's gathered weights after each call (least memory; gathered again for every call and in
-    backward) or keep them from its first call until its backward (one all-gather per layer and step; the whole
-    model's weights in memory during a step, as ZeRO-2)."""
+    """fsdp, hsdp: free each layer's gathered weights after each call (least memory; gathered again for every call
+    and in backward) or keep them from its first call until its backward (one all-gather per layer and step; the
+    whole model's weights in memory during a step, as ZeRO-2)."""
     fine_tune_type: str = "full"
     """full (every weight trains), lora or dora (adapters on the Linear layers of the last --num-layers decoder
     layers; the thought vectors and the mixing head always train)."""
@@ -122,6 +126,8 @@ class TrainConfig:
             raise ValueError(f"--attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
         if self.distributed not in DISTRIBUTED:
             raise ValueError(f"--distributed must be one of {', '.join(DISTRIBUTED)}, got {self.distributed!r}")
+        if self.shard_size is not None and self.distributed != "hsdp":
+            raise ValueError("--shard-size sizes the shard groups of --distributed hsdp: pass that too, or drop it")
         if self.fine_tune_type not in FINE_TUNE_TYPES:
             raise ValueError(
                 f"--fine-tune-type must be one of {', '.join(FINE_TUNE_TYPES)}, got {self.fine_tune_type!r}"
@@ -165,15 +171,17 @@ class TrainConfig:
         )
 
     def sharded(self) -> bool:
-        """Whether several torch processes shard the model (FSDP2) rather than replicate it (DDP)."""
-        return self.distributed == "fsdp" or (self.distributed == "auto" and self.fine_tune_type == "full")
+        """Whether several torch processes shard the model (FSDP2, HSDP) rather than replicate it (DDP)."""
+        return self.distributed in SHARDED or (self.distributed == "auto" and self.fine_tune_type == "full")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 ATTENTIONS = ("split", "flex")
-DISTRIBUTED = ("auto", "ddp", "fsdp")
+DISTRIBUTED = ("auto", "ddp", "fsdp", "hsdp")
+SHARDED = ("fsdp", "hsdp")
+"""The --distributed values under which FSDP2 shards the model (hsdp: within groups, replicated across them)."""
 
 RESUMABLE = tuple(f.name for f in fields(TrainConfig) if f.metadata.get("resumable"))
 """The settings --resume may change: the length of the run (--iters extends it; the learning-rate schedule follows),

@@ -256,6 +256,11 @@ def load_for_training(cfg: TrainConfig, backend: Backend, latest: Path | None) -
             f"--model {source} is quantized (QLoRA base): pass --fine-tune-type lora or dora, or train a model "
             "converted without --quantize"
         )
+    if model.quantization is not None and cfg.sharded():
+        raise ValueError(
+            f"--model {source} is quantized: FSDP shards float weights; drop --distributed {cfg.distributed} (its "
+            "adapters train with ddp)"
+        )
     if model.adapter is None and adapters is not None:
         model.add_adapters(adapters)
     if cfg.train_only:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qstar.core.train_config import TrainConfig
+from qstar.core.train_config import SHARDED, TrainConfig
 from qstar.mlx_backend.baseline import lm_step
 from qstar.mlx_backend.distributed import join
 from qstar.mlx_backend.ops import MLXOps
@@ -29,8 +29,10 @@ def set_threads(threads: int | None, parameters: int) -> None:
 
 def check_settings(cfg: TrainConfig) -> None:
     """What MLX cannot run of a run's settings, said before anything is written."""
-    if cfg.distributed == "fsdp":
-        raise ValueError("--distributed fsdp is PyTorch's FSDP2: MLX holds the whole model in each process; drop it")
+    if cfg.distributed in SHARDED:
+        raise ValueError(
+            f"--distributed {cfg.distributed} is PyTorch's FSDP2: MLX holds the whole model in each process; drop it"
+        )
     set_threads(cfg.threads, 0)
 
 

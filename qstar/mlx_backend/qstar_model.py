@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 
 from qstar.core import checkpoint
 from qstar.core.checkpoint import CheckpointInfo
-from qstar.core.lora import LoraConfig
+from qstar.core.lora import QUANTIZE_BITS, QUANTIZE_GROUPS, LoraConfig
 from qstar.core.model import QStarModel
 from qstar.core.recipe import Recipe
 from qstar.mlx_backend import lora
@@ -94,9 +94,12 @@ class MLXQStar(QStarModel):
     def merge_adapters(self) -> None:
         lora.fuse(self.backbone)
 
-    def quantize_weights(self, bits: int, group_size: int) -> None:
+    def quantize_weights(self, bits: int, group_size: int) -> dict[str, Any]:
+        if bits not in QUANTIZE_BITS or group_size not in QUANTIZE_GROUPS:
+            raise ValueError(f"--q-bits must be one of {QUANTIZE_BITS} and --q-group-size one of {QUANTIZE_GROUPS}")
         self.backbone.quantize(bits, group_size)
         mx.eval(self.backbone.parameters())
+        return {"quantization": {"group_size": group_size, "bits": bits}}
 
 
 def to_float64(x: mx.array) -> np.ndarray:
@@ -118,6 +121,11 @@ def embedding_rows(embedding: mx.array, ids: list[int]) -> np.ndarray:
 
 def build_model(info: CheckpointInfo, recipe: Recipe, dtype: str, device: str | None = None) -> MLXQStar:
     """Build the model (MLX initialises lazily, so nothing is computed), then fill it from the checkpoint."""
+    if "quantization_config" in info.raw_config:
+        raise ValueError(
+            f"{info.path / 'config.json'} is a 4-bit NF4 base for the torch backend (qstar convert --backend torch "
+            "--quantize): pass --backend torch, or convert the source with --backend mlx --quantize for MLX"
+        )
     mx.set_default_device(select_device(dtype, device))
     model = Backbone(info.config, recipe.embedding_scale)
     quantization = info.raw_config.get("quantization")

@@ -7,21 +7,24 @@ A wrapped Linear keeps its own parameters under their names (`q_proj.weight`, fr
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qstar.core.lora import LoraConfig, fused_weight, initial_lora_a
+from qstar.torch_backend import quantize
 
 
 class LoRALinear(nn.Module):
     """linear(x) + scale * (dropout(x) @ lora_a) @ lora_b; DoRA: that, rescaled row by row to the magnitude m over the
-    adapted weight's norm (not differentiated), bias added after (mlx-lm's order of operations, for parity)."""
+    adapted weight's norm (not differentiated), bias added after (mlx-lm's order of operations, for parity). The
+    weight may be a 4-bit one (QLoRA: quantize.NF4Linear's)."""
 
-    def __init__(self, linear: nn.Linear, name: str, cfg: LoraConfig) -> None:
+    def __init__(self, linear: nn.Linear | quantize.NF4Linear, name: str, cfg: LoraConfig) -> None:
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
-        out_features, in_features = linear.weight.shape
-        dtype, device = linear.weight.dtype, linear.weight.device
+        dtype = linear.dtype if isinstance(linear, quantize.NF4Linear) else linear.weight.dtype
+        float_weight = quantize.dequantized(linear.weight).detach().to(dtype)
+        out_features, in_features = float_weight.shape
+        device = float_weight.device
         lora_a = torch.from_numpy(initial_lora_a(name, in_features, cfg.rank))
         self.lora_a = nn.Parameter(lora_a.to(dtype=dtype, device=device))
         self.lora_b = nn.Parameter(torch.zeros(cfg.rank, out_features, dtype=dtype, device=device))
@@ -29,23 +32,25 @@ class LoRALinear(nn.Module):
         self.dora = cfg.fine_tune_type == "dora"
         if self.dora:
             precise = torch.float64 if dtype == torch.float64 else torch.float32  # mlx-lm: float32 at least
-            self.m = nn.Parameter(linear.weight.detach().to(precise).norm(dim=1))
+            self.m = nn.Parameter(float_weight.to(precise).norm(dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = (self.dropout(x) @ self.lora_a) @ self.lora_b
         if not self.dora:
-            return F.linear(x, self.weight, self.bias) + (self.scale * z).to(x.dtype)
-        out = x @ self.weight.T + (self.scale * z).to(x.dtype)
-        adapted = self.weight + (self.scale * self.lora_b.T) @ self.lora_a.T
+            return quantize.linear(x, self.weight, self.bias) + (self.scale * z).to(x.dtype)
+        weight = quantize.dequantized(self.weight).to(x.dtype)
+        out = x @ weight.T + (self.scale * z).to(x.dtype)
+        adapted = weight + (self.scale * self.lora_b.T) @ self.lora_a.T
         out = (self.m / adapted.norm(dim=1).detach()).to(x.dtype) * out
         return out if self.bias is None else out + self.bias
 
     def fused(self) -> nn.Linear:
-        """A plain Linear computing what this adapted one does."""
-        w, a, b = (t.detach().double().cpu().numpy() for t in (self.weight, self.lora_a, self.lora_b))
+        """A plain Linear computing what this adapted one does (float, over a 4-bit base too)."""
+        weight = quantize.dequantized(self.weight)
+        w, a, b = (t.detach().double().cpu().numpy() for t in (weight, self.lora_a, self.lora_b))
         m = self.m.detach().double().cpu().numpy() if self.dora else None
         linear = nn.Linear(
-            w.shape[1], w.shape[0], bias=self.bias is not None, device=self.weight.device, dtype=self.weight.dtype
+            w.shape[1], w.shape[0], bias=self.bias is not None, device=weight.device, dtype=self.lora_a.dtype
         )
         with torch.no_grad():
             linear.weight.copy_(torch.from_numpy(fused_weight(w, a, b, self.scale, m)))
@@ -58,7 +63,7 @@ def wrap(model: nn.Module, cfg: LoraConfig, num_layers: int) -> None:
     """Replace the target Linear layers of `model` by LoRALinear, in place."""
     for path in cfg.targets(num_layers):
         linear = model.get_submodule(path)
-        if not isinstance(linear, nn.Linear):
+        if not isinstance(linear, nn.Linear | quantize.NF4Linear):
             raise TypeError(f"{path} is a {type(linear).__name__}, not a Linear: check --lora-keys")
         parent, _, attr = path.rpartition(".")
         setattr(model.get_submodule(parent), attr, LoRALinear(linear, path, cfg))

@@ -4,7 +4,9 @@ needs of the framework (parameters, gradients, tensor files, freezing, adapters)
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,8 +16,9 @@ from qstar.core import checkpoint
 from qstar.core.checkpoint import CheckpointInfo
 from qstar.core.lora import LoraConfig
 from qstar.core.model import QStarModel
+from qstar.core.model_config import is_linear
 from qstar.core.recipe import Recipe
-from qstar.torch_backend import lora
+from qstar.torch_backend import lora, quantize
 from qstar.torch_backend.backbone import Backbone
 from qstar.torch_backend.ops import TorchOps
 
@@ -72,6 +75,19 @@ class TorchQStar(QStarModel):
 
     def merge_adapters(self) -> None:
         lora.fuse(self.backbone)
+        quantize.dequantize(self.backbone)  # a 4-bit base fuses into a float model
+        raw = {k: v for k, v in self.info.raw_config.items() if k != "quantization_config"}
+        self.info = replace(self.info, raw_config=raw)
+
+    def quantize_weights(self, bits: int, group_size: int) -> dict[str, Any]:
+        quantize.check(bits, group_size)
+        if self.config.model_type == "openelm":
+            raise ValueError("the torch backend does not quantize OpenELM's fused projections: pass --backend mlx")
+        quantize.quantize(self.backbone, self.backbone.dtype)
+        return {"quantization_config": quantize.config(self.backbone.dtype)}
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        return self.parameters() | quantize.stored_tensors(self.backbone)
 
 
 def embedding_rows(embedding: torch.Tensor, ids: list[int]) -> np.ndarray:
@@ -79,18 +95,33 @@ def embedding_rows(embedding: torch.Tensor, ids: list[int]) -> np.ndarray:
 
 
 def build_model(info: CheckpointInfo, recipe: Recipe, dtype: str, device: str | None = None) -> TorchQStar:
-    """Build the network on the meta device, then fill it from the checkpoint (extras created for plain HF)."""
+    """Build the network on the meta device, then fill it from the checkpoint (extras created for plain HF; a 4-bit
+    base's layers built from their packed weights)."""
     if "quantization" in info.raw_config:
         raise ValueError(
-            f"{info.path / 'config.json'} is an MLX-quantized model (qstar convert --quantize): pass --backend mlx, "
-            "or convert the source again without --quantize"
+            f"{info.path / 'config.json'} is an MLX-quantized model (qstar convert --backend mlx --quantize): pass "
+            "--backend mlx, or convert the source with --backend torch --quantize for this backend"
         )
+    four_bit = quantize.stored(info.raw_config)
     device = device or default_device()
     with torch.device("meta"):
         model = Backbone(info.config, recipe.embedding_scale, device)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    read = lambda file: load_file(str(file))  # noqa: E731
+    state: dict[str, torch.Tensor] = {}
+    if four_bit:
+        expected = {k: quantize.packed_shape(v) if is_linear(k) else v for k, v in expected.items()}
+
+    def read(file: Path) -> dict[str, torch.Tensor]:
+        tensors = load_file(str(file))
+        state.update(quantize.split_state(tensors) if four_bit else {})
+        return tensors
+
     tensors = checkpoint.model_tensors(info, recipe, read, embedding_rows, torch.from_numpy, expected)
     torch_dtype = TORCH_DTYPES[dtype]
-    model.load_state_dict({k: v.to(device=device, dtype=torch_dtype) for k, v in tensors.items()}, assign=True)
+    tensors = {
+        k: v.to(device=device, dtype=torch_dtype if v.is_floating_point() else v.dtype) for k, v in tensors.items()
+    }
+    if four_bit:
+        quantize.load(model, tensors, state, device, torch_dtype)
+    model.load_state_dict(tensors, assign=True, strict=not four_bit)  # strict: check_weights read the names
     return TorchQStar(model, recipe, info, dtype)

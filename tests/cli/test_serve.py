@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import backend_params, require
+from helpers import backend_params, free_port, require
 
 httpx = require("httpx")
 openai = require("openai")
@@ -30,12 +29,6 @@ from qstar.weights import DEFAULT_MODEL  # noqa: E402
 KEY = "test-key"
 NAME = "arith-llama"
 MAX_BATCH, MAX_QUEUE = 4, 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Running:

@@ -17,9 +17,11 @@ def run(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-def test_fsdp_is_torchs(tmp_path):
-    result = runner.invoke(app, ["train", "--backend", "mlx", "--distributed", "fsdp", "--out", str(tmp_path / "r")])
-    assert result.exit_code == 1 and "--distributed fsdp is PyTorch's FSDP2" in result.output
+@pytest.mark.parametrize("distributed", ["fsdp", "hsdp"])
+def test_fsdp_is_torchs(tmp_path, distributed):
+    args = ["train", "--backend", "mlx", "--distributed", distributed, "--out", str(tmp_path / "r")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and f"--distributed {distributed} is PyTorch's FSDP2" in result.output
     assert not (tmp_path / "r").exists()
 
 

@@ -63,6 +63,30 @@ def test_mlx_logits_equal_mlx_lm_and_transformers(smollm2):
         assert np.abs(got - reference(torch.tensor(ids)).logits.numpy()).max() < 1e-3
 
 
+def text_nll(logits: np.ndarray, ids: list[int]) -> float:
+    z = logits[0, :-1].astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    logprobs = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return float(-logprobs[np.arange(len(ids) - 1), ids[1:]].mean())
+
+
+def test_4_bit_bases_stay_close_to_the_float_model(smollm2, tmp_path):
+    """NF4 on torch and MLX's 4-bit (groups of 64) against float32 on 200 tokens of GSM8K text; measured: NLL 2.743
+    float, 3.168 NF4, 3.148 MLX 4-bit; the top token agrees at 72.5% and 66% of the positions (a 135M model loses
+    more to 4 bits than a 7B one)."""
+    require("bitsandbytes", "mlx.core")
+    text = shared_file("data/gsm8k/test.jsonl").read_text()[:1500]
+    ids = AutoTokenizer.from_pretrained(smollm2)([text])["input_ids"][0][:200]
+    plain = text_nll(qstar.load(smollm2, backend="torch").logits([ids]), ids)
+    for backend in ("torch", "mlx"):
+        out = tmp_path / backend
+        result = runner.invoke(app, ["convert", str(smollm2), str(out), "--backend", backend, "--quantize"])
+        assert result.exit_code == 0, result.output
+        quantized = text_nll(qstar.load(str(out), backend=backend).logits([ids]), ids)
+        print(f"{backend} 4-bit: NLL {plain:.3f} -> {quantized:.3f}")
+        assert plain < quantized < 1.25 * plain
+
+
 def test_greedy_generation_with_a_zero_mixing_head_is_the_plain_one_and_thoughts_are_text(smollm2):
     m = qstar.load(smollm2, backend="torch", thought_tokens=4)
     prompt = "Q: There are 3 cars and 2 more arrive. How many cars are there?\nA:"
