@@ -61,7 +61,8 @@ def measured_rows(threads: int) -> list[dict[str, Any]]:
     for backend in ("torch", "mlx"):
         for shape in MEASURED:
             length, fine_tune = int(shape["seq_len"]), str(shape["fine_tune_type"])
-            train = bench_train(backend=backend, grad_checkpoint=True, threads=threads, max_seq_length=length)
+            cpu_threads = threads if backend == "torch" else None  # MLX chooses its own
+            train = bench_train(backend=backend, grad_checkpoint=True, threads=cpu_threads, max_seq_length=length)
             adapters = "lora" if fine_tune == "qlora" else fine_tune
             cfg = BenchConfig(replace(train, fine_tune_type=adapters), device="cpu", quantized=fine_tune == "qlora")
             estimated = added_by_the_step(estimate(cfg.model_config(), memory_step(cfg)))
@@ -73,7 +74,7 @@ def measured_rows(threads: int) -> list[dict[str, Any]]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="PyTorch's CPU threads")
     parser.add_argument("--publish", action="store_true", help="record the results and write the docs tables")
     parser.add_argument("--estimates-only", action="store_true", help="skip the measured table")
     args = parser.parse_args()

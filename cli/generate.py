@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from typing import Annotated, Any
 
 import typer
@@ -11,7 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from qstar.cli.errors import user_errors
-from qstar.cli.options import ModelChoice, model_options
+from qstar.cli.options import ModelChoice, model_options, settings_options
+from qstar.core.generate import Sampling
 from qstar.core.model import Completion
 
 THOUGHT_OPEN, THOUGHT_CLOSE = "\x02", "\x03"
@@ -21,10 +23,11 @@ text never holds, so a program can split them off."""
 
 @user_errors
 @model_options
+@settings_options(Sampling, "sampling", "Sampling")
 def generate(
     model: ModelChoice,
+    sampling: Sampling,
     prompt: Annotated[str, typer.Option(help="Text to continue; - reads it from standard input")],
-    thoughts: Annotated[bool, typer.Option(help="Think before every token")] = True,
     show_thoughts: Annotated[
         bool,
         typer.Option(help="Print the thought before each token: dimmed on a terminal, else between \\x02 and \\x03"),
@@ -36,10 +39,6 @@ def generate(
     system_prompt: Annotated[
         str | None, typer.Option(help="System message for the chat template (implies --chat-template)")
     ] = None,
-    max_tokens: Annotated[int, typer.Option(help="Tokens to emit at most")] = 64,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature of emitted tokens (0 = greedy)")] = 0.0,
-    top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens")] = None,
-    top_p: Annotated[float | None, typer.Option(help="Sample among the smallest set of probability >= p")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the sampling noise")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop at this text (repeatable)")] = None,
 ) -> None:
@@ -47,7 +46,7 @@ def generate(
 
     err = Console(stderr=True, highlight=False)
     text = sys.stdin.read() if prompt == "-" else prompt
-    if temperature == 0 and (top_k is not None or top_p is not None):
+    if sampling.temperature == 0 and (sampling.top_k is not None or sampling.top_p is not None):
         err.print("warning: greedy decoding (--temperature 0) ignores --top-k and --top-p: pass --temperature > 0")
     m = model.load()
     if m.tokenizer is None:
@@ -61,16 +60,8 @@ def generate(
         messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
         prompt_ids = m.chat_ids([*messages, {"role": "user", "content": text}])
         text = m.decode(prompt_ids, special=True)
-    result = m.generate(
-        [prompt_ids] if isinstance(prompt_ids, list) else prompt_ids,
-        max_tokens=max_tokens,
-        thoughts=thoughts,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        stop=stop or (),
-    )[0]
+    prompts = [prompt_ids] if isinstance(prompt_ids, list) else prompt_ids
+    result = m.generate(prompts, **asdict(sampling), seed=seed, stop=stop or ())[0]
     pieces = token_pieces(m.tokenizer, result.tokens, result.text)
     if json_output:
         record = {
@@ -84,7 +75,7 @@ def generate(
             "peak_memory_gb": result.peak_memory_gb,
         }
         typer.echo(json.dumps(record, ensure_ascii=False))
-    elif show_thoughts and thoughts:
+    elif show_thoughts and sampling.thoughts:
         show_with_thoughts(text, pieces, result.thoughts, err)
     else:
         typer.echo(text + result.text)

@@ -95,6 +95,27 @@ def field_flags(
     return params
 
 
+def settings_options(cls: type, param: str, panel: str) -> Callable[[F], F]:
+    """Give a command a flag for every field of the settings dataclass `cls` (field_flags); it receives them as one
+    `param: cls`, the flags not given keeping the fields' defaults."""
+
+    def decorate(fn: F) -> F:
+        signature = inspect.signature(fn, eval_str=True)
+        flags = field_flags(cls, panel)
+        names = [p.name for p in flags]
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            given = {name: kwargs.pop(name) for name in names}
+            return fn(*args, **{param: cls(**{k: v for k, v in given.items() if v is not None})}, **kwargs)
+
+        kept = [p for p in signature.parameters.values() if p.name != param]
+        wrapper.__signature__ = signature.replace(parameters=[*kept, *flags])  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
 RECIPE_FIELDS = tuple(f.name for f in fields(Recipe))
 
 

@@ -29,10 +29,15 @@ class Sampling:
     """How emitted tokens are drawn (thought tokens follow the recipe's sample_temperature)."""
 
     max_tokens: int = 64
+    """Tokens to emit at most."""
     temperature: float = 0.0
+    """Sampling temperature of the emitted tokens (0 = greedy)."""
     top_k: int | None = None
+    """Sample among the k most likely tokens."""
     top_p: float | None = None
+    """Sample among the smallest set of tokens of probability >= p."""
     thoughts: bool = True
+    """Think before every token."""
 
     def __post_init__(self) -> None:
         check_fields(self)

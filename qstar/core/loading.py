@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +139,8 @@ def convert(
         raise FileExistsError(f"{dst} already exists: choose a new output directory or remove it first")
     remove_orphans(Path(dst).parent, lambda message: print(message, file=sys.stderr))  # what killed converts left
     gguf = gguf_source(src, gguf_file)
-    with tempfile.TemporaryDirectory(prefix="qstar-convert-") as scratch:
+    scratch_needed = gguf is not None or tokenizer is not None  # a read-only system temp need not stop the rest
+    with tempfile.TemporaryDirectory(prefix="qstar-convert-") if scratch_needed else nullcontext("") as scratch:
         local = gguf_to_hf(*gguf, Path(scratch) / "gguf") if gguf else resolve(src)
         local = with_tokenizer(local, tokenizer, Path(scratch) / "source")
         model = load(

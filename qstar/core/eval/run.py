@@ -40,24 +40,26 @@ RESULTS_FILE = "results.json"
 @dataclass
 class EvalSettings:
     protocol: str = "qstar"
-    """qstar or paper (qstar/core/eval/protocols.py); it sets the defaults of the fields below."""
+    """qstar or paper (the authors' zero-shotcot-eval.py; qstar/core/eval/protocols.py): it sets the defaults of the
+    settings below. lm-evaluation-harness's tasks: python -m qstar.lm_eval."""
     votes: int | None = None
-    """Samples per question; > 1 reports cot-maj@K."""
+    """Samples per question; > 1 reports cot-maj@K [default: qstar 1, paper 8]."""
     temperature: float | None = None
-    """Sampling temperature of the reasoning (0 = greedy)."""
+    """Sampling temperature of the reasoning (0 = greedy) [default: qstar 0, paper 0.9]."""
     max_tokens: int | None = None
-    """Reasoning tokens at most."""
+    """Reasoning tokens at most [default: qstar 256, paper 385]."""
     answer_tokens: int | None = None
-    """Tokens after the answer trigger at most."""
+    """Tokens after the answer trigger at most [default: qstar 16, paper 13]."""
     limit: int | None = None
-    """Only the first N questions (after the protocol's shuffle)."""
+    """Only the first N questions (after the protocol's shuffle) [default: qstar all, paper 128]."""
     thoughts: bool = True
     """Think before every token."""
     batch_size: int = 8
     """Samples generated together."""
     seed: int = 0
+    """Seed of the sampling noise (every question draws its own from it)."""
     teacher_forced: bool = False
-    """Also compute the paper's teacher-forced answer probability (a different metric)."""
+    """Also the paper's teacher-forced answer probability (a different metric)."""
 
     def __post_init__(self) -> None:
         check_fields(self)
