@@ -1,0 +1,55 @@
+"""The real-model study's instrument (qstar/core/heldout.py, benchmarks/real_effect.py) on tiny checkpoints: the hard
+tokens it scores are exactly GSM8K's final answer and the toy corpus's answers; an untrained conversion's NLL with
+thoughts equals the one without to the last bit; a trained mixing head moves it; the content control is the same
+computation with other thoughts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import qstar
+from qstar.core import heldout
+
+GSM8K_STYLE = "Q: Tom has 3 bags of 7 apples. How many?\nA: 3 * 7 = 21 apples.\n#### 21"
+TOY = "2:dje=|74_|4.\n5:ce=4."
+
+
+def hard_text(model: qstar.QStarModel, scored: heldout.Scored) -> str:
+    """The text of the tokens scored as hard (position t predicts token t + 1)."""
+    return "".join(model.tokenizer.decode([scored.ids[t + 1]]) for t in np.flatnonzero(scored.hard))
+
+
+def test_the_hard_tokens_are_the_final_answers(llama_checkpoint):
+    m = qstar.load(str(llama_checkpoint), backend="torch")
+    gsm8k, toy = heldout.score(m, [GSM8K_STYLE, TOY])
+    assert hard_text(m, gsm8k) == "21"
+    assert hard_text(m, toy) == "44"  # the toy corpus marks each document's answer digit
+    cut = heldout.score(m, [GSM8K_STYLE], max_tokens=10)[0]  # a long document keeps its end, where the answer is
+    assert len(cut.ids) == 10 and hard_text(m, cut) == "21"
+
+
+def test_an_untrained_conversion_gains_exactly_nothing(llama_checkpoint):
+    m = qstar.load(str(llama_checkpoint), backend="torch")  # a plain HF checkpoint: the mixing head starts at zero
+    scores = heldout.score(m, [GSM8K_STYLE, TOY], seed=3)
+    for s in scores:
+        assert np.array_equal(s.nll_base, s.nll_talk) and not s.weight.any()
+    result = heldout.summary(scores)
+    assert all(result[view]["gain"] == 0.0 for view in ("all", "hard", "hardest"))
+
+
+def test_a_mixing_head_moves_it_and_the_control_keeps_the_computation(mixing_checkpoint):
+    m = qstar.load(str(mixing_checkpoint), backend="torch")
+    sampled = heldout.score(m, [GSM8K_STYLE], seed=0)[0]
+    assert not np.array_equal(sampled.nll_base, sampled.nll_talk)
+    again = heldout.score(m, [GSM8K_STYLE], seed=0)[0]
+    assert np.array_equal(again.nll_talk, sampled.nll_talk)  # seeded: the same numbers every time
+    for control in ("random", "fixed"):
+        other = heldout.score(m, [GSM8K_STYLE], seed=0, control=control)[0]
+        assert np.array_equal(other.nll_base, sampled.nll_base)  # the plain prediction is untouched
+        assert not np.array_equal(other.thoughts, sampled.thoughts)
+        thoughts = heldout.control_thoughts(m, len(other.ids), control, seed=0)  # what it gave the model
+        given = m.next_token_logits(np.array([other.ids]), thoughts=thoughts)
+        np.testing.assert_allclose(heldout.token_nll(given.mixed[0, :-1], np.array(other.ids[1:])), other.nll_talk)
+    with pytest.raises(ValueError, match="unknown control"):
+        heldout.score(m, [GSM8K_STYLE], control="shuffled")
