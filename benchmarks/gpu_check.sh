@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# What a lent CUDA GPU runs, from the repository root, in at most 9 minutes (each part has its own time limit):
-# 1. the CUDA test subset (tests/torch/test_cuda.py: logits against transformers, CPU vs GPU, bfloat16 training,
+# What a lent CUDA GPU runs, from the repository root, in under 8 minutes with compilation (each part has its own
+# time limit; what matters most runs first, and each report is written the moment it is measured):
+# 1. the compiled two-pass step report, bfloat16, a random Qwen2-0.5B-shaped model, L=256, k=12, A=4, P=2 (step time,
+#    both prices against transformers' LM step, tokens/s, memory, MFU; CUDA graphs of the sampling loop; inductor's
+#    cache is kept in $QSTAR_INDUCTOR_CACHE, default /tmp/qstar-inductor, so a rerun on the same machine starts warm);
+# 2. the same step eager, and with FlexAttention;
+# 3. the CUDA test subset (tests/torch/test_cuda.py: logits against transformers, CPU vs GPU, bfloat16 training,
 #    two-pass vs one-pass, FlexAttention's backward vs the split attention, the CUDA-graph sampling loop);
-# 2. the performance issue's GPU report, bfloat16, a random Qwen2-0.5B-shaped model, L=256, k=12, A=4, P=2 (step time,
-#    ratio against transformers' LM step, tokens/s, memory, MFU): two-pass and one-pass eager, two-pass with
-#    FlexAttention, and two-pass compiled (CUDA graphs of the sampling loop; inductor's cache is kept in
-#    $QSTAR_INDUCTOR_CACHE, default /tmp/qstar-inductor, so a rerun on the same machine starts warm);
-# 3. the kernel counts of a two-pass step (benchmarks/profile_step.py);
-# 4. the peak memory of that step with --grad-checkpoint against qstar/core/memory.py's estimate (qstar bench --memory
-#    --measure), the first check of the estimate on a GPU.
+# 4. the kernel counts of a two-pass step (benchmarks/profile_step.py);
+# 5. the peak memory of that step with --grad-checkpoint against qstar/core/memory.py's estimate.
 # Results go to $OUT (default: the current directory); a failing part does not stop the others.
 set -uo pipefail
 out="${OUT:-.}"
@@ -28,11 +28,10 @@ part() {  # part SECONDS NAME COMMAND...: run with a time limit, note a failure,
   echo "== $name" >&2
   timeout "$limit" "$@" || { echo "== $name failed or ran out of time ($limit s)" >&2; status=1; }
 }
-part 120 "CUDA tests" python3 -m pytest -q tests/torch/test_cuda.py
+part 150 "two-pass, compiled" qstar bench "${report[@]}" --step-mode two-pass --compile --out "$out/gpu-compiled.json"
 part 60 "two-pass" qstar bench "${report[@]}" --step-mode two-pass --out "$out/gpu-two-pass.json"
-part 60 "one-pass" qstar bench "${report[@]}" --step-mode one-pass --out "$out/gpu-one-pass.json"
-part 80 "two-pass, flex" qstar bench "${report[@]}" --step-mode two-pass --attention flex --out "$out/gpu-flex.json"
-part 120 "two-pass, compiled" qstar bench "${report[@]}" --step-mode two-pass --compile --out "$out/gpu-compiled.json"
+part 60 "two-pass, flex" qstar bench "${report[@]}" --step-mode two-pass --attention flex --out "$out/gpu-flex.json"
+part 100 "CUDA tests" python3 -m pytest -q tests/torch/test_cuda.py
 part 40 "profile" python3 benchmarks/profile_step.py --device cuda --shape Qwen2.5-0.5B --dtype bfloat16 --seq-len 256 \
   --thought-tokens 12 --step-mode two-pass --kind qstar --rows 30 >"$out/gpu-profile.txt" 2>&1
 part 60 "memory" qstar bench --memory --measure --backend torch --device cuda --dtype bfloat16 --shape Qwen2.5-0.5B \

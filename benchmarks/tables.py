@@ -64,7 +64,14 @@ def source(results: dict[str, Any], verb: str = "Measured") -> str:
 
 
 def overhead(results: dict[str, Any]) -> str:
-    """`thought_overhead.py`: qstar step vs LM step over the same tokens, and the memory each adds."""
+    """`thought_overhead.py`: a qstar step against an LM step over the same W tokens (the implementation's efficiency)
+    and over the same text (the user's price), and the memory each adds."""
+
+    def price(r: dict[str, Any]) -> list[str]:
+        if "price" not in r:  # measured before the price was
+            return ["-", "-"]
+        return [f"{r['lm_text_step_s']:.3g} s", f"{r['price']:.1f}"]
+
     rows = [
         [
             r["label"],
@@ -72,12 +79,13 @@ def overhead(results: dict[str, Any]) -> str:
             f"{r['qstar_step_s']:.3g} s",
             f"{r['lm_step_s']:.3g} s",
             f"{r['ratio']:.2f}",
+            *price(r),
             f"{r['qstar_memory_added_gb']:.2f} / {r['lm_memory_added_gb']:.2f} GB",
         ]
         for r in results["rows"]
     ]
-    header = ["backend", "L", "qstar step", "LM step over W", "ratio", "memory added (qstar / LM)"]
-    return markdown(header, rows) + "\n\n" + source(results)
+    header = ["backend", "L", "qstar step", "LM step over W", "ratio", "LM step over the text", "price"]
+    return markdown([*header, "memory added (qstar / LM)"], rows) + "\n\n" + source(results)
 
 
 def generation(results: dict[str, Any]) -> str:

@@ -175,6 +175,13 @@ def run_header(cfg: TrainConfig, model: QStarModel, resumed: Path | None, parall
             [f"  data parallel: {world.size} processes x {cfg.batch_size} sequences each; {parallel}"]
             * (world.size > 1)
         ),
+        *(
+            [
+                "  compiling: the first step traces and compiles the thought steps and the sampling loop (a minute or "
+                "more); later steps reuse the graphs, and later runs the compiler's cache (TORCHINDUCTOR_CACHE_DIR)"
+            ]
+            * cfg.compile
+        ),
         f"  writing to {cfg.out}" + (f" (resuming {resumed.name})" if resumed else ""),
     ]
     return "\n".join(lines)

@@ -252,11 +252,12 @@ class Backbone(nn.Module, decoder.Backbone):
         index = self.ops.constant(positions)
         return table[0][index], table[1][index]
 
-    def compile_sampling_loop(self) -> None:
+    def compile_sampling_loop(self, backend: str = "inductor") -> None:
         """torch.compile the thinker's sampling loop whole (fullgraph: it has no graph break); on CUDA as CUDA graphs
         (mode "reduce-overhead"), replayed every step: the k steps' kernels launch as one."""
-        mode = "reduce-overhead" if self.ops.device.type == "cuda" else None
-        self.compiled_loop = torch.compile(thinker.sampling_loop, fullgraph=True, dynamic=False, mode=mode)
+        mode = "reduce-overhead" if self.ops.device.type == "cuda" and backend == "inductor" else None
+        loop = thinker.sampling_loop
+        self.compiled_loop = torch.compile(loop, fullgraph=True, dynamic=False, mode=mode, backend=backend)
 
     def call_loop(self, loop: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
         return (self.compiled_loop or loop)(*args)

@@ -91,3 +91,23 @@ def test_flex_attention_computes_the_split_attention(mixing_checkpoint):
     assert abs(flex.total - split.total) <= 1e-5 * abs(split.total)
     for a, b in zip(flex.nll_talk + flex.mixing_weight, split.nll_talk + split.mixing_weight, strict=True):
         np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_later_steps_never_recompile(mixing_checkpoint):
+    """A compiled two-pass step (thought steps and sampling loop), then 4 more over other data of the same shape:
+    every graph is made in the first step, none after (a recompile costs what the first compile did)."""
+    from torch._dynamo.utils import counters
+
+    m = qstar.load(str(mixing_checkpoint), backend="torch", step_mode="two-pass", thought_tokens=2, lookahead=2)
+    torch._dynamo.reset()
+    counters.clear()
+    m.backbone.compile_thought_steps(backend="aot_eager")
+    m.backbone.compile_sampling_loop(backend="aot_eager")
+    graphs = []
+    for step in range(5):
+        torch.manual_seed(step)  # training's noise: torch's generator (numpy's is an eager-only path)
+        m.terms(random_ids(2, 12, seed=10 + step)).total.backward()
+        m.backbone.zero_grad(set_to_none=True)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 2 and graphs[1:] == [graphs[0]] * 4, graphs
+    assert not counters["recompiles"] and not counters["graph_break"]
