@@ -94,8 +94,9 @@ if __name__ == "__main__":
     rows = estimated_rows()
     print(render("memory-fits", {**estimates, "step": step, "rows": rows}))
     if args.publish:
-        record("memory-fits", rows, "python benchmarks/memory_table.py --publish", step=step)
-        publish("memory-fits")
+        for name, kept in (("memory-fits", rows), ("memory-fits-7b", [r for r in rows if "7B" in r["model"]])):
+            record(name, kept, "python benchmarks/memory_table.py --publish", step=step)  # -7b: the README's rows
+            publish(name)
     if not args.estimates_only:
         rows = measured_rows(args.threads)
         command = f"python benchmarks/memory_table.py --threads {args.threads} --publish"

@@ -117,6 +117,7 @@ def timing_report(base: BenchConfig, lengths: list[int], generation: bool) -> di
         "ratio: against an LM step over the same W tokens; price: over the same text"
     )
     columns = ["L", "mode", "W", "qstar s", "LM(W) s", "ratio", "LM(text) s", "price", "tok/s", "GB qstar/LM", "MFU"]
+    columns.append("1st step s")  # with --compile: tracing and compiling
     results, rows = [], []
     for length in lengths:
         r = overhead(replace(base, train=replace(base.train, max_seq_length=length)))
@@ -127,6 +128,7 @@ def timing_report(base: BenchConfig, lengths: list[int], generation: bool) -> di
             + [
                 f"{r['qstar_memory_added_gb']:.2f}/{r['lm_memory_added_gb']:.2f}",
                 "-" if r["mfu"] is None else f"{r['mfu']:.1%}",
+                f"{r['qstar_first_step_s']:.1f}",
             ]
         )
     typer.echo(plain_table(title, columns, rows))
