@@ -1,7 +1,7 @@
 """Does thinking help a real pretrained model? The held-out measurement of the real-model study (docs/REAL.md), fixed
 before any recipe was tried.
 
-    python benchmarks/real_effect.py CHECKPOINT --reference BASE --json out.json [--control random] [--count 64]
+    python benchmarks/real_effect.py CHECKPOINT --reference BASE --json out.json [--control random] [--threads N]
 
 Held-out set: GSM8K's test split (`../shared/data/gsm8k/test.jsonl`), the problems a numpy permutation with seed
 HELD_OUT_SEED puts first, the first --count of them, each `question\\nanswer` (the worked solution, ending in
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 import qstar
+from qstar.core import backend as backends
 from qstar.core import heldout
 
 HELD_OUT_SEED = 2403
@@ -46,10 +47,13 @@ def measure(
     seed: int = 0,
     control: str = "none",
     backend: str = "torch",
+    threads: int | None = None,
 ) -> dict[str, Any]:
     docs = documents(data, count)
     tic = time.perf_counter()
-    scores = heldout.score(qstar.load(checkpoint, backend=backend), docs, seed, control, max_tokens)
+    trained = qstar.load(checkpoint, backend=backend)
+    backends.get(backend).set_threads(threads, trained.parameter_count)
+    scores = heldout.score(trained, docs, seed, control, max_tokens)
     model = None if reference is None else qstar.load(reference, backend=backend)
     ranked = None if model is None else heldout.plain_nll(model, docs, max_tokens)
     return {
@@ -86,10 +90,19 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--control", choices=heldout.CONTROLS, default="none")
     parser.add_argument("--backend", default="torch")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: the backend's choice for the model)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     result = measure(
-        args.checkpoint, args.reference, args.data, args.count, args.max_tokens, args.seed, args.control, args.backend
+        args.checkpoint,
+        args.reference,
+        args.data,
+        args.count,
+        args.max_tokens,
+        args.seed,
+        args.control,
+        args.backend,
+        args.threads,
     )
     print(show(result))
     if args.json:

@@ -36,8 +36,8 @@ for name in "${names[@]}"; do
     # shellcheck disable=SC2086
     qstar train "${common[@]}" ${FLAGS[$name]} --out "$out/$name" --overwrite > "$out/$name.log" 2>&1
   fi
-  python "$here/real_effect.py" "$model" --reference "$out/base" --json "$out/$name.json" > "$out/$name.txt"
-  python "$here/real_effect.py" "$model" --reference "$out/base" --control random --json "$out/$name-control.json" \
+  python "$here/real_effect.py" "$model" --reference "$out/base" --threads "$threads" --json "$out/$name.json" > "$out/$name.txt"
+  python "$here/real_effect.py" "$model" --reference "$out/base" --threads "$threads" --control random --json "$out/$name-control.json" \
     > "$out/$name-control.txt"
   echo "$name: $(sed -n 2,4p "$out/$name.txt" | tr -s ' ' | tr '\n' ';')"
 done

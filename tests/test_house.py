@@ -104,3 +104,9 @@ def test_no_function_is_longer_than_a_screen():
 def test_the_folders_say_what_they_install_as():
     for folder, package in (("cli", "qstar.cli"), ("weights", "qstar.weights")):
         assert f"`{package}`" in (Path(ROOT) / folder / "__init__.py").read_text()
+
+
+def test_test_files_have_unique_names():
+    """pytest imports test modules by basename (tests/ has no packages): two files of one name abort collection."""
+    names = [f.name for f in (Path(ROOT) / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
