@@ -13,7 +13,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 data="$here/../../shared/data/gsm8k/train.jsonl"
 threads=${THREADS:-1}
 mkdir -p "$out"
-[ -d "$out/base" ] || qstar convert "$gguf" "$out/base" --thought-tokens 4 --lookahead 4 > "$out/base.log" 2>&1
+[ -d "$out/base" ] || qstar convert "$gguf" "$out/base" > "$out/base.log" 2>&1
 common=(--model "$out/base" --data "$data" --text-field question,answer --max-seq-length 128 --batch-size 1
   --val-batches 16 --steps-per-eval 50 --steps-per-report 10 --save-every 50 --threads "$threads" --think-every 4)
 declare -A FLAGS=(
