@@ -108,9 +108,15 @@ def plain_nll(model: QStarModel, documents: list[str], max_tokens: int | None = 
     return out
 
 
-def summary(scores: list[Scored], reference: list[np.ndarray] | None = None, hardest: float = 0.1) -> dict[str, Any]:
-    """Mean NLL without and with thoughts over every token, the hard ones, and the `hardest` share by the reference's
-    NLL without thought (its own where there is no reference), and the mean mixing weight."""
+def summary(
+    scores: list[Scored],
+    reference: list[np.ndarray] | None = None,
+    hardest: float = 0.1,
+    more: dict[str, list[np.ndarray]] | None = None,
+) -> dict[str, Any]:
+    """Mean NLL without and with thoughts over every token, the hard ones, the `hardest` share by the reference's
+    NLL without thought (its own where there is no reference), and any `more` views (a name and a (n - 1,) bool
+    mask a document); and the mean mixing weight."""
     base, talk = np.concatenate([s.nll_base for s in scores]), np.concatenate([s.nll_talk for s in scores])
     hard = np.concatenate([s.hard for s in scores])
     ranking = np.concatenate(reference or [s.nll_base for s in scores])
@@ -118,6 +124,7 @@ def summary(scores: list[Scored], reference: list[np.ndarray] | None = None, har
         raise ValueError("the reference scored other tokens: score the same documents with the same max_tokens")
     top = np.argsort(-ranking, kind="stable")[: max(1, int(round(hardest * len(ranking))))]
     views = {"all": np.ones(len(base), bool), "hard": hard, "hardest": np.isin(np.arange(len(base)), top)}
+    views.update({name: np.concatenate(masks) for name, masks in (more or {}).items()})
     weight = float(np.concatenate([s.weight for s in scores]).mean())
     out: dict[str, Any] = {"documents": len(scores), "mixing_weight": weight}
     for name, chosen in views.items():

@@ -1,15 +1,21 @@
 """The real-model study's instrument (qstar/core/heldout.py, benchmarks/real_effect.py) on tiny checkpoints: the hard
 tokens it scores are exactly GSM8K's final answer and the toy corpus's answers; an untrained conversion's NLL with
 thoughts equals the one without to the last bit; a trained mixing head moves it; the content control is the same
-computation with other thoughts."""
+computation with other thoughts; the `plain` view leaves out exactly GSM8K's calculator-annotation markers."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
+from helpers import ROOT
 
 import qstar
 from qstar.core import heldout
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import real_effect  # noqa: E402 - the study's script
 
 GSM8K_STYLE = "Q: Tom has 3 bags of 7 apples. How many?\nA: 3 * 7 = 21 apples.\n#### 21"
 TOY = "2:dje=|74_|4.\n5:ce=4."
@@ -53,3 +59,15 @@ def test_a_mixing_head_moves_it_and_the_control_keeps_the_computation(mixing_che
         np.testing.assert_allclose(heldout.token_nll(given.mixed[0, :-1], np.array(other.ids[1:])), other.nll_talk)
     with pytest.raises(ValueError, match="unknown control"):
         heldout.score(m, [GSM8K_STYLE], control="shuffled")
+
+
+def test_the_plain_view_leaves_out_gsm8k_calculator_annotations(mixing_checkpoint):
+    m = qstar.load(str(mixing_checkpoint), backend="torch")
+    scored = heldout.score(m, ["Q: 3 bags of 7?\nA: 3 * 7 = <<3*7=21>>21 apples.\n#### 21"], seed=0)[0]
+    markers = real_effect.annotation_markers(m, scored.ids)
+    marked = "".join(m.tokenizer.decode([scored.ids[t + 1]]) for t in np.flatnonzero(markers))
+    assert "<<" in marked and ">>" in marked and not any(c.isalpha() for c in marked)
+    result = heldout.summary([scored], more={"plain": [~markers]})
+    kept = ~markers
+    assert result["plain"]["tokens"] == kept.sum()
+    assert np.isclose(result["plain"]["gain"], (scored.nll_base - scored.nll_talk)[kept].mean())
