@@ -28,7 +28,7 @@ def make_ops(device: str | None = None) -> TorchOps:
 ONE_THREAD_BELOW = 20_000_000
 """Parameters under which a model computes on one CPU thread unless told otherwise: its many small operations are
 bound by dispatch, so a second thread adds little and loses much beside a busy process (the shipped model's 40 steps:
-2 spinning threads 15 s idle, 84 s beside a busy process; 1 thread 20 s and 22 s; docs/PERFORMANCE.md#threads);
+2 spinning threads 18.6 s alone, 43.6 s beside a busy thread; 1 thread 25.1 s and 28.1 s; docs/PERFORMANCE.md#threads);
 larger ones use every core (SmolLM2-135M: 1.3x faster idle on 2 threads, as fast beside a busy process)."""
 
 
