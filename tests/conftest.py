@@ -25,6 +25,14 @@ def llama_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def quantizable_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama whose every Linear splits into whole quantization groups of 32 or 64 (the other tiny checkpoints'
+    layers have 48 columns): the float base of the QLoRA tests on both backends."""
+    shape = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    return make_hf_checkpoint(tmp_path_factory.mktemp("quantizable"), "llama", **shape)
+
+
+@pytest.fixture(scope="session")
 def mixing_checkpoint(llama_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A qstar checkpoint with a non-zero mixing head, so that thoughts matter and every parameter receives gradient."""
     import numpy as np

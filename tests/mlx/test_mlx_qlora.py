@@ -8,7 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import TRAIN_SMALL, make_hf_checkpoint, random_ids
+from helpers import TRAIN_SMALL, random_ids
 from mlx_lm.utils import load_model
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
@@ -18,33 +18,26 @@ from qstar.cli.main import app
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    """A tiny Llama whose every Linear splits into whole groups of 32 (the conftest ones have 48 columns)."""
-    shape = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
-    return make_hf_checkpoint(tmp_path_factory.mktemp("q-base"), "llama", **shape)
-
-
-@pytest.fixture(scope="module")
-def quantized(base, tmp_path_factory) -> Path:
+def quantized(quantizable_base, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("q8") / "ckpt"
-    args = ["convert", str(base), str(out), "--backend", "mlx", "--quantize", "--q-bits", "8"]
+    args = ["convert", str(quantizable_base), str(out), "--backend", "mlx", "--quantize", "--q-bits", "8"]
     result = CliRunner().invoke(app, [*args, "--q-group-size", "32"])
     assert result.exit_code == 0, result.output
     return out
 
 
-def test_the_quantized_base_is_mlx_lms_and_close_to_the_original(quantized, base):
+def test_the_quantized_base_is_mlx_lms_and_close_to_the_original(quantized, quantizable_base):
     m = qstar.load(str(quantized), backend="mlx")
     assert m.quantization == {"group_size": 32, "bits": 8}
     packed = load_file(str(quantized / "model.safetensors"))
-    linears = [k.removesuffix(".weight") for k in load_file(str(base / "model.safetensors")) if "proj" in k]
+    linears = [k.removesuffix(".weight") for k in load_file(str(quantizable_base / "model.safetensors")) if "proj" in k]
     assert linears and all(packed[f"{k}.weight"].dtype == np.uint32 and f"{k}.scales" in packed for k in linears)
     extras = load_file(str(quantized / "qstar.safetensors"))
     assert all(v.dtype == np.float32 for v in extras.values()) and "mixing_head.0.weight" in extras
     ids = random_ids(2, 9, seed=1)
     reference, _ = load_model(quantized, strict=True)  # mlx-lm reads the base from the same directory
     np.testing.assert_allclose(m.logits(ids), np.array(reference(mx.array(ids))), rtol=1e-4, atol=1e-4)
-    plain = qstar.load(str(base), backend="mlx").logits(ids)
+    plain = qstar.load(str(quantizable_base), backend="mlx").logits(ids)
     assert np.linalg.norm(m.logits(ids) - plain) / np.linalg.norm(plain) < 0.02  # 8 bits
     out = m.next_token_logits(ids, seed=0)  # inspect's path: no lookahead token to embed
     np.testing.assert_array_equal(out.plain, m.logits(ids))

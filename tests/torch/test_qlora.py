@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TRAIN_SMALL, killed_at_random_and_uninterrupted, make_hf_checkpoint, random_ids, require
+from helpers import TRAIN_SMALL, killed_at_random_and_uninterrupted, random_ids, require
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -31,30 +31,23 @@ def convert(source: Path, out: Path, *flags: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    """A tiny Llama whose Linear layers split into whole blocks of 64."""
-    shape = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
-    return make_hf_checkpoint(tmp_path_factory.mktemp("nf4-base"), "llama", **shape)
-
-
-@pytest.fixture(scope="module")
-def nf4(base, tmp_path_factory) -> Path:
-    return convert(base, tmp_path_factory.mktemp("nf4") / "ckpt", "--backend", "torch")
+def nf4(quantizable_base, tmp_path_factory) -> Path:
+    return convert(quantizable_base, tmp_path_factory.mktemp("nf4") / "ckpt", "--backend", "torch")
 
 
 def relative(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def test_the_nf4_base_is_transformers_bitsandbytes_format_and_close_to_the_float_model(nf4, base):
+def test_the_nf4_base_is_transformers_bitsandbytes_format_and_close_to_the_float_model(nf4, quantizable_base):
     m = qstar.load(str(nf4), backend="torch")
     assert m.quantization is not None and m.quantization["bnb_4bit_quant_type"] == "nf4"
     stored = load_file(str(nf4 / "model.safetensors"))
-    linears = [k for k in load_file(str(base / "model.safetensors")) if "proj.weight" in k]
+    linears = [k for k in load_file(str(quantizable_base / "model.safetensors")) if "proj.weight" in k]
     assert linears and all(stored[k].dtype == torch.uint8 and f"{k}.absmax" in stored for k in linears)
     assert all(v.dtype == torch.float32 for v in load_file(str(nf4 / "qstar.safetensors")).values())
     ids = random_ids(2, 9, seed=1)
-    plain = qstar.load(str(base), backend="torch").logits(ids)
+    plain = qstar.load(str(quantizable_base), backend="torch").logits(ids)
     assert relative(m.logits(ids), plain) < 0.2  # a random tiny model: 4 bits of gaussian weights, layer after layer
     from transformers import AutoModelForCausalLM
 
@@ -104,7 +97,7 @@ def test_a_killed_qlora_run_resumes_exactly(nf4, tmp_path):
     killed_at_random_and_uninterrupted("torch", nf4, tmp_path, kills=3, extra=adapters)
 
 
-def test_the_adapter_loads_on_the_float_and_mlx_bases_and_fuses(nf4, base, tmp_path):
+def test_the_adapter_loads_on_the_float_and_mlx_bases_and_fuses(nf4, quantizable_base, tmp_path):
     out = tmp_path / "run"
     args = ["train", "--backend", "torch", "--model", str(nf4), "--out", str(out), "--iters", "3", *TRAIN_SMALL]
     result = CliRunner().invoke(app, [*args, "--fine-tune-type", "lora", "--num-layers", "2", "--lora-rank", "2"])
@@ -117,15 +110,18 @@ def test_the_adapter_loads_on_the_float_and_mlx_bases_and_fuses(nf4, base, tmp_p
     assert qstar.load(str(fused), backend="torch").quantization is None
     np.testing.assert_allclose(qstar.load(str(fused), backend="torch").logits(ids), adapted, rtol=1e-4, atol=1e-4)
     adapter = str(out / "model")
-    on_float = qstar.load(str(base), backend="torch", adapter_path=adapter).logits(ids)
+    on_float = qstar.load(str(quantizable_base), backend="torch", adapter_path=adapter).logits(ids)
     assert relative(on_float, adapted) < 0.2  # the base's quantization error, nothing more
-    plain = qstar.load(str(base), backend="torch").logits(ids)
+    plain = qstar.load(str(quantizable_base), backend="torch").logits(ids)
     assert relative(on_float, plain) > 1e-4  # the adapter does something
     pytest.importorskip("mlx")
     np.testing.assert_allclose(
-        qstar.load(str(base), backend="mlx", adapter_path=adapter).logits(ids), on_float, rtol=1e-4, atol=1e-4
+        qstar.load(str(quantizable_base), backend="mlx", adapter_path=adapter).logits(ids),
+        on_float,
+        rtol=1e-4,
+        atol=1e-4,
     )
-    mlx_4 = convert(base, tmp_path / "mlx4", "--backend", "mlx")
+    mlx_4 = convert(quantizable_base, tmp_path / "mlx4", "--backend", "mlx")
     assert relative(qstar.load(str(mlx_4), backend="mlx", adapter_path=adapter).logits(ids), on_float) < 0.2
 
 
