@@ -4,14 +4,14 @@ before any recipe was tried.
     python benchmarks/real_effect.py CHECKPOINT --reference BASE --json out.json [--control random] [--threads N]
 
 Held-out set: GSM8K's test split (`../shared/data/gsm8k/test.jsonl`), the problems a numpy permutation with seed
-HELD_OUT_SEED puts first, the first --count of them, each `question\\nanswer` (the worked solution, ending in `####
-N`) keeping its last --max-tokens tokens. Metrics (qstar/core/heldout.py), thoughts drawn with numpy seed --seed:
-the next-token NLL without and with the thought over every token, over the answer (the tokens of N after `####`, the
-paper's teacher-forced metric) and over the hardest 10% of tokens as the untrained model (--reference) ranks them;
-over every token but the markers of GSM8K's calculator annotations (`plain`: added after the first trained run,
-which showed most of its gain on them); the mean mixing weight. --control random replaces every thought by random
-tokens (the same computation, no content). A recipe is chosen on the validation split of GSM8K's train split, never
-on this set.
+HELD_OUT_SEED puts first, the first --count of them, each `question\\nanswer` (the worked solution, ending in
+`#### N`) keeping its last --max-tokens tokens. Metrics (qstar/core/heldout.py), thoughts drawn with numpy seed
+--seed: the next-token NLL without and with the thought over every token, over the answer (the tokens of N after
+`####`, the paper's teacher-forced metric) and over the hardest 10% of tokens as the untrained model (--reference)
+ranks them; over every token but the markers of GSM8K's calculator annotations (`plain`: added after the first
+trained run, which showed most of its gain on them); the mean mixing weight. --control random replaces every thought
+by random tokens (the same computation, no content). A recipe is chosen on the validation split of GSM8K's train
+split, never on this set.
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ def annotation_markers(model: qstar.QStarModel, ids: list[int]) -> np.ndarray:
     a format the untrained model finds very unlikely and a thought learns to announce (the `plain` view leaves them
     out)."""
     pieces = model.tokenizer.batch_decode([[i] for i in ids[1:]])
-    ends = np.cumsum([len(p) for p in pieces])
-    starts = ends - [len(p) for p in pieces]
+    lengths = np.array([len(p) for p in pieces])
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
     marked = np.zeros(len(pieces), bool)
     for found in re.finditer("<<|>>", "".join(pieces)):  # a marker may span two tokens
         marked |= (starts < found.end()) & (ends > found.start())
