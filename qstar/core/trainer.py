@@ -309,6 +309,7 @@ class Loop:
         self.session.read_state(checkpoint)
         self.stream.restore(state["data"])
         self.start, self.window = state["step"], state.get("window", [])
+        self.validation = state.get("validation", {})
         self.guard = Guard(self.cfg.max_bad_steps, **state.get("guard", {}))
 
     def run(self, stops: StopRequests) -> None:
@@ -339,8 +340,12 @@ class Loop:
             self.log.say(
                 f"{self.guard.skipped} of the steps had a non-finite loss or gradient norm; their updates were skipped"
             )
-        self.log.say(f"trained {self.cfg.iters - self.start} steps in {self.log.elapsed()}")
-        self.log.say(self.summary())
+        if self.start >= self.cfg.iters:
+            self.log.say(f"nothing to train: the run had already finished its {self.cfg.iters} steps")
+        else:
+            self.log.say(f"trained {self.cfg.iters - self.start} steps in {self.log.elapsed()}")
+        if self.validation:  # absent only when resuming a checkpoint written before validations were kept
+            self.log.say(self.summary())
 
     def summary(self) -> str:
         """What the run achieved on held-out data: the final validation's next-token NLL (and the hard tokens'), and
@@ -378,6 +383,7 @@ class Loop:
             self.log.say(f"step {done}: no checkpoint after a skipped step")
             return
         state = {"data": self.stream.state(), "window": self.window, "guard": self.guard.state()}
+        state["validation"] = self.validation  # the summary of a run resumed after its last checkpoint
         with self.session.gathered():
             if self.world.main:
                 save_checkpoint(self.session, self.out, done, state, self.cfg)

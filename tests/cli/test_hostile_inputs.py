@@ -146,6 +146,16 @@ def test_resume_takes_the_checkpoints_settings_without_config_json(finished_run)
     assert sorted(train_records(finished_run)) == [1, 2, 3, 4, 6]
 
 
+def test_resuming_a_finished_run_trains_nothing_and_repeats_its_summary(finished_run):
+    """A run killed after its last checkpoint was written, then resumed: the case a random kill reaches by chance."""
+    before = (finished_run / "metrics.jsonl").read_text()
+    summary = next(line for line in before.splitlines()[::-1] if '"val"' in line)
+    output = succeeds(["train", "--resume", "--out", finished_run])
+    assert "nothing to train: the run had already finished its 4 steps" in output
+    assert f"{json.loads(summary)['nll_talk_next']:.4f} with thoughts" in output
+    assert (finished_run / "metrics.jsonl").read_text() == before
+
+
 def test_a_fresh_run_into_a_used_directory_is_refused_unless_overwrite(llama_checkpoint, finished_run):
     before = sorted(p.name for p in (finished_run / "checkpoints").iterdir())
     fails(train_args(llama_checkpoint, finished_run, "--iters", "2"), "already holds a run", "--overwrite")
