@@ -1,7 +1,8 @@
 """Does thinking help a real pretrained model? The held-out measurement of the real-model study (docs/REAL.md), fixed
 before any recipe was tried.
 
-    python benchmarks/real_effect.py CHECKPOINT --reference BASE --json out.json [--control random] [--threads N]
+    python benchmarks/real_effect.py CHECKPOINT --reference BASE --json out.json \
+        [--control random] [--threads N] [--clean]
 
 Held-out set: GSM8K's test split (`../shared/data/gsm8k/test.jsonl`), the problems a numpy permutation with seed
 HELD_OUT_SEED puts first, the first --count of them, each `question\\nanswer` (the worked solution, ending in
@@ -10,8 +11,9 @@ HELD_OUT_SEED puts first, the first --count of them, each `question\\nanswer` (t
 `####`, the paper's teacher-forced metric) and over the hardest 10% of tokens as the untrained model (--reference)
 ranks them; over every token but the markers of GSM8K's calculator annotations (`plain`: added after the first
 trained run, which showed most of its gain on them); the mean mixing weight. --control random replaces every thought
-by random tokens (the same computation, no content). A recipe is chosen on the validation split of GSM8K's train
-split, never on this set.
+by random tokens (the same computation, no content). --clean removes the annotations from the text (for a model
+trained on text without them: `write_clean`). A recipe is chosen on the validation split of GSM8K's train split,
+never on this set.
 """
 
 from __future__ import annotations
@@ -33,10 +35,24 @@ from qstar.core import heldout
 HELD_OUT_SEED = 2403
 """The permutation of the test problems (fixed before any run)."""
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+ANNOTATION = re.compile(r"<<[^<>]*>>")
+"""GSM8K's calculator annotations, `<<48/2=24>>`, which the solution text repeats right after (`= <<48/2=24>>24`)."""
 
 
-def documents(path: Path, count: int) -> list[str]:
+def read(path: Path, clean: bool = False) -> list[dict[str, Any]]:
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if clean:
+        records = [{**r, "answer": ANNOTATION.sub("", r["answer"])} for r in records]
+    return records
+
+
+def write_clean(src: Path, dst: Path) -> None:
+    """A copy of a GSM8K split with the annotations removed (training text for a `--clean` measurement)."""
+    dst.write_text("".join(json.dumps(r) + "\n" for r in read(src, clean=True)))
+
+
+def documents(path: Path, count: int, clean: bool = False) -> list[str]:
+    records = read(path, clean)
     order = np.random.default_rng(HELD_OUT_SEED).permutation(len(records))[:count]
     return [f"{records[i]['question']}\n{records[i]['answer']}" for i in order]
 
@@ -65,8 +81,9 @@ def measure(
     control: str = "none",
     backend: str = "torch",
     threads: int | None = None,
+    clean: bool = False,
 ) -> dict[str, Any]:
-    docs = documents(data, count)
+    docs = documents(data, count, clean)
     tic = time.perf_counter()
     trained = qstar.load(checkpoint, backend=backend)
     backends.get(backend).set_threads(threads, trained.parameter_count)
@@ -82,6 +99,7 @@ def measure(
         "count": count,
         "max_tokens": max_tokens,
         "seed": seed,
+        "clean": clean,
         "seconds": time.perf_counter() - tic,
         **heldout.summary(scores, ranked, more=more),
     }
@@ -109,6 +127,7 @@ if __name__ == "__main__":
     parser.add_argument("--control", choices=heldout.CONTROLS, default="none")
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--threads", type=int, help="CPU threads (default: the backend's choice for the model)")
+    parser.add_argument("--clean", action="store_true", help="remove GSM8K's calculator annotations from the text")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     result = measure(
@@ -121,6 +140,7 @@ if __name__ == "__main__":
         args.control,
         args.backend,
         args.threads,
+        args.clean,
     )
     print(show(result))
     if args.json:

@@ -5,6 +5,7 @@
 # part of the train split), never off the held-out set.
 #   bash benchmarks/real_runs.sh GGUF OUT_DIR [NAME ...]      # no NAME: all of them; one thread a run
 # Writes OUT_DIR/base (the conversion), OUT_DIR/NAME/ (the run), OUT_DIR/NAME.json and NAME-control.json.
+# A clean_NAME run is NAME trained and measured on GSM8K without its calculator annotations (`<<48/2=24>>`).
 set -euo pipefail
 gguf=${1:?usage: real_runs.sh GGUF OUT_DIR [NAME ...]}
 out=${2:?usage: real_runs.sh GGUF OUT_DIR [NAME ...]}
@@ -14,7 +15,10 @@ data="$here/../../shared/data/gsm8k/train.jsonl"
 threads=${THREADS:-1}
 mkdir -p "$out"
 [ -d "$out/base" ] || qstar convert "$gguf" "$out/base" > "$out/base.log" 2>&1
-common=(--model "$out/base" --data "$data" --text-field question,answer --max-seq-length 128 --batch-size 1
+clean="$out/gsm8k-train-clean.jsonl"
+[ -f "$clean" ] || python -c "import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; \
+from real_effect import write_clean; write_clean(Path(sys.argv[2]), Path(sys.argv[3]))" "$here" "$data" "$clean"
+common=(--model "$out/base" --text-field question,answer --max-seq-length 128 --batch-size 1
   --val-batches 16 --steps-per-eval 50 --steps-per-report 10 --save-every 50 --threads "$threads" --think-every 4)
 declare -A FLAGS=(
   [heads]="--train-only mixing_head,thought. --learning-rate 5e-4 --iters 200 --warmup-steps 10"
@@ -29,15 +33,19 @@ declare -A FLAGS=(
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=(before heads heads_policy0 heads_mixing_only heads_lr2e3 heads_seed1 heads_seed2 lora lora_nothought)
 for name in "${names[@]}"; do
-  model="$out/$name/model"
-  if [ "$name" = before ]; then
+  model="$out/$name/model" recipe=${name#clean_} train=$data measure=()
+  if [ "$recipe" != "$name" ]; then
+    train=$clean measure=(--clean)
+  fi
+  if [ "$recipe" = before ]; then
     model="$out/base"
   else
     # shellcheck disable=SC2086
-    qstar train "${common[@]}" ${FLAGS[$name]} --out "$out/$name" --overwrite > "$out/$name.log" 2>&1
+    qstar train "${common[@]}" --data "$train" ${FLAGS[$recipe]} --out "$out/$name" --overwrite > "$out/$name.log" 2>&1
   fi
-  python "$here/real_effect.py" "$model" --reference "$out/base" --threads "$threads" --json "$out/$name.json" > "$out/$name.txt"
-  python "$here/real_effect.py" "$model" --reference "$out/base" --threads "$threads" --control random --json "$out/$name-control.json" \
+  measure+=(--reference "$out/base" --threads "$threads")
+  python "$here/real_effect.py" "$model" "${measure[@]}" --json "$out/$name.json" > "$out/$name.txt"
+  python "$here/real_effect.py" "$model" "${measure[@]}" --control random --json "$out/$name-control.json" \
     > "$out/$name-control.txt"
   echo "$name: $(sed -n 2,4p "$out/$name.txt" | tr -s ' ' | tr '\n' ';')"
 done

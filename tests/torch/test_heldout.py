@@ -5,6 +5,7 @@ computation with other thoughts; the `plain` view leaves out exactly GSM8K's cal
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -71,3 +72,12 @@ def test_the_plain_view_leaves_out_gsm8k_calculator_annotations(mixing_checkpoin
     kept = ~markers
     assert result["plain"]["tokens"] == kept.sum()
     assert np.isclose(result["plain"]["gain"], (scored.nll_base - scored.nll_talk)[kept].mean())
+
+
+def test_clean_text_has_no_calculator_annotations_and_keeps_the_rest(tmp_path):
+    record = {"question": "3 bags of 7?", "answer": "3 * 7 = <<3*7=21>>21 apples.\n#### 21", "id": 5}
+    (tmp_path / "split.jsonl").write_text(json.dumps(record) + "\n")
+    split, clean = tmp_path / "split.jsonl", tmp_path / "clean.jsonl"
+    real_effect.write_clean(split, clean)
+    assert json.loads(clean.read_text()) == {**record, "answer": "3 * 7 = 21 apples.\n#### 21"}
+    assert real_effect.documents(clean, 1) == real_effect.documents(split, 1, clean=True)
