@@ -2,7 +2,7 @@
 before any recipe was tried.
 
     python benchmarks/real_effect.py CHECKPOINT --reference BASE --json out.json \
-        [--control random] [--threads N] [--clean]
+        [--control random] [--threads N] [--clean] [--skip N]
 
 Held-out set: GSM8K's test split (`../shared/data/gsm8k/test.jsonl`), the problems a numpy permutation with seed
 HELD_OUT_SEED puts first, the first --count of them, each `question\\nanswer` (the worked solution, ending in
@@ -12,8 +12,9 @@ HELD_OUT_SEED puts first, the first --count of them, each `question\\nanswer` (t
 ranks them; over every token but the markers of GSM8K's calculator annotations (`plain`: added after the first
 trained run, which showed most of its gain on them); the mean mixing weight. --control random replaces every thought
 by random tokens (the same computation, no content). --clean removes the annotations from the text (for a model
-trained on text without them: `write_clean`). A recipe is chosen on the validation split of GSM8K's train split,
-never on this set.
+trained on text without them: `write_clean`). --skip N scores problems N+1..count alone, each with the thoughts it
+draws in the whole set, so a slow backend can score a set in parts (the hardest tokens are then a part's own). A
+recipe is chosen on the validation split of GSM8K's train split, never on this set.
 """
 
 from __future__ import annotations
@@ -82,12 +83,13 @@ def measure(
     backend: str = "torch",
     threads: int | None = None,
     clean: bool = False,
+    skip: int = 0,
 ) -> dict[str, Any]:
-    docs = documents(data, count, clean)
+    docs = documents(data, count, clean)[skip:]
     tic = time.perf_counter()
     trained = qstar.load(checkpoint, backend=backend)
     backends.get(backend).set_threads(threads, trained.parameter_count)
-    scores = heldout.score(trained, docs, seed, control, max_tokens)
+    scores = heldout.score(trained, docs, seed + skip, control, max_tokens)  # problem n draws with seed + n
     model = None if reference is None else qstar.load(reference, backend=backend)
     ranked = None if model is None else heldout.plain_nll(model, docs, max_tokens)
     more = {"plain": [~annotation_markers(trained, s.ids) for s in scores]}
@@ -100,13 +102,15 @@ def measure(
         "max_tokens": max_tokens,
         "seed": seed,
         "clean": clean,
+        "skip": skip,
         "seconds": time.perf_counter() - tic,
         **heldout.summary(scores, ranked, more=more),
     }
 
 
 def show(r: dict[str, Any]) -> str:
-    lines = [f"{r['checkpoint']} ({r['backend']}, control {r['control']}, {r['count']} problems, {r['seconds']:.0f} s)"]
+    problems = f"problems {r['skip'] + 1}-{r['count']}" if r.get("skip") else f"{r['count']} problems"
+    lines = [f"{r['checkpoint']} ({r['backend']}, control {r['control']}, {problems}, {r['seconds']:.0f} s)"]
     for view in ("all", "hard", "hardest", "plain"):
         if view in r:
             v = r[view]
@@ -128,6 +132,7 @@ if __name__ == "__main__":
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--threads", type=int, help="CPU threads (default: the backend's choice for the model)")
     parser.add_argument("--clean", action="store_true", help="remove GSM8K's calculator annotations from the text")
+    parser.add_argument("--skip", type=int, default=0, help="score problems skip+1..count (a part of the set)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     result = measure(
@@ -141,6 +146,7 @@ if __name__ == "__main__":
         args.backend,
         args.threads,
         args.clean,
+        args.skip,
     )
     print(show(result))
     if args.json:

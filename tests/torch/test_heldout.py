@@ -81,3 +81,15 @@ def test_clean_text_has_no_calculator_annotations_and_keeps_the_rest(tmp_path):
     real_effect.write_clean(split, clean)
     assert json.loads(clean.read_text()) == {**record, "answer": "3 * 7 = 21 apples.\n#### 21"}
     assert real_effect.documents(clean, 1) == real_effect.documents(split, 1, clean=True)
+
+
+def test_a_part_of_the_set_scores_as_it_does_in_the_whole(mixing_checkpoint, tmp_path):
+    """--skip: problem n draws its thoughts with seed + n whether scored in the whole set or in a part."""
+    records = [{"question": f"{n} bags of 7?", "answer": f"{n} * 7 = {7 * n} apples.\n#### {7 * n}"} for n in range(3)]
+    (tmp_path / "split.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    whole = real_effect.measure(str(mixing_checkpoint), None, tmp_path / "split.jsonl", count=3, seed=4)
+    part = real_effect.measure(str(mixing_checkpoint), None, tmp_path / "split.jsonl", count=3, seed=4, skip=1)
+    m = qstar.load(str(mixing_checkpoint), backend="torch")
+    expected = heldout.score(m, real_effect.documents(tmp_path / "split.jsonl", 3), seed=4)[1:]
+    assert part["documents"] == 2 and whole["documents"] == 3
+    assert np.isclose(part["all"]["nll_talk"], np.concatenate([s.nll_talk for s in expected]).mean())
