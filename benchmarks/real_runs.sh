@@ -15,9 +15,7 @@ data="$here/../../shared/data/gsm8k/train.jsonl"
 threads=${THREADS:-1}
 mkdir -p "$out"
 [ -d "$out/base" ] || qstar convert "$gguf" "$out/base" > "$out/base.log" 2>&1
-clean="$out/gsm8k-train-clean.jsonl"
-[ -f "$clean" ] || python -c "import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; \
-from real_effect import write_clean; write_clean(Path(sys.argv[2]), Path(sys.argv[3]))" "$here" "$data" "$clean"
+clean="$out/gsm8k-train-clean.jsonl"  # written by the first clean_ run
 common=(--model "$out/base" --text-field question,answer --max-seq-length 128 --batch-size 1
   --val-batches 16 --steps-per-eval 50 --steps-per-report 10 --save-every 50 --threads "$threads" --think-every 4)
 declare -A FLAGS=(
@@ -35,6 +33,8 @@ names=("$@")
 for name in "${names[@]}"; do
   model="$out/$name/model" recipe=${name#clean_} train=$data measure=()
   if [ "$recipe" != "$name" ]; then
+    [ -f "$clean" ] || python -c "import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; \
+from real_effect import write_clean; write_clean(Path(sys.argv[2]), Path(sys.argv[3]))" "$here" "$data" "$clean"
     train=$clean measure=(--clean)
   fi
   if [ "$recipe" = before ]; then
