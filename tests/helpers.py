@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from qstar.core.thinker import NO_THOUGHTS
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 FIXTURE = SHARED / "fixtures" / "reference" / "tiny-mistral-a"
@@ -285,6 +287,39 @@ def mixing_head_only_training(backend: str, checkpoint: Path, tmp_path: Path) ->
     assert np.isfinite(val["nll_base_hard"]) and np.isfinite(val["nll_talk_hard"]) and "hard_tokens" not in val
     bad = CliRunner().invoke(app, [*args[:5], "--out", str(tmp_path / "none"), "--train-only", "nothing_such"])
     assert bad.exit_code == 1 and "matches no parameter" in " ".join(bad.output.split()), bad.output
+
+
+def no_thought_training(backend: str, checkpoint: Path, tmp_path: Path) -> None:
+    """--no-thoughts, a run's no-thought twin: its loss is the plain next-token NLL of the batch, the language model
+    trains, the mixing head and the thought vectors (outside the graph) do not, and its reports read the prediction
+    with a thought as the one without."""
+    import qstar
+    from qstar.cli.main import app
+
+    out = tmp_path / "twin"
+    args = ["train", "--backend", backend, "--model", str(checkpoint), "--out", str(out), "--iters", "3"]
+    result = CliRunner().invoke(app, [*args, "--no-thoughts", "--steps-per-eval", "3", *TRAIN_SMALL])
+    assert result.exit_code == 0, result.output
+    assert "no thoughts (the language model alone)" in result.output
+    before = qstar.load(str(checkpoint), backend="torch", thought_tokens=2, lookahead=2).parameters()
+    after = qstar.load(str(out / "model"), backend="torch").parameters()
+    changed = {k for k in before if not bool((before[k] == after[k]).all())}
+    assert "lm_head.weight" in changed and not any(k.startswith(("mixing_head.", "thought.")) for k in changed)
+    for record in train_records(out).values():
+        assert record["policy"] == 0 and record["mixing_weight"] == 0 and record["nll_base"] == record["nll_talk"]
+    val = train_records(out, "val")[3]
+    assert val["nll_base_next"] == val["nll_talk_next"]
+    m = qstar.load(str(checkpoint), backend=backend, thought_tokens=2, lookahead=2)
+    ids = random_ids(2, 12, seed=4)
+    logits = np.asarray(m.logits(ids), np.float64)
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - logits.max(-1, keepdims=True)
+    )
+    nll = -np.take_along_axis(logp[:, :-1], ids[:, 1:, None], axis=-1).mean()
+    terms = m.thinker().loss(m.ops.asarray(ids), None, m.layout(12), step_mode=NO_THOUGHTS)
+    assert abs(float(m.ops.to_numpy(terms.total)) - nll) < 1e-5
 
 
 def short_training(backend: str, checkpoint: Path, tmp_path: Path) -> Path:

@@ -9,8 +9,9 @@ Validation data never overlaps the training data:
 - from one source, part="train" and part="validation" split it by a hash of each document's text (`is_held_out`,
   a fraction `held_out` of the documents), so the split is the same on every read, needs no document count, and
   identical duplicates always land on the same side;
-- `synthetic` has its own disjoint splits (see qstar.core.synthetic); part="all" and "train" both give the
-  training split there.
+- `synthetic` and `bridge` have their own disjoint splits by problem (qstar.core.synthetic, qstar.core.bridge);
+  part="all" and "train" both give the training split there (`bridge:pretrain`: the split of the plain fine-tune,
+  half its documents worked).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from qstar.core import synthetic
+from qstar.core import bridge, synthetic
 from qstar.core.hub import looks_like_hub_id, require_hub
 
 FILE_TYPES = (".txt", ".jsonl", ".parquet")
@@ -35,7 +36,8 @@ PARTS = ("all", "train", "validation")
 HELD_OUT = 0.01
 WHAT_TO_PASS = (
     "pass a .txt (documents separated by blank lines), .jsonl or .parquet file, 'synthetic' (or 'synthetic:N', "
-    "'synthetic:LOW-HIGH' functions per chain), or a Hugging Face dataset id (owner/name or owner/name:config)"
+    "'synthetic:LOW-HIGH' functions per chain), 'bridge' (or 'bridge:pretrain'), or a Hugging Face dataset id "
+    "(owner/name or owner/name:config)"
 )
 STATE_VERSION = 1
 
@@ -73,6 +75,8 @@ def open_documents(
     if is_synthetic(spec):
         split = "validation" if part == "validation" else "train"
         return synthetic.documents(seed, synthetic_difficulty(spec), split)
+    if is_bridge(spec):
+        return bridge.documents(seed, "validation" if part == "validation" else bridge_split(spec))
     fields = [f.strip() for f in text_field.split(",")]
     if not all(fields):
         raise ValueError(f"text_field {text_field!r} has an empty name: name a field, or several joined by commas")
@@ -93,12 +97,25 @@ def is_synthetic(spec: str) -> bool:
     return spec == "synthetic" or spec.startswith("synthetic:")
 
 
+def is_bridge(spec: str) -> bool:
+    """Whether `spec` names the bridge world (`bridge`, `bridge:pretrain`)."""
+    return spec == "bridge" or spec.startswith("bridge:")
+
+
+def bridge_split(spec: str) -> str:
+    """`bridge` -> the Quiet-STaR training split (hidden documents), `bridge:pretrain` -> the plain fine-tune's."""
+    _, _, name = spec.partition(":")
+    if name not in ("", "pretrain"):
+        raise ValueError(f"{spec}: write bridge (Quiet-STaR's problems) or bridge:pretrain (the plain fine-tune's)")
+    return name or "train"
+
+
 def is_hub_spec(spec: str) -> bool:
     """Whether open_documents would stream `spec` from the Hugging Face Hub."""
     path = Path(spec).expanduser()
-    return not (is_synthetic(spec) or path.exists() or path.suffix.lower() in DATA_SUFFIXES) and looks_like_hub_id(
-        spec.split(":")[0]
-    )
+    return not (
+        is_synthetic(spec) or is_bridge(spec) or path.exists() or path.suffix.lower() in DATA_SUFFIXES
+    ) and looks_like_hub_id(spec.split(":")[0])
 
 
 FINAL_ANSWER = re.compile(r"####\s*(\S[^\n]*?)\s*$", re.M)
@@ -106,9 +123,9 @@ FINAL_ANSWER = re.compile(r"####\s*(\S[^\n]*?)\s*$", re.M)
 
 
 def hard_mask(text: str) -> list[bool]:
-    """Per character of any text: True for its hard tokens, the answers of the synthetic corpus's documents and
-    GSM8K's final answers (after `####`); all False for text without either."""
-    mask = synthetic.hard_mask(text)
+    """Per character of any text: True for its hard tokens, the answers of the synthetic corpus's and the bridge
+    world's documents and GSM8K's final answers (after `####`); all False for text without any."""
+    mask = [a or b for a, b in zip(synthetic.hard_mask(text), bridge.hard_mask(text), strict=True)]
     for match in FINAL_ANSWER.finditer(text):
         mask[match.start(1) : match.end(1)] = [True] * (match.end(1) - match.start(1))
     return mask

@@ -99,6 +99,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         embedding_scale=1.0,  # <start>/<end> start as `|` and train at the same speed as every other weight
         init_token="|",  # a thought opens (and closes) like the field of a worked document
     ),
+    # The bridge world (qstar/core/bridge.py) on a real model's BPE vocabulary; docs/REAL.md measures it.
+    "bridge": dict(
+        thought_tokens=5,  # a worked field's values and commas (` three, four, eight`): the thought ends where it does
+        lookahead=2,  # the answer word and the `.` after it
+        embedding_scale=1.0,  # <start>/<end> start as ` —` and train at the speed of every other weight
+        init_token=" —",  # a thought opens (and closes) like the field of a worked document
+    ),
 }
 
 

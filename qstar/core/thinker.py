@@ -40,6 +40,10 @@ keys/values, then scores all k+A+1 steps in one differentiable pass (more FLOPs,
 for the same noise, same loss and gradients to float rounding."""
 
 
+NO_THOUGHTS = "none"
+"""The step mode of a run without thoughts (--no-thoughts): the language model alone (Thinker.plain_loss)."""
+
+
 def check_step_mode(mode: str) -> str:
     if mode not in STEP_MODES:
         raise ValueError(f"unknown step mode {mode!r}: choose {' or '.join(STEP_MODES)} (--step-mode)")
@@ -284,8 +288,11 @@ class Thinker:
     ) -> LossTerms:
         """Loss terms for (B, L) ids, with thoughts (R, S, k) sampled with `noise` (None: greedy) or given. `valid`
         (B, L), 1.0 for real tokens of a right-padded batch (None: no padding), keeps padded targets out of every
-        mean. `step_mode` (STEP_MODES) says how sampled thoughts are scored: the same numbers either way. Only device
-        arrays depend on the batch, so a backend can compile this once per shape."""
+        mean. `step_mode` (STEP_MODES) says how sampled thoughts are scored: the same numbers either way; NO_THOUGHTS
+        thinks not at all (plain_loss). Only device arrays depend on the batch, so a backend can compile this once
+        per shape."""
+        if step_mode == NO_THOUGHTS:
+            return self.plain_loss(ids, valid, layout)
         ops, model, A, P = self.ops, self.model, self.recipe.lookahead, self.recipe.thoughts_per_position
         streams, padding = layout.streams, Padding(None if valid is None else repeat_rows(ops, valid, P))
         # 1. The text, once.
@@ -320,6 +327,39 @@ class Thinker:
             mixing_weight=[w[:, j] for j in range(A)],
             thoughts=thoughts,
             metrics=self.metrics(nll_base_rows, talk, w, advantage, rewarded_valid, streams),
+        )
+
+    def plain_loss(self, ids: Array, valid: Array | None, layout: ThoughtLayout) -> LossTerms:
+        """The language model alone, nothing sampled: the next-token loss over the text, and every report field as a
+        thinking run's would read if each thought were ignored (the prediction with the thought is the one without,
+        mixing weight, reward and advantage 0). The no-thought twin of a run (--no-thoughts): the same data, steps
+        and seed, what training does without thinking. One row per sequence (P = 1)."""
+        ops, model, A, k = self.ops, self.model, self.recipe.lookahead, self.recipe.thought_tokens
+        streams, rows = layout.streams, ids.shape[0]
+        h_base, _ = model.base(ids)
+        nll_base = losses.token_nll(ops, model.logits(h_base[:, :-1]), ids[:, 1:])  # (B, L-1)
+        base_valid = None if valid is None else valid[:, 1:] * valid[:, :-1]
+        lm = losses.masked_mean(ops, nll_base, base_valid)
+        padding = Padding(valid)
+        scored = [int(np.sum(streams + j < layout.seq_len)) for j in range(1, A + 1)]
+        nll_talk = [ops.stop_gradient(columns(ops, nll_base, streams[:n] + j - 1)) for j, n in enumerate(scored, 1)]
+        talk = Lookahead(nll_talk, [padding.at(ops, streams[:n] + j) for j, n in enumerate(scored, 1)])
+        rewarded = int(np.sum(streams < layout.seq_len - 1 - A))
+        zero = ops.zeros((rows, layout.num_streams), h_base[:, :, 0])
+        w = ops.broadcast_to(zero[:, None], (rows, A, layout.num_streams))
+        return LossTerms(
+            total=lm,
+            lm=lm,
+            policy=ops.sum(zero),
+            nll_base=nll_base,
+            nll_talk=nll_talk,
+            reward=zero[:, :rewarded],
+            advantage=zero[:, :rewarded],
+            mixing_weight=[zero] * A,
+            thoughts=ops.zeros((rows, layout.num_streams, k), ids),
+            metrics=self.metrics(
+                nll_base, talk, w, zero[:, :rewarded], padding.at(ops, streams[:rewarded] + A), streams
+            ),
         )
 
     def metrics(

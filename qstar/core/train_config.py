@@ -72,6 +72,9 @@ class TrainConfig:
     (sample without gradient, then one differentiable pass); the same numbers. Default: the faster where it runs."""
     attention: str = setting("split", resumable=True)
     """torch: split (qstar's split attention) or flex (FlexAttention for the passes over all thought steps, CUDA)."""
+    thoughts: bool = True
+    """Think (Quiet-STaR); --no-thoughts trains the language model alone on the same data, steps and seed (the
+    next-token loss, nothing sampled): a run's no-thought twin, which says what the training does without thinking."""
     compile: bool = setting(False, resumable=True)
     """torch: compile the layers' thought steps with torch.compile (inductor); the first step compiles for minutes,
     later ones run faster (docs/PERFORMANCE.md). mlx always compiles its whole step."""

@@ -22,6 +22,7 @@ from typing import Any
 
 from qstar.core import lora
 from qstar.core.backend import Backend
+from qstar.core.checkpoint import EXTRA_PREFIXES
 from qstar.core.data import Batch, BlockStream, TokenCache, hard_mask, is_hub_spec, is_synthetic, open_documents
 from qstar.core.distributed import World
 from qstar.core.files import DiskFull, write_atomic
@@ -29,6 +30,7 @@ from qstar.core.loading import load
 from qstar.core.model import QStarModel
 from qstar.core.rundir import CONFIG_FILE, STATE_FILE, RunDirectory, checkpoints, resume_command
 from qstar.core.session import Session, evaluate, mean_metrics
+from qstar.core.thinker import NO_THOUGHTS
 from qstar.core.train_config import TrainConfig
 from qstar.core.training_log import TrainingLog, run_header
 
@@ -246,6 +248,8 @@ def load_for_training(cfg: TrainConfig, backend: Backend, latest: Path | None) -
     else:
         source, adapter_path = str(latest or cfg.model), cfg.adapter_path
     model = load(source, backend, cfg.dtype, cfg.make_recipe(), step_mode=cfg.step_mode, adapter_path=adapter_path)
+    if not cfg.thoughts:
+        model.step_mode = NO_THOUGHTS
     if model.adapter is not None and adapters is None:
         raise ValueError(
             f"--model {source} is an adapter: pass --fine-tune-type {model.adapter.fine_tune_type} to train it on, or "
@@ -263,16 +267,19 @@ def load_for_training(cfg: TrainConfig, backend: Backend, latest: Path | None) -
         )
     if model.adapter is None and adapters is not None:
         model.add_adapters(adapters)
-    if cfg.train_only:
-        prefixes = cfg.trained_prefixes()
-        if not any(name.startswith(prefixes) for name in model.parameters()):
-            tops = sorted({name.split(".")[0] for name in model.parameters()})
-            raise ValueError(
-                f"--train-only {cfg.train_only} matches no parameter of {cfg.model}: its parameter names start "
-                f"with {', '.join(tops)} (e.g. --train-only mixing_head)"
-            )
+    prefixes = cfg.trained_prefixes() or ("",)
+    if not any(name.startswith(prefixes) for name in model.parameters()):
+        tops = sorted({name.split(".")[0] for name in model.parameters()})
+        raise ValueError(
+            f"--train-only {cfg.train_only} matches no parameter of {cfg.model}: its parameter names start "
+            f"with {', '.join(tops)} (e.g. --train-only mixing_head)"
+        )
+    if cfg.train_only or not cfg.thoughts:
         kept = lora.trainable if model.adapter is not None else (lambda name: True)  # within an adapter run's set
-        model.freeze(lambda name: name.startswith(prefixes) and kept(name))
+        # without thoughts nothing reaches the mixing head and the thought vectors: they keep their values (weight
+        # decay alone would move them)
+        extra = EXTRA_PREFIXES if not cfg.thoughts else ()
+        model.freeze(lambda name: name.startswith(prefixes) and kept(name) and not name.startswith(extra))
     return model
 
 

@@ -158,7 +158,7 @@ def run_header(cfg: TrainConfig, model: QStarModel, resumed: Path | None, parall
     r = model.recipe
     lines = [
         f"qstar train: {cfg.model} ({model.config.model_type}) on {cfg.backend}, {model.ops.device_name()}, "
-        f"{cfg.dtype}, {model.step_mode} steps",
+        f"{cfg.dtype}, " + (f"{model.step_mode} steps" if cfg.thoughts else "no thoughts (the language model alone)"),
         f"  recipe {cfg.recipe_name()}: {r.thought_tokens} thought tokens, lookahead {r.lookahead}, "
         f"{r.thoughts_per_position} thoughts per position, policy weight {r.policy_weight:g}"
         + (

@@ -17,6 +17,7 @@ import pytest
 from helpers import (
     killed_at_random_and_uninterrupted,
     mixing_head_only_training,
+    no_thought_training,
     random_ids,
     short_training,
     train_records,
@@ -77,6 +78,10 @@ def test_short_training_lowers_the_loss_and_saves_a_loadable_model(llama_checkpo
 
 def test_training_only_the_mixing_head(llama_checkpoint, tmp_path):
     mixing_head_only_training("mlx", llama_checkpoint, tmp_path)
+
+
+def test_the_no_thought_twin_trains_the_language_model_alone(llama_checkpoint, tmp_path):
+    no_thought_training("mlx", llama_checkpoint, tmp_path)
 
 
 def test_killed_run_resumes_exactly(llama_checkpoint, tmp_path):
