@@ -22,12 +22,10 @@ def solve(document: str) -> tuple[int, int, list[int] | None]:
     value, trace = WORD[start], []
     for step in steps.split(", "):
         verb, amount = step.split(" ")
-        value = {
-            "add": lambda v: v + WORD[amount],
-            "subtract": lambda v: v - WORD[amount],
-            "double": lambda v: 2 * v,
-            "halve": lambda v: v / 2,
-        }[verb](value)
+        if verb in ("add", "subtract"):
+            value += WORD[amount] if verb == "add" else -WORD[amount]
+        else:
+            value = 2 * value if verb == "double" else value / 2
         assert value == int(value) and 0 <= value <= 9, document
         trace.append(int(value))
     assert len(trace) == STEPS
