@@ -234,8 +234,9 @@ class Backbone(ABC):
         """layer.<method>(*args), where a backend may recompute activations in backward (grad_checkpoint) or run a
         compiled version."""
 
-    def call_loop(self, loop: Callable[..., Array], *args: Any) -> Array:
-        """loop(*args): the thinker's sampling loop, which a backend may run compiled (captured whole)."""
+    def call_loop(self, loop: Callable[..., Array], *args: Any, capturable: bool = True) -> Array:
+        """loop(*args): the thinker's sampling loop, which a backend may run compiled (captured whole) where it is
+        `capturable` (its noise the device's generator)."""
         return loop(*args)
 
     @property

@@ -20,7 +20,7 @@ from qstar.core.decoder import Cache
 from qstar.core.fields import check_fields
 from qstar.core.layout import StepGeometry, ThoughtLayout
 from qstar.core.ops import Array
-from qstar.core.sampling import NoiseFn, RowGumbel, allowed, nucleus, sample_tokens
+from qstar.core.sampling import KeyedNoise, Noise, Where, allowed, nucleus, sample_tokens
 from qstar.core.thinker import Thinker
 
 
@@ -128,7 +128,7 @@ class Decoding:
     row's prompt and tokens, each row's position and last hidden state. Rows join (`admit`: their prompts are
     processed, left-padded to the batch's length) and leave (`keep`) between steps."""
 
-    def __init__(self, thinker: Thinker, thoughts: bool, noise: NoiseFn | None) -> None:
+    def __init__(self, thinker: Thinker, thoughts: bool, noise: Noise | None) -> None:
         self.thinker, self.thoughts, self.noise = thinker, thoughts, noise
         self.clear()
 
@@ -144,14 +144,14 @@ class Decoding:
         return len(self.position)
 
     def admit(self, prompts: list[list[int]], seeds: Sequence[int | Sequence[int]] = ()) -> None:
-        """Process `prompts` in one pass and add them as rows at the end of the batch (`seeds`: their rows' noise,
-        with a RowGumbel)."""
+        """Process `prompts` in one pass and add them as rows at the end of the batch (`seeds`: their rows' keys, with
+        KeyedNoise)."""
         model, ops = self.thinker.model, self.thinker.ops
         ids, key_mask, positions = left_pad(prompts, self.thinker.pad_id)
         with ops.no_grad():
             h, cache = model.extend(ops.asarray(ids), positions, key_mask, None)
         key_mask = np.ones(ids.shape, bool) if key_mask is None else key_mask
-        if isinstance(self.noise, RowGumbel):
+        if isinstance(self.noise, KeyedNoise):
             self.noise.add(seeds)
         if self.hidden is None:
             self.cache, self.key_mask, self.hidden = cache, key_mask, h[:, -1]
@@ -192,8 +192,9 @@ class Decoding:
             for (temperature, top_k, top_p), rows in groups.items():
                 whole = len(rows) == self.rows  # one rule for the batch: no copies
                 zg = z if whole else ops.take(z, ops.asarray(np.array(rows)), axis=0)
-                noise = self.noise if whole or not isinstance(self.noise, RowGumbel) else self.noise.rows(rows)
-                drawn = sample_tokens(ops, nucleus(ops, zg, top_k, top_p), None, temperature, noise)
+                noise = self.noise if whole or not isinstance(self.noise, KeyedNoise) else self.noise.rows(rows)
+                where = Where(self.position[rows], 0)
+                drawn = sample_tokens(ops, nucleus(ops, zg, top_k, top_p), None, temperature, noise, where)
                 tokens[rows] = ops.to_numpy(drawn)
         return Emitted(tokens, thoughts, weights, z)
 
@@ -211,7 +212,7 @@ class Decoding:
     def keep(self, rows: Sequence[int]) -> None:
         """Only these rows stay; key columns no row sees any more are dropped."""
         ops = self.thinker.ops
-        if isinstance(self.noise, RowGumbel):
+        if isinstance(self.noise, KeyedNoise):
             self.noise.keep(list(rows))
         if len(rows) == 0:
             return self.clear()
@@ -244,7 +245,7 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
 
 
 def thought_after(
-    thinker: Thinker, cache: Cache, key_mask: np.ndarray, position: np.ndarray, noise: NoiseFn | None
+    thinker: Thinker, cache: Cache, key_mask: np.ndarray, position: np.ndarray, noise: Noise | None
 ) -> tuple[Array, Array]:
     """One thought per row after its last real token (at `position`): the hidden state after <end> (B, D) and the
     thought tokens (B, k). The thought's keys/values live in a cache of their own and are dropped."""
@@ -259,7 +260,8 @@ def thought_after(
     x, own, tokens = ops.broadcast_to(start, (rows, 1, 1, start.shape[-1])), None, []
     for step in range(1, k + 1):
         h, own = model.think(x, geometry(step, 1), cache, own)
-        token = sample_tokens(ops, model.logits(h[:, 0, 0]), thinker.banned, recipe.sample_temperature, noise)
+        where = Where(position, step)
+        token = sample_tokens(ops, model.logits(h[:, 0, 0]), thinker.banned, recipe.sample_temperature, noise, where)
         tokens.append(token)
         x = model.embed(token)[:, None, None]
     x = ops.concat([x, ops.broadcast_to(end, (rows, 1, 1, end.shape[-1]))], axis=1)  # t_k, then <end>
@@ -271,7 +273,7 @@ def generate(
     thinker: Thinker,
     prompts: list[list[int]],
     sampling: Sampling,
-    noise: NoiseFn | None,
+    noise: Noise | None,
     rows: list[Continuation],
 ) -> Generation:
     """Decode every prompt (a batch, left-padded with the thinker's pad id) until each of its `rows` has ended."""

@@ -10,8 +10,14 @@ NLL of token t+1 without a thought (`nll_base`) and after the thought sampled th
 - the hardest tokens: the top `hardest` share of the tokens by the NLL a reference model (the untrained one) gives
   them, the paper's "thinking helps the difficult tokens".
 A content control keeps the thought's computation but not its content: the same positions think, through the same
-steps, but the thought is a random (or fixed) token sequence; a gain that survives it comes from the extra
-computation, not from what the thoughts say.
+steps (the thoughts are given to the same inference path), but the thought is
+- `random`: random ordinary tokens;
+- `fixed`: the recipe's init token repeated;
+- `shuffled`: the model's own thought at the same position of the next document (real content, another problem's);
+- `perturbed`: the model's own thought with its first number (a digit, or a number word) changed to the next value
+  (the right form, one wrong value).
+A gain that survives them comes from the extra computation, not from what the thoughts say; a gain that is the
+thoughts' content beats every one of them.
 """
 
 from __future__ import annotations
@@ -24,7 +30,10 @@ import numpy as np
 from qstar.core.data import hard_mask
 from qstar.core.model import QStarModel
 
-CONTROLS = ("none", "random", "fixed")
+CONTROLS = ("none", "random", "fixed", "shuffled", "perturbed")
+OWN_THOUGHTS = ("shuffled", "perturbed")
+"""The controls made from the model's own sampled thoughts."""
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 @dataclass
@@ -49,51 +58,169 @@ def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return lse - z[np.arange(len(targets)), targets]
 
 
-def control_thoughts(model: QStarModel, length: int, control: str, seed: int) -> np.ndarray | None:
-    """(1, length, k) thoughts of no content: random ordinary tokens, or the recipe's init token repeated."""
+def control_thoughts(
+    model: QStarModel,
+    count: int,
+    control: str,
+    seed: int,
+    own: np.ndarray | None = None,
+    other: np.ndarray | None = None,
+) -> np.ndarray | None:
+    """(count, k) thoughts of a control for a document's `count` thinking positions: random ordinary tokens, the
+    recipe's init token repeated, or made from the model's own thoughts: `other` (the next document's, at its own
+    thinking positions, in order, cycled where it has fewer) or `own` (this document's) with its first number
+    changed."""
     if control == "none":
         return None
     k = model.recipe.thought_tokens
     if control == "fixed":
-        ids = model.info.token_ids(model.recipe.init_token) or [0]
-        return np.resize(np.array(ids, np.int64), (1, length, k))
+        return np.resize(init_ids(model), (count, k))
+    if control == "shuffled":
+        assert other is not None
+        return other[np.arange(count) % len(other)]
+    if control == "perturbed":
+        assert own is not None
+        return perturbed(own, number_tokens(model))
     allowed = np.flatnonzero(~model.banned)
-    return np.random.default_rng(seed).choice(allowed, size=(1, length, k))
+    return np.random.default_rng(seed).choice(allowed, size=(count, k))
+
+
+def init_ids(model: QStarModel) -> np.ndarray:
+    """The ids of the recipe's init token (what <start> and <end> start as)."""
+    return np.array(model.info.token_ids(model.recipe.init_token) or [0], np.int64)
+
+
+def number_tokens(model: QStarModel) -> dict[int, int]:
+    """Token id -> the id of the same number one higher (nine -> zero), for the tokens that read as one number: a
+    digit or a number word (lower case or capitalised), with or without one leading space; the counterpart keeps
+    that form."""
+    names = {**{str(n): (n, "digit") for n in range(10)}, **{w: (n, "word") for n, w in enumerate(NUMBER_WORDS)}}
+    names |= {w.capitalize(): (n, "Word") for n, w in enumerate(NUMBER_WORDS)}
+    found: dict[tuple[str, int], int] = {}  # (form: leading space and style, value) -> the first id of it
+    for i in range(model.config.vocab_size):
+        text = model.decode([i], special=True)
+        body = text.removeprefix(" ")
+        if body in names:
+            value, style = names[body]
+            found.setdefault((text[: len(text) - len(body)] + style, value), i)
+    return {i: found[(form, (n + 1) % 10)] for (form, n), i in found.items() if (form, (n + 1) % 10) in found}
+
+
+def perturbed(thoughts: np.ndarray, numbers: dict[int, int]) -> np.ndarray:
+    """(n, k) thoughts with the first number token of each changed by `numbers` (number_tokens); a thought without
+    one stays as it is."""
+    out = thoughts.copy()
+    for row in out:
+        first = next((j for j, t in enumerate(row) if int(t) in numbers), None)
+        if first is not None:
+            row[first] = numbers[int(row[first])]
+    return out
 
 
 def score(
-    model: QStarModel, documents: list[str], seed: int = 0, control: str = "none", max_tokens: int | None = None
+    model: QStarModel,
+    documents: list[str],
+    seed: int = 0,
+    control: str = "none",
+    max_tokens: int | None = None,
+    hard_only: bool = False,
+    batch_size: int = 16,
 ) -> list[Scored]:
-    """Every document through the inference path, the thoughts of document n drawn with seed + n; a document longer
-    than `max_tokens` (or the model's context) keeps its end, where GSM8K's answer is."""
+    """Every document through the inference path, the thoughts of document n drawn with seed + n whatever the batch
+    (documents of the same length go through together, up to `batch_size`) and whichever positions think (keyed
+    noise); a document longer than `max_tokens` (or the model's context) keeps its end, where GSM8K's answer is.
+    `hard_only`: only the positions that predict a hard token think (the others' prediction with thoughts is the
+    one without, their weight 0 and thought -1), a measurement of the hard tokens alone at a fraction of the cost.
+    The controls made from the model's own thoughts (OWN_THOUGHTS) draw them first, as control "none" does."""
     if control not in CONTROLS:
         raise ValueError(f"unknown control {control!r}: choose one of {', '.join(CONTROLS)}")
     if model.tokenizer is None:
         raise ValueError(f"{model.info.path} has no tokenizer files: scoring text needs them")
     limits = [n for n in (max_tokens, model.config.context) if n is not None]
     limit = min(limits) if limits else None
+    encoded = [encode(model, text, limit) for text in documents]
+    thinking = [np.flatnonzero(hard) if hard_only else np.arange(len(ids) - 1) for ids, hard in encoded]
+    own = [] if control not in OWN_THOUGHTS else thought_scores(model, encoded, thinking, seed, "none", [], batch_size)
+    drawn = thought_scores(model, encoded, thinking, seed, control, [t for t, _, _, _ in own], batch_size)
     out = []
-    for n, text in enumerate(documents):
-        encoded = model.tokenizer(text, return_offsets_mapping=True)
-        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-        if limit is not None and len(ids) > limit:
-            ids, offsets = ids[-limit:], offsets[-limit:]
-        chars = hard_mask(text)
-        hard = np.array([any(chars[a:b]) for a, b in offsets[1:]], bool)
-        given = control_thoughts(model, len(ids), control, seed + n)
-        out_n = model.next_token_logits(np.array([ids]), seed=seed + n, thoughts=given)
-        targets = np.array(ids[1:])
-        out.append(
-            Scored(
-                ids=ids,
-                nll_base=token_nll(out_n.plain[0, :-1], targets),
-                nll_talk=token_nll(out_n.mixed[0, :-1], targets),
-                weight=out_n.weight[0, :-1].astype(np.float64),
-                thoughts=out_n.thoughts[0, :-1],
-                hard=hard,
-            )
-        )
+    for (ids, hard), at, (thoughts, base, talk, weight) in zip(encoded, thinking, drawn, strict=True):
+        nll_talk, w, t = base.copy(), np.zeros(len(base)), np.full((len(base), model.recipe.thought_tokens), -1)
+        nll_talk[at], w[at], t[at] = talk, weight, thoughts
+        out.append(Scored(ids=ids, nll_base=base, nll_talk=nll_talk, weight=w, thoughts=t, hard=hard))
     return out
+
+
+def thought_scores(
+    model: QStarModel,
+    encoded: list[tuple[list[int], np.ndarray]],
+    thinking: list[np.ndarray],
+    seed: int,
+    control: str,
+    own: list[np.ndarray],
+    batch_size: int,
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per document: the thoughts (S, k) at its S thinking positions, the NLL of every next token without a thought
+    (n - 1,), and at the thinking positions the NLL after the thought (S,) and the mixing weight (S,). A batch
+    thinks at the union of its documents' positions (keyed noise: the others draw the same)."""
+    out: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+    for group in batches([len(ids) for ids, _ in encoded], batch_size):
+        ids = np.array([encoded[n][0] for n in group])
+        plain = model.logits(ids)
+        union = np.unique(np.concatenate([thinking[n] for n in group]))
+        predicted = None
+        if len(union):
+            given = [controlled(model, control, seed + n, union, thinking[n], own, n) for n in group]
+            thoughts = None if control == "none" else np.stack([g for g in given if g is not None])
+            predicted = model.next_token_logits(ids, [seed + n for n in group], thoughts, positions=union)
+        for row, n in enumerate(group):
+            targets, at = ids[row, 1:], np.searchsorted(union, thinking[n])
+            base = token_nll(plain[row, :-1], targets)
+            if predicted is None:
+                out[n] = (np.zeros((0, model.recipe.thought_tokens), np.int64), base, np.zeros(0), np.zeros(0))
+                continue
+            talk = token_nll(predicted.mixed[row, at], targets[thinking[n]])
+            out[n] = (predicted.thoughts[row, at], base, talk, predicted.weight[row, at].astype(np.float64))
+    return [out[n] for n in range(len(encoded))]
+
+
+def controlled(
+    model: QStarModel, control: str, seed: int, union: np.ndarray, mine: np.ndarray, own: list[np.ndarray], n: int
+) -> np.ndarray | None:
+    """(len(union), k) given thoughts of a document in a batch that thinks at `union`: the control's at the
+    document's own thinking positions `mine`, the init token at the others (whose predictions are not read); None
+    without a control."""
+    given = control_thoughts(model, len(mine), control, seed, *neighbours(own, n))
+    if given is None:
+        return None
+    full = np.resize(init_ids(model), (len(union), given.shape[1]))
+    full[np.searchsorted(union, mine)] = given
+    return full
+
+
+def batches(lengths: list[int], size: int) -> list[list[int]]:
+    """The indices of documents of equal length, in order, in groups of at most `size`."""
+    groups: dict[int, list[list[int]]] = {}
+    for n, length in enumerate(lengths):
+        chunks = groups.setdefault(length, [[]])
+        if len(chunks[-1]) == size:
+            chunks.append([])
+        chunks[-1].append(n)
+    return [chunk for chunks in groups.values() for chunk in chunks]
+
+
+def neighbours(own: list[np.ndarray], n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Document n's own sampled thoughts and the next document's (none where no control needs them)."""
+    return (own[n], own[(n + 1) % len(own)]) if own else (None, None)
+
+
+def encode(model: QStarModel, text: str, limit: int | None) -> tuple[list[int], np.ndarray]:
+    """A document's ids (its last `limit`) and, per predicted token, whether it is hard (data.hard_mask)."""
+    encoded = model.tokenizer(text, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    if limit is not None and len(ids) > limit:
+        ids, offsets = ids[-limit:], offsets[-limit:]
+    chars = hard_mask(text)
+    return ids, np.array([any(chars[a:b]) for a, b in offsets[1:]], bool)
 
 
 def plain_nll(model: QStarModel, documents: list[str], max_tokens: int | None = None) -> list[np.ndarray]:

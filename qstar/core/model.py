@@ -22,7 +22,7 @@ from qstar.core.model_config import ModelConfig
 from qstar.core.ops import Ops
 from qstar.core.persistence import StoredModel
 from qstar.core.recipe import Recipe
-from qstar.core.sampling import NoiseFn, RowGumbel, banned_mask, numpy_gumbel
+from qstar.core.sampling import DeviceGumbel, KeyedNoise, Noise, banned_mask
 from qstar.core.thinker import LossTerms, Thinker
 
 DEFAULT_CPU_STEP_MODE = "two-pass"
@@ -45,16 +45,16 @@ class LossOutput:
 
 @dataclass
 class NextToken:
-    """What inference predicts at every position of (B, L) ids (QStarModel.next_token_logits)."""
+    """What inference predicts at the positions of (B, L) ids asked for (QStarModel.next_token_logits)."""
 
     plain: np.ndarray
-    """(B, L, V) logits without a thought."""
+    """(B, S, V) logits without a thought at each of the S positions asked for (every position: S = L)."""
     mixed: np.ndarray
-    """(B, L, V) logits after the thought, mixed with the plain ones by the mixing head."""
+    """(B, S, V) logits after the thought, mixed with the plain ones by the mixing head."""
     thoughts: np.ndarray
-    """(B, L, k) the thought at each position."""
+    """(B, S, k) the thought at each position."""
     weight: np.ndarray
-    """(B, L) the mixing head's weight of the thought side."""
+    """(B, S) the mixing head's weight of the thought side."""
 
 
 @dataclass
@@ -145,7 +145,8 @@ class QStarModel(StoredModel):
             return self.ops.to_numpy(self.backbone.logits(h))
 
     def sample_thoughts(self, input_ids: Any, seed: int | None = None) -> np.ndarray:
-        """(B*P, S, k) thought tokens; with a seed the noise comes from numpy, so every backend draws the same."""
+        """(B*P, S, k) thought tokens; with a seed the noise is keyed (row, position, step): every backend draws the
+        same."""
         ids, _ = self.check_ids(input_ids)
         layout, rows = self.layout(ids.shape[1]), ids.shape[0] * self.recipe.thoughts_per_position
         with self.ops.no_grad():
@@ -182,13 +183,13 @@ class QStarModel(StoredModel):
         valid = None if mask.all() and self.ops.ranks == 1 else self.ops.asarray(mask.astype(np.float32))
         return self.thinker().loss(self.ops.asarray(ids), valid, layout, given, self.noise(seed), self.step_mode)
 
-    def noise(self, seed: int | Sequence[int | Sequence[int]] | None) -> NoiseFn:
-        """Gumbel noise for sampling: with a seed from numpy (every backend draws the same); with one seed per row,
-        each row from its own numpy generator (its draws do not depend on the rest of the batch); else from the
-        backend's generator."""
+    def noise(self, seed: int | Sequence[int | Sequence[int]] | None) -> Noise:
+        """The randomness of the draws: keyed by (row, position, step) with a seed (one for the batch, rows keyed by
+        (seed, row); or one a row, whose draws then depend on nothing else in the batch), the same on every backend;
+        else the backend's generator."""
         if seed is None:
-            return self.ops.gumbel
-        return numpy_gumbel(seed) if isinstance(seed, int) else RowGumbel(list(seed))
+            return DeviceGumbel()
+        return KeyedNoise(seed=seed) if isinstance(seed, int) else KeyedNoise(list(seed))
 
     def loss(
         self, input_ids: Any, attention_mask: Any = None, thoughts: Any = None, seed: int | None = None
@@ -198,13 +199,16 @@ class QStarModel(StoredModel):
             terms = self.terms(input_ids, attention_mask, thoughts, seed)
         return self.to_output(terms)
 
-    def next_token_logits(self, input_ids: Any, seed: Any = None, thoughts: Any = None) -> NextToken:
-        """The next-token predictions (B, L, V) at every position without and after a thought: sampled there (one per
-        position, the recipe's sample_temperature; `seed` as for generate) unless `thoughts` (B, L, k) are given
-        (a control: thoughts of other content, the same computation)."""
+    def next_token_logits(
+        self, input_ids: Any, seed: Any = None, thoughts: Any = None, positions: Any = None
+    ) -> NextToken:
+        """The next-token predictions at the `positions` (sorted; default every position) of (B, L) ids, without and
+        after a thought: sampled there (one per position, the recipe's sample_temperature; `seed` as for generate,
+        keyed by position, so a position draws the same whichever others think) unless `thoughts` (B, S, k) are given
+        (a control: thoughts of other content, the same computation). Arrays over the S positions."""
         ids, _ = self.check_ids(input_ids)
         single = replace(self.recipe, thoughts_per_position=1, think_every=1)
-        layout = ThoughtLayout.every(ids.shape[1])
+        layout = ThoughtLayout.every(ids.shape[1]) if positions is None else self.stream_layout(ids.shape[1], positions)
         thinker = self.thinker(single)
         with self.ops.no_grad():
             x = self.ops.asarray(ids)
@@ -212,10 +216,18 @@ class QStarModel(StoredModel):
             if thoughts is None:
                 drawn = thinker.sample_without_gradient(base[1], ids.shape[0], layout, self.noise(seed))
             else:
-                drawn = self.ops.asarray(self.check_thoughts(thoughts, ids.shape[0], ids.shape[1]))
+                drawn = self.ops.asarray(self.check_thoughts(thoughts, ids.shape[0], layout.num_streams))
             plain, mixed, w = thinker.next_token_logits(x, base, drawn, layout)
             n = self.ops.to_numpy
             return NextToken(n(plain), n(mixed), n(drawn).astype(np.int64), n(w))
+
+    @staticmethod
+    def stream_layout(length: int, positions: Any) -> ThoughtLayout:
+        """The layout of the thinking positions given (sorted, distinct, inside the sequence)."""
+        streams = np.asarray(positions, np.int64).reshape(-1)
+        if not len(streams) or (np.diff(streams) <= 0).any() or streams[0] < 0 or streams[-1] >= length:
+            raise ValueError(f"positions must be sorted, distinct and lie in [0, {length}); got {streams.tolist()}")
+        return ThoughtLayout(length, streams)
 
     def generate(
         self,
@@ -236,7 +248,8 @@ class QStarModel(StoredModel):
         sampling = Sampling(max_tokens, temperature, top_k, top_p, thoughts)
         ids, truncated = self.prompt_ids(prompts, truncate)
         rows = [self.continuation(len(p), max_tokens, stop) for p in ids]
-        out = generate(self.thinker(), ids, sampling, self.noise(seed), rows)
+        seeds = [[seed, row] for row in range(len(ids))] if isinstance(seed, int) else seed  # a row keyed by its own
+        out = generate(self.thinker(), ids, sampling, self.noise(seeds), rows)
         speed = (
             sum(map(len, ids)) / max(out.prompt_seconds, 1e-9),
             sum(len(r.tokens) for r in rows) / max(out.generation_seconds, 1e-9),

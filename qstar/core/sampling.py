@@ -1,47 +1,103 @@
-"""Sampling rules for thought tokens: Gumbel-max at a real temperature, <start>/<end> never drawn."""
+"""Sampling rules: a draw at a real temperature (<start>/<end> never drawn in a thought), and where its randomness
+comes from: the backend's generator in training (`DeviceGumbel`), or noise keyed by what the draw belongs to
+(`KeyedNoise`: row, position, step) wherever a seed is given: evaluation, generation, serving, seeded losses."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
 from qstar.core.ops import Array, Ops
 
-NoiseFn = Callable[[Sequence[int], Array], Array]
-"""noise(shape, like): standard Gumbel noise of that shape, a backend array in like's dtype or a numpy array."""
+
+@dataclass(frozen=True)
+class Where:
+    """What a draw belongs to, besides its row: the position of each draw (an integer array that broadcasts
+    against the draws, e.g. (1, S) for every row's streams or (B,) for one draw a row) and the step (a thought's
+    step s = 1..k; 0 for an emitted token)."""
+
+    positions: np.ndarray
+    step: int
 
 
-def numpy_gumbel(seed: int) -> NoiseFn:
-    """Noise drawn by numpy from one seed: the same thoughts on every backend for the same seed."""
-    rng = np.random.default_rng(seed)
-    return lambda shape, like: rng.gumbel(size=tuple(shape))
+class Noise(Protocol):
+    """Where the randomness of a draw comes from."""
+
+    def draw(self, ops: Ops, z: Array, where: Where | None) -> Array:
+        """One token id per row of z (..., V), logits already scaled by 1/T, banned ids at -inf: a draw from
+        softmax(z); `where` says what the draws belong to (None where the noise needs not know: DeviceGumbel)."""
 
 
-class RowGumbel:
-    """Noise drawn per row, row r from a generator of its own seeded by seeds[r]: a row's draws do not depend on which
-    other rows share its batch (every call's first axis is the batch row). Rows join and leave a running batch
-    (`add`, `keep`); `rows` draws for some rows only, the others' generators untouched."""
+class DeviceGumbel:
+    """Gumbel-max with the backend's own random state: what training draws with (one generator per process, saved
+    with every checkpoint, captured whole by a compiled sampling loop)."""
 
-    def __init__(self, seeds: Sequence[int | Sequence[int]]) -> None:
-        self.generators = [np.random.default_rng(seed) for seed in seeds]
+    def draw(self, ops: Ops, z: Array, where: Where | None) -> Array:
+        return ops.argmax(z + ops.gumbel(tuple(z.shape), z), axis=-1)
 
-    def __call__(self, shape: Sequence[int], like: Array) -> np.ndarray:
-        if shape[0] != len(self.generators):
-            raise ValueError(f"noise for {shape[0]} rows, but {len(self.generators)} row seeds")
-        return np.stack([g.gumbel(size=tuple(shape[1:])) for g in self.generators])
 
-    def rows(self, index: Sequence[int]) -> RowGumbel:
-        """The noise of the rows `index` (their generators shared, not copied)."""
-        chosen = RowGumbel([])
-        chosen.generators = [self.generators[i] for i in index]
+M32 = 0xFFFFFFFF
+MIX = 0x45D9F3B
+"""A 32-bit integer mixing function's multiplier; below 2**27, so that every product of the hash stays below 2**63
+in int64 arithmetic on any backend (no overflow, the same bits everywhere)."""
+
+
+def mix(x: Any) -> Any:
+    """A 32-bit integer hash of x in [0, 2**32) (an int, or a backend int64 array, elementwise)."""
+    x = (((x >> 16) ^ x) * MIX) & M32
+    x = (((x >> 16) ^ x) * MIX) & M32
+    return (x >> 16) ^ x
+
+
+def row_key(seed: int | Sequence[int]) -> int:
+    """A row's 32-bit key from its seed (an int, or a tuple such as (seed, request, sample))."""
+    return int(np.random.SeedSequence(seed).generate_state(1)[0])
+
+
+class KeyedNoise:
+    """Counter-based noise: the uniform of a draw is a hash of (its row's key, its position, its step), computed on
+    the device, and the token is drawn by inverting the cumulative softmax at it. A row's draws depend on nothing else:
+    not on the rows beside it, their order or number, nor on which other positions draw, and every backend computes
+    the same uniforms. Rows are keyed by their own seeds (`seeds`), or by (seed, row index) for a batch seeded as a
+    whole (`seed`). Rows join and leave a running batch (`add`, `keep`); `rows` draws for some rows only."""
+
+    def __init__(self, seeds: Sequence[int | Sequence[int]] = (), seed: int | None = None) -> None:
+        self.keys, self.seed = [row_key(s) for s in seeds], seed
+
+    def row_keys(self, rows: int) -> np.ndarray:
+        """(rows,) int64 keys of the batch's rows."""
+        keys = self.keys if self.seed is None else [row_key((self.seed, r)) for r in range(rows)]
+        if len(keys) != rows:
+            raise ValueError(f"noise for {rows} rows, but {len(keys)} row seeds")
+        return np.asarray(keys, np.int64)
+
+    def uniform(self, ops: Ops, shape: tuple[int, ...], where: Where, like: Array) -> Array:
+        """Uniforms in (0, 1) of `shape` (rows first), in like's dtype, on the device."""
+        keys = self.row_keys(shape[0]).reshape(shape[0], *[1] * (len(shape) - 1))
+        key, position = ops.asarray(keys), ops.asarray(np.asarray(where.positions, np.int64))
+        h = mix(key ^ mix(position ^ mix(where.step)))
+        return (ops.astype(h >> 8, like.dtype) + 0.5) * 2.0**-24
+
+    def draw(self, ops: Ops, z: Array, where: Where | None) -> Array:
+        assert where is not None, "keyed noise draws for a position and a step"
+        cdf = ops.cumsum(ops.softmax(z, axis=-1), axis=-1)
+        target = self.uniform(ops, tuple(z.shape[:-1]), where, cdf) * cdf[..., -1]
+        return ops.argmax(ops.where(cdf >= target[..., None], 1.0, 0.0), axis=-1)  # the first token that reaches it
+
+    def rows(self, index: Sequence[int]) -> KeyedNoise:
+        """The noise of the rows `index` of a batch keyed row by row."""
+        chosen = KeyedNoise()
+        chosen.keys = [self.keys[i] for i in index]
         return chosen
 
     def keep(self, index: Sequence[int]) -> None:
-        self.generators = [self.generators[i] for i in index]
+        self.keys = [self.keys[i] for i in index]
 
     def add(self, seeds: Sequence[int | Sequence[int]]) -> None:
-        self.generators += [np.random.default_rng(seed) for seed in seeds]
+        self.keys += [row_key(s) for s in seeds]
 
 
 def banned_mask(vocab_size: int, banned_ids: Sequence[int]) -> np.ndarray:
@@ -80,12 +136,12 @@ def scaled(z: Array, temperature: float) -> Array:
     return z if temperature == 1 else z / temperature
 
 
-def sample_tokens(ops: Ops, logits: Array, banned: Array | None, temperature: float, noise: NoiseFn | None) -> Array:
-    """argmax(logits / T + Gumbel) over allowed ids = one draw from softmax(logits / T); T = 0 is greedy."""
+def sample_tokens(
+    ops: Ops, logits: Array, banned: Array | None, temperature: float, noise: Noise | None, where: Where | None
+) -> Array:
+    """One draw from softmax(logits / T) over the allowed ids, with `noise`'s randomness; T = 0 (or no noise) is
+    greedy."""
     z = allowed(ops, logits, banned)
     if temperature == 0 or noise is None:
         return ops.argmax(z, axis=-1)
-    g = noise(tuple(z.shape), z)
-    if isinstance(g, np.ndarray):
-        g = ops.asarray(g, like=z)
-    return ops.argmax(scaled(z, temperature) + g, axis=-1)
+    return noise.draw(ops, scaled(z, temperature), where)

@@ -31,7 +31,7 @@ from qstar.core.decoder import Backbone, Cache, Placed, StreamCache
 from qstar.core.layout import ThoughtLayout
 from qstar.core.ops import Array, Ops
 from qstar.core.recipe import Recipe
-from qstar.core.sampling import NoiseFn, sample_tokens
+from qstar.core.sampling import DeviceGumbel, Noise, Where, sample_tokens
 
 STEP_MODES = ("one-pass", "two-pass")
 """How a training step scores the thoughts it samples: "one-pass" keeps the k sampling steps in the differentiable
@@ -128,12 +128,14 @@ def sampling_loop(
     base_kv: Cache,
     placed: list[Placed],
     banned: Array | None,
-    noise: NoiseFn | None,
+    noise: Noise | None,
+    positions: np.ndarray | None,
 ) -> Array:
     """The k sampling steps on device arrays alone: one stream cache per layer, (R, k, S, h, d), made at the start and
     written in place (step s fills slot s), every step the same shapes, a token drawn with the noise, nothing on the
-    host between the first step and the last: a backend can capture the loop whole (Backbone.call_loop). Returns the
-    (R, S, k) ids of the rows of x (R, 1, S, D), the <start> inputs."""
+    host between the first step and the last: a backend can capture the loop whole (Backbone.call_loop) where the
+    noise is the device's generator (`positions`, the streams' positions that keyed noise needs, None then). Returns
+    the (R, S, k) ids of the rows of x (R, 1, S, D), the <start> inputs."""
     ops, k = model.ops, recipe.thought_tokens
     rows, streams = x.shape[0], x.shape[2]
     caches = [
@@ -146,7 +148,8 @@ def sampling_loop(
             x = model.embed(tokens[-1])[:, None]
         h, _ = model.think(x, placed[step], base_kv, caches, slot=step)
         z = ops.stop_gradient(model.logits(h[:, 0]))  # a draw has no gradient (MLX has no no_grad to say so)
-        tokens.append(sample_tokens(ops, z, banned, recipe.sample_temperature, noise))
+        where = None if positions is None else Where(positions[None], step + 1)
+        tokens.append(sample_tokens(ops, z, banned, recipe.sample_temperature, noise, where))
     return ops.stack(tokens, axis=-1)
 
 
@@ -175,7 +178,7 @@ class Thinker:
         return losses.token_logprob(self.ops, z, tokens, self.banned, self.recipe.policy_temperature)
 
     def sample_with_gradient(
-        self, base_kv: Cache, rows: int, layout: ThoughtLayout, noise: NoiseFn | None
+        self, base_kv: Cache, rows: int, layout: ThoughtLayout, noise: Noise | None
     ) -> tuple[Array, Array, Array, StreamCache | None]:
         """Sample every stream's thought inside the differentiable graph (one-pass steps), k steps of one token each.
         Returns the hidden states (R, k, S, D) of steps 1..k, the policy's log-probabilities (R, k, S) of the drawn
@@ -191,19 +194,24 @@ class Thinker:
                 x = model.embed(tokens[-1])[:, None]
             h, cache = model.think(x, layout.steps(step, 1), base_kv, cache)
             z = model.logits(h[:, 0])
-            tokens.append(sample_tokens(ops, ops.stop_gradient(z), self.banned, recipe.sample_temperature, noise))
+            where = Where(layout.streams[None], step)
+            tokens.append(
+                sample_tokens(ops, ops.stop_gradient(z), self.banned, recipe.sample_temperature, noise, where)
+            )
             hidden.append(h)
             logprobs.append(losses.token_logprob(ops, z, tokens[-1], self.banned, recipe.policy_temperature))
         return ops.concat(hidden, axis=1), ops.stack(logprobs, axis=1), ops.stack(tokens, axis=-1), cache
 
-    def sample_without_gradient(self, base_kv: Cache, rows: int, layout: ThoughtLayout, noise: NoiseFn | None) -> Array:
+    def sample_without_gradient(self, base_kv: Cache, rows: int, layout: ThoughtLayout, noise: Noise | None) -> Array:
         """Draw every stream's thought without gradient (two-pass steps, inference), with the geometry placed on the
         device before the loop. Returns (R, S, k) ids."""
         model, k = self.model, self.recipe.thought_tokens
+        streams = None if noise is None or isinstance(noise, DeviceGumbel) else layout.streams
         with self.ops.no_grad():
             placed = [model.place(layout.steps(step, 1, keys=k)) for step in range(1, k + 1)]
             x = self.start_inputs(rows, layout.num_streams)
-            return model.call_loop(sampling_loop, model, self.recipe, x, base_kv, placed, self.banned, noise)
+            args = (model, self.recipe, x, base_kv, placed, self.banned, noise, streams)
+            return model.call_loop(sampling_loop, *args, capturable=streams is None)
 
     def future_ids(self, ids: Array, layout: ThoughtLayout, count: int) -> Array:
         """(B, count, S) true tokens x_(p+m), m = 1..count, of every stream p; pad past the end."""
@@ -228,7 +236,7 @@ class Thinker:
         return ops.concat(parts, axis=1)
 
     def think(
-        self, ids: Array, base_kv: Cache, thoughts: Array | None, layout: ThoughtLayout, noise: NoiseFn | None
+        self, ids: Array, base_kv: Cache, thoughts: Array | None, layout: ThoughtLayout, noise: Noise | None
     ) -> tuple[Array, Array, Array]:
         """Thought steps 1..k+A+1 of every stream. Returns their hidden states (R, k+A+1, S, D), the policy's
         log-probabilities (R, k, S) of the thought tokens and the thoughts (R, S, k), sampled with `noise` (None:
@@ -283,7 +291,7 @@ class Thinker:
         valid: Array | None,
         layout: ThoughtLayout,
         thoughts: Array | None = None,
-        noise: NoiseFn | None = None,
+        noise: Noise | None = None,
         step_mode: str = "one-pass",
     ) -> LossTerms:
         """Loss terms for (B, L) ids, with thoughts (R, S, k) sampled with `noise` (None: greedy) or given. `valid`

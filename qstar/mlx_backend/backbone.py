@@ -111,4 +111,5 @@ class Backbone(nn.Module, decoder.Backbone):
 
     def call_layer(self, layer: decoder.Block, method: str, *args: Any) -> tuple[mx.array, ...]:
         fn = getattr(layer, method)
-        return nn.utils.checkpoint(cast(nn.Module, layer), fn)(*args) if self.grad_checkpoint else fn(*args)
+        checkpointed = self.grad_checkpoint and cast(MLXOps, self.ops).recording  # as torch: never under no_grad
+        return nn.utils.checkpoint(cast(nn.Module, layer), fn)(*args) if checkpointed else fn(*args)

@@ -9,8 +9,8 @@ computes in double; every other dtype uses MLX's own fast kernels.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, cast
 
 import mlx.core as mx
@@ -79,9 +79,18 @@ class MLXOps:
         # numpy has no bfloat16: half precision comes back as float32, like the torch backend.
         return np.array(x.astype(mx.float32) if x.dtype in HALF else x)
 
-    def no_grad(self) -> AbstractContextManager[Any]:
-        # MLX records nothing outside mx.grad/value_and_grad.
-        return nullcontext()
+    recording = True
+    """False inside no_grad(): work that no gradient will reach (sampling), which activation checkpointing must
+    leave alone (mx.checkpoint would drop the sampling loop's in-place cache writes)."""
+
+    @contextmanager
+    def no_grad(self) -> Iterator[None]:
+        # MLX records nothing outside mx.grad/value_and_grad; the flag only tells the backbone what is differentiated.
+        recording, self.recording = self.recording, False
+        try:
+            yield
+        finally:
+            self.recording = recording
 
     def stop_gradient(self, x: mx.array) -> mx.array:
         return mx.stop_gradient(x)

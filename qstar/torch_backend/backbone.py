@@ -259,8 +259,10 @@ class Backbone(nn.Module, decoder.Backbone):
         loop = thinker.sampling_loop
         self.compiled_loop = torch.compile(loop, fullgraph=True, dynamic=False, mode=mode, backend=backend)
 
-    def call_loop(self, loop: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
-        return (self.compiled_loop or loop)(*args)
+    def call_loop(self, loop: Callable[..., torch.Tensor], *args: Any, capturable: bool = True) -> torch.Tensor:
+        """Compiled where the noise is the device's generator; keyed noise (a seeded evaluation or control during a
+        compiled run) takes the eager loop, the same draws."""
+        return (self.compiled_loop if capturable and self.compiled_loop else loop)(*args)
 
     def call_layer(self, layer: decoder.Block, method: str, *args: Any) -> tuple[torch.Tensor, ...]:
         """Through the layer's own (bound) method, which FSDP2 wraps to all-gather its weights."""

@@ -9,7 +9,7 @@ from helpers import backend_params
 
 import qstar
 from qstar.core.generate import Decoding, Sampling
-from qstar.core.sampling import RowGumbel
+from qstar.core.sampling import KeyedNoise
 
 PROMPTS = [[5, 9, 2, 7, 1], [3, 3, 8, 4, 6, 2, 9, 1, 5], [7, 2, 4]]
 SEEDS = [11, 12, 13]
@@ -27,7 +27,7 @@ def test_rows_joining_and_leaving_decode_as_alone(backend, thoughts, mixing_chec
         c = m.generate([prompt], s.max_tokens, thoughts, s.temperature, s.top_k, seed=[seed])[0]
         alone.append((c.tokens, c.thoughts, c.mixing_weights))
 
-    decoding = Decoding(m.thinker(), thoughts, RowGumbel([]))
+    decoding = Decoding(m.thinker(), thoughts, KeyedNoise())
     rows: list[int] = []  # which prompt each batch row decodes
     got: list[tuple[list[int], list[str], list[float]]] = [([], [], []) for _ in PROMPTS]
     for step in range(20):

@@ -67,13 +67,13 @@ def test_the_sampling_loop_is_captured_whole_with_nothing_on_the_host(mixing_che
             inside.setattr(torch, "from_numpy", counted("from_numpy", torch.from_numpy))
             return thinker.sampling_loop(*args)
 
-    monkeypatch.setattr(m.backbone, "call_loop", lambda loop, *args: watched_loop(*args))
+    monkeypatch.setattr(m.backbone, "call_loop", lambda loop, *args, **_: watched_loop(*args))
     torch.manual_seed(0)
     eager = m.sample_thoughts(ids)
     assert transfers == []
     torch._dynamo.reset()
     compiled = torch.compile(thinker.sampling_loop, fullgraph=True, dynamic=False, backend="aot_eager")
-    monkeypatch.setattr(m.backbone, "call_loop", lambda loop, *args: compiled(*args))
+    monkeypatch.setattr(m.backbone, "call_loop", lambda loop, *args, **_: compiled(*args))
     torch.manual_seed(0)
     np.testing.assert_array_equal(m.sample_thoughts(ids), eager)
 

@@ -47,19 +47,48 @@ def test_an_untrained_conversion_gains_exactly_nothing(llama_checkpoint):
 
 def test_a_mixing_head_moves_it_and_the_control_keeps_the_computation(mixing_checkpoint):
     m = qstar.load(str(mixing_checkpoint), backend="torch")
-    sampled = heldout.score(m, [GSM8K_STYLE], seed=0)[0]
-    assert not np.array_equal(sampled.nll_base, sampled.nll_talk)
-    again = heldout.score(m, [GSM8K_STYLE], seed=0)[0]
-    assert np.array_equal(again.nll_talk, sampled.nll_talk)  # seeded: the same numbers every time
-    for control in ("random", "fixed"):
-        other = heldout.score(m, [GSM8K_STYLE], seed=0, control=control)[0]
-        assert np.array_equal(other.nll_base, sampled.nll_base)  # the plain prediction is untouched
-        assert not np.array_equal(other.thoughts, sampled.thoughts)
-        thoughts = heldout.control_thoughts(m, len(other.ids), control, seed=0)  # what it gave the model
-        given = m.next_token_logits(np.array([other.ids]), thoughts=thoughts)
-        np.testing.assert_allclose(heldout.token_nll(given.mixed[0, :-1], np.array(other.ids[1:])), other.nll_talk)
+    documents = [GSM8K_STYLE, "Q: 4 bags of 2?\nA: 4 * 2 = 8.\n#### 8"]
+    sampled = heldout.score(m, documents, seed=0)
+    assert not np.array_equal(sampled[0].nll_base, sampled[0].nll_talk)
+    again = heldout.score(m, documents, seed=0)
+    assert all(np.array_equal(a.nll_talk, s.nll_talk) for a, s in zip(again, sampled))  # seeded: the same numbers
+    for control in ("random", "fixed", "shuffled", "perturbed"):
+        other = heldout.score(m, documents, seed=0, control=control)
+        for n, (o, s) in enumerate(zip(other, sampled)):
+            assert np.array_equal(o.nll_base, s.nll_base)  # the plain prediction is untouched
+            assert not np.array_equal(o.thoughts, s.thoughts), control
+            given = m.next_token_logits(
+                np.array([o.ids]), thoughts=o.thoughts[None], positions=np.arange(len(o.ids) - 1)
+            )
+            np.testing.assert_allclose(heldout.token_nll(given.mixed[0], np.array(o.ids[1:])), o.nll_talk, rtol=1e-6)
+            if control == "shuffled":  # the next document's own thoughts, position by position (cycled)
+                mine, theirs = s.thoughts, sampled[(n + 1) % 2].thoughts
+                assert np.array_equal(o.thoughts, theirs[np.arange(len(mine)) % len(theirs)])
+            if control == "perturbed":  # its own thoughts, the first digit of each moved on by one
+                numbers = heldout.number_tokens(m)
+                assert np.array_equal(o.thoughts, heldout.perturbed(s.thoughts, numbers))
+                assert {m.decode([a]): m.decode([b]) for a, b in numbers.items()} == {
+                    str(d): str((d + 1) % 10) for d in range(10)
+                }
     with pytest.raises(ValueError, match="unknown control"):
-        heldout.score(m, [GSM8K_STYLE], control="shuffled")
+        heldout.score(m, [GSM8K_STYLE], control="bogus")
+
+
+def test_thinking_only_where_the_hard_tokens_are_predicted_gives_their_numbers(mixing_checkpoint):
+    """hard_only: the answer tokens get the very thoughts and NLL of thinking everywhere (keyed noise), in any batch;
+    every other token is predicted without a thought."""
+    m = qstar.load(str(mixing_checkpoint), backend="torch")
+    documents = [GSM8K_STYLE, TOY, "no answer here", GSM8K_STYLE.replace("21", "24")]
+    everywhere = heldout.score(m, documents, seed=2, batch_size=1)
+    for batch_size in (1, 4):
+        only = heldout.score(m, documents, seed=2, hard_only=True, batch_size=batch_size)
+        for e, o in zip(everywhere, only):
+            np.testing.assert_allclose(o.nll_talk[e.hard], e.nll_talk[e.hard], rtol=1e-6)
+            assert np.array_equal(o.thoughts[e.hard], e.thoughts[e.hard])
+            assert np.array_equal(o.nll_talk[~e.hard], o.nll_base[~e.hard]) and not o.weight[~e.hard].any()
+        np.testing.assert_allclose(
+            heldout.score(m, documents, seed=2, batch_size=batch_size)[1].nll_talk, everywhere[1].nll_talk, rtol=1e-6
+        )
 
 
 def test_the_plain_view_leaves_out_gsm8k_calculator_annotations(mixing_checkpoint):

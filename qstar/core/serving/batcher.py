@@ -1,7 +1,7 @@
 """Continuous batching: a request's rows join the running batch at the next token and leave it when they end or their
 client goes, on one worker thread that owns the model. Rows that think and rows that do not are two batches
-(core.generate.Decoding), stepped in turn; each row samples from its own noise generator, so a request's tokens
-depend on its seed, never on the requests beside it."""
+(core.generate.Decoding), stepped in turn; each row's draws are keyed by its own seed (its position and
+step), so a request's tokens depend on its seed, never on the requests beside it."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from qstar.core.generate import Continuation, Decoding, Emitted, Sampling
 from qstar.core.model import QStarModel
-from qstar.core.sampling import RowGumbel
+from qstar.core.sampling import KeyedNoise
 
 MAX_TOP_LOGPROBS = 20
 
@@ -91,7 +91,7 @@ class Batcher:
         self.waiting: queue.Queue[Job] = queue.Queue(max_queue)
         self.held: Job | None = None  # taken from the queue, admitted once there is room for its rows
         thinker = model.thinker()
-        self.batches = {thoughts: Decoding(thinker, thoughts, RowGumbel([])) for thoughts in (True, False)}
+        self.batches = {thoughts: Decoding(thinker, thoughts, KeyedNoise()) for thoughts in (True, False)}
         self.rows: dict[bool, list[Row]] = {True: [], False: []}
         self.closing = threading.Event()
         self.worker = threading.Thread(target=self.run, name="qstar-batcher", daemon=True)
