@@ -11,7 +11,7 @@ it, the server (qstar/core/serving/batcher.py) batches requests continuously wit
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,20 +60,53 @@ STOP_REASONS = ("eos", "stop", "max_tokens", "context")
 """Why a row's generation ended: its EOS token, a stop string, max_tokens, or the model's context."""
 
 
+MAX_PENDING_TOKENS = 8
+"""Tokens a row's newest text may wait for the rest of a character's bytes; past them it is taken as it decodes."""
+
+
 class Continuation:
     """One row's emitted tokens, the thoughts and mixing weights before them, why it ended, and its text: cut before
     a stop string; `delta` hands out the text safe to show so far (never the start of a stop string, never half a
-    character), so that the pieces streamed add up to the final text."""
+    character), so that the pieces streamed add up to the final text.
+
+    The text is decoded as it grows, each new token after the ones settled just before it (a tokenizer may join
+    pieces differently at a text's start; vLLM decodes so too), and stop strings are looked for only where one can
+    have completed: a token costs work bounded by the longest stop string and its own text, however long the row."""
 
     def __init__(
-        self, decode: Callable[[list[int]], str], eos: int | None, stop: Sequence[str], budget: int, at_context: bool
+        self,
+        decode: Callable[[list[int]], str],
+        eos: Collection[int],
+        stop: Sequence[str],
+        budget: int,
+        at_context: bool,
     ) -> None:
-        self.decode, self.eos, self.stops, self.budget, self.at_context = decode, eos, tuple(stop), budget, at_context
+        self.decode, self.eos, self.budget, self.at_context = decode, frozenset(eos), budget, at_context
+        self.stops = tuple(s for s in stop if s)  # an empty stop string stops nothing
+        self.reach = max(map(len, self.stops), default=1) - 1
+        """Characters of settled text a stop string completed by new text can start in."""
         self.tokens: list[int] = []
         self.thoughts: list[list[int]] = []
         self.weights: list[float] = []
         self.stop = ""
-        self.sent = ""
+        self.settled: list[str] = []
+        """The text of tokens[:read], piece by piece; it never changes."""
+        self.chars = 0
+        """Its length."""
+        self.pending = ""
+        """The text of tokens[read:]: a character whose bytes are still coming."""
+        self.read = 0
+        self.context: list[int] = []
+        """Decoded before the newest tokens, to context_chars characters: the last settled ones that showed text,
+        then the last few settled since that showed none (a tokenizer may join text across them)."""
+        self.context_chars = self.visible = 0
+        self.recent = ""
+        """The settled text's last `reach` characters."""
+        self.cut: int | None = None
+        """Where the first stop string starts."""
+        self.unsent: list[str] = []
+        """Settled text from `sent` on, not handed out yet."""
+        self.sent = 0
 
     def add(self, token: int, thought: list[int], weight: float | None) -> bool:
         """Record one emitted token; True when the row has ended (self.stop says why)."""
@@ -81,32 +114,73 @@ class Continuation:
         self.thoughts.append(thought)
         if weight is not None:
             self.weights.append(weight)
-        if token == self.eos:
+        fresh = self.detokenize()
+        if self.stops:
+            self.find_stop(fresh)
+        if token in self.eos:
             self.stop = "eos"
-        elif self.stops and any(s in self.decode(self.tokens) for s in self.stops):
+        elif self.cut is not None:
             self.stop = "stop"
         elif len(self.tokens) == self.budget:
             self.stop = "context" if self.at_context else "max_tokens"
         return bool(self.stop)
 
+    def detokenize(self) -> str:
+        """Decode the newest token after the context; the text it settles ("" while a character's bytes are still
+        coming)."""
+        new = self.decode(self.context + self.tokens[self.read :])[self.context_chars :]
+        if new.endswith("\ufffd") and len(self.tokens) - self.read < MAX_PENDING_TOKENS:
+            self.pending = new
+            return ""
+        self.pending = ""
+        self.settled.append(new)
+        self.unsent.append(new)
+        self.chars += len(new)
+        if new:
+            self.context, self.visible = self.tokens[self.read :], len(self.tokens) - self.read
+        else:  # special tokens, say: the next text may join the visible one's across them (the last few kept)
+            quiet = (self.context[self.visible :] + self.tokens[self.read :])[-MAX_PENDING_TOKENS:]
+            self.context = self.context[: self.visible] + quiet
+        self.context_chars = len(self.decode(self.context))
+        self.read = len(self.tokens)
+        return new
+
+    def find_stop(self, fresh: str) -> None:
+        """Set `cut` at the first stop string, looked for in the text that can hold one that was not there before:
+        the newly settled and pending text and the `reach` settled characters before them."""
+        window = self.recent + fresh + self.pending
+        found = [i for i in (window.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.cut = self.chars - len(fresh) - len(self.recent) + min(found)
+        recent = self.recent + fresh
+        self.recent = recent[max(0, len(recent) - self.reach) :]
+
     @property
     def text(self) -> str:
         """The emitted text, cut before the first stop string in it."""
-        text = self.decode(self.tokens)
-        cut = min((text.index(s) for s in self.stops if s in text), default=len(text))
-        return text[:cut]
+        text = "".join(self.settled) + self.pending
+        return text if self.cut is None else text[: self.cut]
 
     def delta(self) -> str:
         """The text not handed out yet that no later token can change (all of it once the row has ended)."""
-        text = self.text
-        if not self.stop:
-            text = text.rstrip("\ufffd")  # a character whose bytes are still coming
-            held = max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-            text = text[: len(text) - held]
-        if not text.startswith(self.sent):  # a later token changed earlier text (rare): hold until it settles
-            return ""
-        new, self.sent = text[len(self.sent) :], text
+        if self.stop:
+            end = self.chars + len(self.pending) if self.cut is None else self.cut
+            new = ("".join(self.unsent) + self.pending[max(0, self.sent - self.chars) :])[: end - self.sent]
+            self.unsent, self.sent = [], self.sent + len(new)
+            return new
+        text = "".join(self.unsent)
+        new = text[: len(text) - max((held_back(text, s) for s in self.stops), default=0)]
+        self.unsent, self.sent = [text[len(new) :]], self.sent + len(new)
         return new
+
+
+def held_back(text: str, stop: str) -> int:
+    """The length of the longest end of `text` that a stop string starts with but is not (it may yet become one)."""
+    tail = text[max(0, len(text) - len(stop) + 1) :]
+    i = tail.find(stop[0])
+    while i >= 0 and not stop.startswith(tail[i:]):
+        i = tail.find(stop[0], i + 1)
+    return 0 if i < 0 else len(tail) - i
 
 
 @dataclass

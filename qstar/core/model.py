@@ -249,7 +249,7 @@ class QStarModel(StoredModel):
 
     def continuation(self, prompt_tokens: int, max_tokens: int, stop: Sequence[str]) -> Continuation:
         """A row's bookkeeping: it ends at EOS, a stop string, max_tokens or the model's context."""
-        eos = None if self.tokenizer is None else self.tokenizer.eos_token_id
+        eos = () if self.tokenizer is None or self.tokenizer.eos_token_id is None else {self.tokenizer.eos_token_id}
         room = max_tokens if self.config.context is None else self.config.context - prompt_tokens
         return Continuation(self.decode, eos, stop, min(max_tokens, room), room < max_tokens)
 
