@@ -248,10 +248,9 @@ class QStarModel(StoredModel):
         ]
 
     def continuation(self, prompt_tokens: int, max_tokens: int, stop: Sequence[str]) -> Continuation:
-        """A row's bookkeeping: it ends at EOS, a stop string, max_tokens or the model's context."""
-        eos = () if self.tokenizer is None or self.tokenizer.eos_token_id is None else {self.tokenizer.eos_token_id}
+        """A row's bookkeeping: it ends at an EOS id, a stop string, max_tokens or the model's context."""
         room = max_tokens if self.config.context is None else self.config.context - prompt_tokens
-        return Continuation(self.decode, eos, stop, min(max_tokens, room), room < max_tokens)
+        return Continuation(self.decode, self.info.eos_ids, stop, min(max_tokens, room), room < max_tokens)
 
     def decode(self, tokens: list[int], special: bool = False) -> str:
         """Text of token ids, special tokens left out unless `special` ("" without a tokenizer)."""
