@@ -10,7 +10,9 @@ it, the server (qstar/core/serving/batcher.py) batches requests continuously wit
 
 from __future__ import annotations
 
+import math
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +40,12 @@ class Sampling:
     """Sample among the smallest set of tokens of probability >= p."""
     thoughts: bool = True
     """Think before every token."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token the row has emitted (OpenAI's presence_penalty)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time the row has emitted it (OpenAI's frequency_penalty)."""
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """Token id -> a number added to its logit before the draw (OpenAI's logit_bias)."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -49,11 +57,24 @@ class Sampling:
             raise ValueError("top_k must be >= 1")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError("top_p must lie in (0, 1]")
+        if not all(type(t) is int and math.isfinite(b) for t, b in self.logit_bias.items()):
+            raise ValueError("logit_bias maps token ids (integers) to finite numbers")
 
     @property
     def rule(self) -> tuple[float, int | None, float | None]:
         """What decides how an emitted token is drawn: rows of the same rule are drawn together."""
         return self.temperature, self.top_k, self.top_p
+
+    @property
+    def adjusts(self) -> bool:
+        """Whether the row's logits change before its draw (penalties, logit_bias)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """logit_bias names only ids of the vocabulary."""
+        outside = sorted(t for t in self.logit_bias if not 0 <= t < vocab_size)
+        if outside:
+            raise ValueError(f"logit_bias names token ids outside the vocabulary [0, {vocab_size}): {outside[:5]}")
 
 
 STOP_REASONS = ("eos", "stop", "max_tokens", "context")
@@ -194,13 +215,14 @@ class Emitted:
     weights: list[float] | None
     """(B,) the mixing weight of the thought side (None without thoughts)."""
     logits: Array
-    """(B, V) the prediction the tokens were drawn from, before temperature and top-k/top-p; banned ids at -inf."""
+    """(B, V) the prediction the tokens were drawn from, before penalties, logit_bias, temperature and top-k/top-p;
+    banned ids at -inf."""
 
 
 class Decoding:
     """A batch decoded token by token, with or without thoughts: the KV cache (B, h, T, d) and key mask (B, T) of every
-    row's prompt and tokens, each row's position and last hidden state. Rows join (`admit`: their prompts are
-    processed, left-padded to the batch's length) and leave (`keep`) between steps."""
+    row's prompt and tokens, each row's position, last hidden state and count of each token it has drawn. Rows join
+    (`admit`: their prompts are processed, left-padded to the batch's length) and leave (`keep`) between steps."""
 
     def __init__(self, thinker: Thinker, thoughts: bool, noise: NoiseFn | None) -> None:
         self.thinker, self.thoughts, self.noise = thinker, thoughts, noise
@@ -212,6 +234,7 @@ class Decoding:
         self.key_mask = np.ones((0, 0), bool)
         self.position = np.zeros(0, np.int64)
         self.hidden: Array | None = None
+        self.counts: list[Counter[int]] = []
 
     @property
     def rows(self) -> int:
@@ -236,6 +259,7 @@ class Decoding:
             masks = [np.pad(m, ((0, 0), (length - m.shape[1], 0))) for m in (self.key_mask, key_mask)]
             self.key_mask, self.hidden = np.concatenate(masks), ops.concat([self.hidden, h[:, -1]], axis=0)
         self.position = np.concatenate([self.position, positions[:, -1]])
+        self.counts += [Counter() for _ in prompts]
 
     def stacked(self, old: Array, new: Array, length: int) -> Array:
         """Keys or values (B, h, T, d) of the batch and of the rows joining it, each left-padded with zeros to
@@ -259,16 +283,20 @@ class Decoding:
             else:
                 logits = model.logits(hb)
             z = allowed(ops, logits, thinker.banned)
+            adjusted = adjustments(samplings, self.counts, z.shape[-1])
+            drawn_from = z if adjusted is None else z + ops.asarray(adjusted, like=z)
             groups: dict[tuple[float, int | None, float | None], list[int]] = {}
             for row, sampling in enumerate(samplings):
                 groups.setdefault(sampling.rule, []).append(row)
             tokens = np.zeros(self.rows, np.int64)
             for (temperature, top_k, top_p), rows in groups.items():
                 whole = len(rows) == self.rows  # one rule for the batch: no copies
-                zg = z if whole else ops.take(z, ops.asarray(np.array(rows)), axis=0)
+                zg = drawn_from if whole else ops.take(drawn_from, ops.asarray(np.array(rows)), axis=0)
                 noise = self.noise if whole or not isinstance(self.noise, RowGumbel) else self.noise.rows(rows)
                 drawn = sample_tokens(ops, nucleus(ops, zg, top_k, top_p), None, temperature, noise)
                 tokens[rows] = ops.to_numpy(drawn)
+        for seen, token in zip(self.counts, tokens.tolist(), strict=True):
+            seen[token] += 1
         return Emitted(tokens, thoughts, weights, z)
 
     def advance(self, tokens: np.ndarray, moving: np.ndarray) -> None:
@@ -294,7 +322,24 @@ class Decoding:
         picked = ops.asarray(index)
         self.cache = [tuple(ops.take(x, picked, 0)[:, :, first:] for x in kv) for kv in self.cache]
         self.key_mask, self.position = self.key_mask[index, first:], self.position[index]
+        self.counts = [self.counts[i] for i in rows]
         self.hidden = ops.take(self.hidden, picked, axis=0)
+
+
+def adjustments(samplings: Sequence[Sampling], counts: Sequence[Counter[int]], vocab: int) -> np.ndarray | None:
+    """(B, V) what each row's logit_bias and OpenAI's penalties add to its logits before the draw: logit_bias[t] -
+    presence_penalty * (count[t] > 0) - frequency_penalty * count[t], count over the tokens the row has drawn; zero
+    for rows without them, None when no row has any (nothing to add)."""
+    if not any(s.adjusts for s in samplings):
+        return None
+    out = np.zeros((len(samplings), vocab), np.float32)
+    for row, (sampling, seen) in enumerate(zip(samplings, counts, strict=True)):
+        if sampling.logit_bias:
+            out[row, list(sampling.logit_bias)] = list(sampling.logit_bias.values())
+        if seen and (sampling.presence_penalty or sampling.frequency_penalty):
+            ids, times = list(seen), np.fromiter(seen.values(), np.float32, len(seen))
+            out[row, ids] -= sampling.presence_penalty + sampling.frequency_penalty * times
+    return out
 
 
 @dataclass

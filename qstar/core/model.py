@@ -228,12 +228,19 @@ class QStarModel(StoredModel):
         seed: int | Sequence[int | Sequence[int]] | None = None,
         stop: list[str] | tuple[str, ...] = (),
         truncate: bool = False,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
     ) -> list[Completion]:
         """Continue each prompt (text, or token ids), thinking before every token unless thoughts=False. A batch is
-        left-padded; a row ends at EOS, a stop string, max_tokens or the model's context. `seed`: one for the batch,
-        or one per prompt. A prompt longer than the context is an error, or with `truncate` loses its first tokens
-        (as lm-evaluation-harness does)."""
-        sampling = Sampling(max_tokens, temperature, top_k, top_p, thoughts)
+        left-padded; a row ends at EOS (the tokenizer's or generation_config.json's), a stop string, max_tokens or the
+        model's context. `seed`: one for the batch, or one per prompt. A prompt longer than the context is an error,
+        or with `truncate` loses its first tokens (as lm-evaluation-harness does). The penalties and logit_bias change
+        the emitted tokens' logits as OpenAI's do (core.generate.Sampling), never the thoughts'."""
+        sampling = Sampling(
+            max_tokens, temperature, top_k, top_p, thoughts, presence_penalty, frequency_penalty, logit_bias or {}
+        )
+        sampling.check_vocabulary(self.config.vocab_size)
         ids, truncated = self.prompt_ids(prompts, truncate)
         rows = [self.continuation(len(p), max_tokens, stop) for p in ids]
         out = generate(self.thinker(), ids, sampling, self.noise(seed), rows)

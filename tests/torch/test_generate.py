@@ -68,6 +68,10 @@ def test_generate_bad_input(llama_checkpoint):
         m.generate("x" * 1030, max_tokens=4)
     with pytest.raises(ValueError, match="top_p must lie in"):
         m.generate("abc", top_p=0)
+    with pytest.raises(ValueError, match=r"logit_bias names token ids outside the vocabulary \[0, 128\): \[130\]"):
+        m.generate("abc", logit_bias={5: 1.0, 130: -100.0})
+    with pytest.raises(ValueError, match="logit_bias maps token ids"):
+        m.generate("abc", logit_bias={5: float("nan")})
 
 
 def test_prompts_longer_than_the_context_and_generations_that_reach_it(llama_checkpoint):
