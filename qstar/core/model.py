@@ -293,12 +293,18 @@ class QStarModel(StoredModel):
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """A conversation as prompt ids: the tokenizer's chat template with the assistant's turn opened (the template
         brings its own special tokens), or, for a tokenizer without one, the plain template: the messages' contents,
-        one a line, as text the model continues."""
+        one a line, as text the model continues. A template that refuses the messages (many raise for roles that do
+        not alternate) is a ValueError with its message."""
         if self.tokenizer is None:
             raise ValueError(f"{self.info.path} has no tokenizer files, so it cannot read messages")
         if not self.tokenizer.chat_template:
             return list(self.tokenizer("\n".join(m["content"] for m in messages))["input_ids"])
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        from jinja2 import TemplateError
+
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError as err:
+            raise ValueError(f"the chat template refused the messages: {err}") from None
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def to_output(self, terms: LossTerms) -> LossOutput:
