@@ -23,7 +23,7 @@ text never holds, so a program can split them off."""
 
 @user_errors
 @model_options
-@settings_options(Sampling, "sampling", "Sampling")
+@settings_options(Sampling, "sampling", "Sampling", skip=("logit_bias",))  # a mapping: the API takes it
 def generate(
     model: ModelChoice,
     sampling: Sampling,

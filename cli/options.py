@@ -95,13 +95,13 @@ def field_flags(
     return params
 
 
-def settings_options(cls: type, param: str, panel: str) -> Callable[[F], F]:
-    """Give a command a flag for every field of the settings dataclass `cls` (field_flags); it receives them as one
-    `param: cls`, the flags not given keeping the fields' defaults."""
+def settings_options(cls: type, param: str, panel: str, skip: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """Give a command a flag for every field of the settings dataclass `cls` (field_flags) but `skip`; it receives
+    them as one `param: cls`, the flags not given keeping the fields' defaults."""
 
     def decorate(fn: F) -> F:
         signature = inspect.signature(fn, eval_str=True)
-        flags = field_flags(cls, panel)
+        flags = field_flags(cls, panel, skip)
         names = [p.name for p in flags]
 
         @functools.wraps(fn)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated
 
 import typer
@@ -42,6 +43,10 @@ def serve(
 
     from qstar.core.serving.batcher import Batcher
 
+    if api_key is None and not loopback(host):
+        typer.echo(
+            f"warning: --host {host} opens the server to the network without --api-key: anyone can use it", err=True
+        )
     m = model.load()
     name = served_model_name or Path(str(model.path)).name
     batcher = Batcher(m, max_batch=max_batch, max_queue=max_queue)
@@ -51,3 +56,11 @@ def serve(
         uvicorn.run(build_app(Server(m, name, batcher, reasoning, api_key)), host=host, port=port, log_level="warning")
     finally:
         batcher.close()
+
+
+def loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only (localhost, 127.0.0.0/8, ::1)."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name other than localhost
+        return False

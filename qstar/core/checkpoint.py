@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
 )
+GENERATION_CONFIG = "generation_config.json"
+"""What transformers' generate reads beside the weights; qstar takes its eos ids and keeps it in every save."""
 MAX_SHARD_BYTES = 4 << 30
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 """Buffers some checkpoints carry that the model recomputes."""
@@ -55,6 +57,16 @@ class CheckpointInfo:
     end_id: int
     saved_recipe: dict[str, Any] | None = None
     tokenizer: Any = None
+    generation_config: dict[str, Any] = field(default_factory=dict)
+    """generation_config.json ({} without one)."""
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """The ids that end generation: the tokenizer's EOS and generation_config.json's (one id or a list)."""
+        ids = self.generation_config.get("eos_token_id")
+        listed = [] if ids is None else ids if isinstance(ids, list) else [ids]
+        own = None if self.tokenizer is None else self.tokenizer.eos_token_id
+        return frozenset(listed if own is None else [*listed, own])
 
     def token_ids(self, text: str) -> list[int]:
         """Ids of `text` without special tokens; empty when the checkpoint has no tokenizer."""
@@ -128,9 +140,10 @@ def inspect(path: str | Path) -> CheckpointInfo:
     config, raw = read_config(path)
     files = weight_files(path)
     tokenizer = load_tokenizer(path)
+    generation = read_generation_config(path)
     if "qstar" in raw:
         start_id, end_id, recipe = qstar_section(path, raw["qstar"])
-        return CheckpointInfo(path, "qstar", config, raw, files, start_id, end_id, recipe, tokenizer)
+        return CheckpointInfo(path, "qstar", config, raw, files, start_id, end_id, recipe, tokenizer, generation)
     names = safetensors_names(files)
     if "start_embedding" in names or any(n.startswith("talk_head.") for n in names):
         ref = path / "quietstar_reference.json"
@@ -141,12 +154,28 @@ def inspect(path: str | Path) -> CheckpointInfo:
             default_start, default_end = config.vocab_size - 2, config.vocab_size - 1
         start_id, end_id = settings.get("start_token_id", default_start), settings.get("end_token_id", default_end)
         recipe = authors_recipe({**raw, **settings})
-        return CheckpointInfo(path, "authors", config, raw, files, start_id, end_id, recipe, tokenizer)
+        return CheckpointInfo(path, "authors", config, raw, files, start_id, end_id, recipe, tokenizer, generation)
     if tokenizer is not None:
         start_id, end_id = tokenizer.convert_tokens_to_ids([START_TOKEN, END_TOKEN])
     else:
         start_id, end_id = config.vocab_size, config.vocab_size + 1
-    return CheckpointInfo(path, "hf", config, raw, files, start_id, end_id, None, tokenizer)
+    return CheckpointInfo(path, "hf", config, raw, files, start_id, end_id, None, tokenizer, generation)
+
+
+def read_generation_config(path: Path) -> dict[str, Any]:
+    """generation_config.json, read once at load ({} without one); its eos_token_id must be an id or a list of ids."""
+    file = path / GENERATION_CONFIG
+    if not file.is_file():
+        return {}
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err}): repair or remove it") from None
+    eos = raw.get("eos_token_id") if isinstance(raw, dict) else None
+    listed = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not isinstance(raw, dict) or not all(type(i) is int and i >= 0 for i in listed):
+        raise ValueError(f"{file}: eos_token_id must be a token id or a list of token ids, got {eos!r}: repair it")
+    return raw
 
 
 def qstar_section(path: Path, section: Any) -> tuple[int, int, dict[str, Any] | None]:
@@ -425,6 +454,9 @@ def qstar_config(info: CheckpointInfo, recipe: dict[str, Any], dtype: str) -> di
     return raw
 
 
-def save_tokenizer(info: CheckpointInfo, directory: Path) -> None:
+def save_generation_files(info: CheckpointInfo, directory: Path) -> None:
+    """What generation reads beside the weights: the tokenizer and generation_config.json."""
     if info.tokenizer is not None:
         info.tokenizer.save_pretrained(str(directory))
+    if info.generation_config:
+        (directory / GENERATION_CONFIG).write_text(json.dumps(info.generation_config, indent=2))

@@ -148,10 +148,5 @@ def convert(
         )
         if quantize is not None:
             model.quantize(*quantize)
-
-        def generation_config(tmp: Path) -> None:  # eos ids and sampling defaults travel with the checkpoint
-            if (local / "generation_config.json").is_file():
-                shutil.copyfile(local / "generation_config.json", tmp / "generation_config.json")
-
-        model.save(dst, extra=generation_config)
+        model.save(dst)  # its generation_config.json too (checkpoint.save_generation_files)
     return model

@@ -240,12 +240,19 @@ class QStarModel(StoredModel):
         seed: int | Sequence[int | Sequence[int]] | None = None,
         stop: list[str] | tuple[str, ...] = (),
         truncate: bool = False,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
     ) -> list[Completion]:
         """Continue each prompt (text, or token ids), thinking before every token unless thoughts=False. A batch is
-        left-padded; a row ends at EOS, a stop string, max_tokens or the model's context. `seed`: one for the batch,
-        or one per prompt. A prompt longer than the context is an error, or with `truncate` loses its first tokens
-        (as lm-evaluation-harness does)."""
-        sampling = Sampling(max_tokens, temperature, top_k, top_p, thoughts)
+        left-padded; a row ends at EOS (the tokenizer's or generation_config.json's), a stop string, max_tokens or the
+        model's context. `seed`: one for the batch, or one per prompt. A prompt longer than the context is an error,
+        or with `truncate` loses its first tokens (as lm-evaluation-harness does). The penalties and logit_bias change
+        the emitted tokens' logits as OpenAI's do (core.generate.Sampling), never the thoughts'."""
+        sampling = Sampling(
+            max_tokens, temperature, top_k, top_p, thoughts, presence_penalty, frequency_penalty, logit_bias or {}
+        )
+        sampling.check_vocabulary(self.config.vocab_size)
         ids, truncated = self.prompt_ids(prompts, truncate)
         rows = [self.continuation(len(p), max_tokens, stop) for p in ids]
         seeds = [[seed, row] for row in range(len(ids))] if isinstance(seed, int) else seed  # a row keyed by its own
@@ -261,10 +268,9 @@ class QStarModel(StoredModel):
         ]
 
     def continuation(self, prompt_tokens: int, max_tokens: int, stop: Sequence[str]) -> Continuation:
-        """A row's bookkeeping: it ends at EOS, a stop string, max_tokens or the model's context."""
-        eos = None if self.tokenizer is None else self.tokenizer.eos_token_id
+        """A row's bookkeeping: it ends at an EOS id, a stop string, max_tokens or the model's context."""
         room = max_tokens if self.config.context is None else self.config.context - prompt_tokens
-        return Continuation(self.decode, eos, stop, min(max_tokens, room), room < max_tokens)
+        return Continuation(self.decode, self.info.eos_ids, stop, min(max_tokens, room), room < max_tokens)
 
     def decode(self, tokens: list[int], special: bool = False) -> str:
         """Text of token ids, special tokens left out unless `special` ("" without a tokenizer)."""
@@ -300,12 +306,18 @@ class QStarModel(StoredModel):
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """A conversation as prompt ids: the tokenizer's chat template with the assistant's turn opened (the template
         brings its own special tokens), or, for a tokenizer without one, the plain template: the messages' contents,
-        one a line, as text the model continues."""
+        one a line, as text the model continues. A template that refuses the messages (many raise for roles that do
+        not alternate) is a ValueError with its message."""
         if self.tokenizer is None:
             raise ValueError(f"{self.info.path} has no tokenizer files, so it cannot read messages")
         if not self.tokenizer.chat_template:
             return list(self.tokenizer("\n".join(m["content"] for m in messages))["input_ids"])
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        from jinja2 import TemplateError
+
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError as err:
+            raise ValueError(f"the chat template refused the messages: {err}") from None
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def to_output(self, terms: LossTerms) -> LossOutput:

@@ -172,7 +172,7 @@ class StoredModel(ABC):
             self.write_tensors(extras, tmp / checkpoint.EXTRAS_FILE)
             config = checkpoint.qstar_config(self.info, self.recipe.to_dict(), self.dtype)
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
-            checkpoint.save_tokenizer(self.info, tmp)
+            checkpoint.save_generation_files(self.info, tmp)
             if extra is not None:
                 extra(tmp)
         return Path(path)

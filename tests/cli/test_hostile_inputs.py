@@ -268,6 +268,17 @@ def test_broken_config_json(llama_checkpoint, tmp_path, content, message):
     fails(["generate", "--backend", "torch", "--model", ckpt, "--prompt", "ab"], f"{ckpt / 'config.json'}", message)
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("{not json", "is not valid JSON"), ('{"eos_token_id": "</s>"}', "eos_token_id must be a token id or a list")],
+)
+def test_broken_generation_config_json(llama_checkpoint, tmp_path, content, message):
+    ckpt = converted(llama_checkpoint, tmp_path / "ckpt")
+    (ckpt / "generation_config.json").write_text(content)
+    args = ["generate", "--backend", "torch", "--model", ckpt, "--prompt", "ab"]
+    fails(args, f"{ckpt / 'generation_config.json'}", message)
+
+
 def test_config_file_numbers_as_users_write_them(llama_checkpoint, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("learning_rate: 1e-4\nwarmup_steps: 1\npolicy_temperature: 2e0\n")  # PyYAML: strings

@@ -239,3 +239,24 @@ def test_serve_without_fastapi_says_what_to_install(tmp_path):
         [sys.executable, "-m", "qstar", "serve", "--model", str(DEFAULT_MODEL)], env=env, capture_output=True, text=True
     )
     assert done.returncode == 1 and "pip install 'qstar-lm[serve]'" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("host", "key", "warned"),
+    [("0.0.0.0", None, True), ("192.168.1.5", None, True), ("0.0.0.0", KEY, False)]
+    + [(host, None, False) for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2")],
+)
+def test_a_server_open_to_the_network_without_a_key_warns(monkeypatch, host, key, warned):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    monkeypatch.delenv("QSTAR_API_KEY", raising=False)
+    args = ["serve", "--model", str(DEFAULT_MODEL), "--backend", "torch", "--host", host]
+    result = CliRunner().invoke(app, args + ([] if key is None else ["--api-key", key]))
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert warnings == (
+        [f"warning: --host {host} opens the server to the network without --api-key: anyone can use it"]
+        if warned
+        else []
+    )

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from helpers import make_hf_checkpoint
+from typer.testing import CliRunner
 
 import qstar
+from qstar.cli.main import app
 from qstar.core.layout import ThoughtLayout
 from qstar.core.losses import mix
 
@@ -62,6 +68,10 @@ def test_generate_bad_input(llama_checkpoint):
         m.generate("x" * 1030, max_tokens=4)
     with pytest.raises(ValueError, match="top_p must lie in"):
         m.generate("abc", top_p=0)
+    with pytest.raises(ValueError, match=r"logit_bias names token ids outside the vocabulary \[0, 128\): \[130\]"):
+        m.generate("abc", logit_bias={5: 1.0, 130: -100.0})
+    with pytest.raises(ValueError, match="logit_bias maps token ids"):
+        m.generate("abc", logit_bias={5: float("nan")})
 
 
 def test_prompts_longer_than_the_context_and_generations_that_reach_it(llama_checkpoint):
@@ -96,3 +106,35 @@ def test_sampling_filters_keep_only_the_nucleus(llama_checkpoint):
     assert kept(nucleus(m.ops, logits, top_k=None, top_p=0.7)) == [True, True, False, False]
     assert kept(nucleus(m.ops, logits, top_k=None, top_p=0.81)) == [True, True, True, False]
     assert kept(nucleus(m.ops, logits, top_k=None, top_p=0.5)) == [True, False, False, False]
+
+
+def with_generation_config(src: Path, dst: Path, eos: object) -> Path:
+    """A copy of the checkpoint `src` with a generation_config.json whose eos_token_id is `eos`."""
+    shutil.copytree(src, dst)
+    (dst / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "do_sample": False}))
+    return dst
+
+
+def test_every_eos_id_of_generation_config_ends_generation(llama_checkpoint, tmp_path):
+    """A checkpoint converted from Hugging Face carries generation_config.json, whose eos_token_id may be a list (as
+    instruction-tuned models' are): each id ends a row, in model.generate and `qstar generate` alike, beside the
+    tokenizer's EOS; conversion and every save keep the file."""
+    plain = qstar.load(str(llama_checkpoint), backend="torch").generate("abc", max_tokens=6, thoughts=False)[0]
+    third = plain.tokens[2]
+    first = plain.tokens.index(third)  # the first time the model emits that token
+    assert plain.stop == "max_tokens" and first < 5
+    for name, eos in [("listed", [2, third]), ("one", third)]:
+        ckpt = with_generation_config(llama_checkpoint, tmp_path / name, eos)
+        m = qstar.load(str(ckpt), backend="torch")
+        assert m.info.eos_ids == {2, third}
+        ended = m.generate("abc", max_tokens=6, thoughts=False)[0]
+        assert (ended.stop, ended.tokens) == ("eos", plain.tokens[: first + 1])
+    args = ["generate", "--backend", "torch", "--model", str(ckpt), "--prompt", "abc", "--max-tokens", "6"]
+    result = CliRunner().invoke(app, [*args, "--no-thoughts", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.splitlines()[-1])["stop"] == "eos"
+    converted = qstar.convert(str(tmp_path / "listed"), str(tmp_path / "converted"), backend="torch")
+    saved = converted.save(tmp_path / "saved")
+    for path in (tmp_path / "converted", saved):
+        assert json.loads((path / "generation_config.json").read_text())["eos_token_id"] == [2, third]
+        assert qstar.load(str(path), backend="torch").info.eos_ids == {2, third}

@@ -51,10 +51,11 @@ def test_a_mixing_head_moves_it_and_the_control_keeps_the_computation(mixing_che
     sampled = heldout.score(m, documents, seed=0)
     assert not np.array_equal(sampled[0].nll_base, sampled[0].nll_talk)
     again = heldout.score(m, documents, seed=0)
-    assert all(np.array_equal(a.nll_talk, s.nll_talk) for a, s in zip(again, sampled))  # seeded: the same numbers
+    # seeded: the same numbers every time
+    assert all(np.array_equal(a.nll_talk, s.nll_talk) for a, s in zip(again, sampled, strict=True))
     for control in ("random", "fixed", "shuffled", "perturbed"):
         other = heldout.score(m, documents, seed=0, control=control)
-        for n, (o, s) in enumerate(zip(other, sampled)):
+        for n, (o, s) in enumerate(zip(other, sampled, strict=True)):
             assert np.array_equal(o.nll_base, s.nll_base)  # the plain prediction is untouched
             assert not np.array_equal(o.thoughts, s.thoughts), control
             given = m.next_token_logits(
@@ -82,7 +83,7 @@ def test_thinking_only_where_the_hard_tokens_are_predicted_gives_their_numbers(m
     everywhere = heldout.score(m, documents, seed=2, batch_size=1)
     for batch_size in (1, 4):
         only = heldout.score(m, documents, seed=2, hard_only=True, batch_size=batch_size)
-        for e, o in zip(everywhere, only):
+        for e, o in zip(everywhere, only, strict=True):
             np.testing.assert_allclose(o.nll_talk[e.hard], e.nll_talk[e.hard], rtol=1e-6)
             assert np.array_equal(o.thoughts[e.hard], e.thoughts[e.hard])
             assert np.array_equal(o.nll_talk[~e.hard], o.nll_base[~e.hard]) and not o.weight[~e.hard].any()

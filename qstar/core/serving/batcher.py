@@ -83,6 +83,10 @@ class Busy(Exception):
     """The queue is full: the caller should retry later."""
 
 
+class Stopped(Exception):
+    """The worker thread has ended: nothing more will be generated."""
+
+
 class Batcher:
     """Requests in, events out: at most `max_batch` rows decode at once and `max_queue` requests wait."""
 
@@ -94,6 +98,8 @@ class Batcher:
         self.batches = {thoughts: Decoding(thinker, thoughts, KeyedNoise()) for thoughts in (True, False)}
         self.rows: dict[bool, list[Row]] = {True: [], False: []}
         self.closing = threading.Event()
+        self.failure = ""
+        """What ended the worker thread, when an exception escaped its loop."""
         self.worker = threading.Thread(target=self.run, name="qstar-batcher", daemon=True)
 
     def start(self) -> None:
@@ -103,8 +109,17 @@ class Batcher:
         self.closing.set()
         self.worker.join()
 
+    @property
+    def dead(self) -> str:
+        """Why the worker thread has ended ("" while it runs, or before it starts)."""
+        if self.failure or self.worker.ident is None or self.worker.is_alive():
+            return self.failure
+        return "the worker thread has ended"
+
     def submit(self, job: Job) -> None:
-        """Queue a request; Busy when `max_queue` already wait."""
+        """Queue a request; Busy when `max_queue` already wait, Stopped when the worker has ended."""
+        if self.dead:
+            raise Stopped(self.dead)
         if job.n > self.max_batch:
             raise ValueError(f"n={job.n} is more than the server decodes at once ({self.max_batch}, --max-batch)")
         try:
@@ -117,11 +132,27 @@ class Batcher:
         return sum(map(len, self.rows.values()))
 
     def run(self) -> None:
-        while not self.closing.is_set():
-            self.admit(block=self.active == 0)
-            for thoughts, decoding in self.batches.items():
-                if self.rows[thoughts]:
-                    self.guarded(thoughts, decoding)
+        """The worker's loop. An exception that escapes it ends every request held with the error, and `failure`
+        says why, so that nothing waits for a worker that is gone."""
+        try:
+            while not self.closing.is_set():
+                self.admit(block=self.active == 0)
+                for thoughts, decoding in self.batches.items():
+                    if self.rows[thoughts]:
+                        self.guarded(thoughts, decoding)
+        except BaseException as err:
+            self.failure = f"{type(err).__name__}: {err}"
+            rows, self.rows = [*self.rows[True], *self.rows[False]], {True: [], False: []}
+            self.fail([*rows, *self.rows_of(self.drain())], err)
+
+    def drain(self) -> list[Job]:
+        """Every request taken or waiting, taken out of the queue."""
+        jobs, self.held = ([] if self.held is None else [self.held]), None
+        while True:
+            try:
+                jobs.append(self.waiting.get_nowait())
+            except queue.Empty:
+                return jobs
 
     def admit(self, block: bool) -> None:
         """Move waiting requests into the batches while their rows fit (waiting a moment for one when idle)."""
@@ -151,8 +182,11 @@ class Batcher:
         try:
             self.batches[thoughts].admit(prompts, seeds)
         except Exception as err:  # a failed prompt pass ends these requests, not the server
-            return self.fail([Row(job, i, self.continuation(job)) for job in jobs for i in range(job.n)], err)
-        self.rows[thoughts] += [Row(job, i, self.continuation(job)) for job in jobs for i in range(job.n)]
+            return self.fail(self.rows_of(jobs), err)
+        self.rows[thoughts] += self.rows_of(jobs)
+
+    def rows_of(self, jobs: list[Job]) -> list[Row]:
+        return [Row(job, i, self.continuation(job)) for job in jobs for i in range(job.n)]
 
     def continuation(self, job: Job) -> Continuation:
         return self.model.continuation(len(job.prompt), job.sampling.max_tokens, job.stop)
@@ -166,7 +200,7 @@ class Batcher:
             decoding.keep([])
             self.fail(rows, err)
 
-    def fail(self, rows: Sequence[Row], err: Exception) -> None:
+    def fail(self, rows: Sequence[Row], err: BaseException) -> None:
         traceback.print_exception(err, file=sys.stderr)
         for row in rows:
             row.job.deliver(Event(row.choice, error=f"generation failed: {type(err).__name__}: {err}"))

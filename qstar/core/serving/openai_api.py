@@ -5,32 +5,42 @@ qstar's additions to the OpenAI request: `reasoning` (return each token's though
 a line, as vLLM returns a reasoning model's), `thoughts` (false: generate without thinking) and `top_k`. With
 reasoning, each choice carries a `qstar` object: the thoughts one per emitted token and the mixing head's weight
 of each. Usage counts the thoughts' tokens apart (`usage.thought_tokens`), not in completion_tokens.
-Every error is the OpenAI error shape {"error": {"message", "type", "param", "code"}} with a 4xx status.
+Every error is the OpenAI error shape {"error": {"message", "type", "param", "code"}}: a 4xx status for a request
+the server refuses, a 5xx typed server_error for a failure of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException
 
 from qstar.core.generate import Sampling
 from qstar.core.model import QStarModel
-from qstar.core.serving.batcher import MAX_TOP_LOGPROBS, Batcher, Busy, Event, Job
+from qstar.core.serving.batcher import MAX_TOP_LOGPROBS, Batcher, Busy, Event, Job, Stopped
 
 FINISH = {"eos": "stop", "stop": "stop", "max_tokens": "length", "context": "length"}
 """qstar's stop reasons as OpenAI's finish_reason."""
 RETRY_AFTER_S = 1
+MAX_STOPS, MAX_STOP_CHARS = 4, 256
+"""Stop strings a request may send (OpenAI's limit) and their longest; each token's stop check costs as much."""
+MAX_LOGIT_BIAS = 300
+"""Entries of a request's logit_bias."""
+MIN_BODY_BYTES = 1 << 20
+JSON_BYTES_PER_CHAR = 12
+"""The most bytes a prompt's character takes in JSON (an escaped character outside the BMP: two \\uXXXX)."""
+UNBOUNDED_BODY_BYTES = 64 << 20
+"""The body limit of a model whose context is not known."""
 
 
 class Strict(BaseModel):
@@ -57,8 +67,12 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
+Penalty = Annotated[float | None, Field(ge=-2, le=2)]
+
+
 class Generation(Strict):
-    """What both endpoints take."""
+    """What both endpoints take. Accepted and ignored, as common clients send them: user, metadata, store,
+    service_tier, safety_identifier, prompt_cache_key (docs/GUIDE.md#serving)."""
 
     model: str
     max_tokens: Annotated[int | None, Field(ge=1)] = None
@@ -66,13 +80,44 @@ class Generation(Strict):
     top_p: Annotated[float | None, Field(gt=0, le=1)] = None
     top_k: Annotated[int | None, Field(ge=1)] = None
     seed: int | None = None
-    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    stop: str | list[str] | None = None
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    presence_penalty: Penalty = None
+    frequency_penalty: Penalty = None
+    logit_bias: (
+        Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=MAX_LOGIT_BIAS)] | None
+    ) = None
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
     reasoning: bool | None = None
     thoughts: bool = True
+
+    @field_validator("stop")
+    @classmethod
+    def bounded(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        strings = [stop] if isinstance(stop, str) else stop or []
+        if len(strings) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in strings):
+            raise ValueError(f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters each")
+        return stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if bias and not all(key.isascii() and key.isdigit() for key in bias):
+            raise ValueError("the keys must be token ids (as strings of digits)")
+        return bias
+
+    def sampling(self, max_tokens: int) -> Sampling:
+        """How the request's tokens are drawn."""
+        bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
+        penalties = self.presence_penalty or 0.0, self.frequency_penalty or 0.0
+        return Sampling(max_tokens, self.temperature, self.top_k, self.top_p, self.thoughts, *penalties, bias)
 
 
 class ChatRequest(Generation):
@@ -80,6 +125,8 @@ class ChatRequest(Generation):
     max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
     logprobs: bool = False
     top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS)] = None
+    parallel_tool_calls: bool | None = None
+    """Accepted and ignored: no tools are offered."""
 
 
 class CompletionRequest(Generation):
@@ -90,8 +137,9 @@ class CompletionRequest(Generation):
 
 def error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
     kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(status)
-    body = {"error": {"message": message, "type": kind or "invalid_request_error", "param": param, "code": code}}
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    kind = "server_error" if status >= 500 else kind or "invalid_request_error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -101,6 +149,13 @@ class Refused(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status, self.param, self.code = status, param, code
+
+    def response(self) -> JSONResponse:
+        return error(self.status, str(self), self.param, self.code)
+
+
+def stopped(why: str) -> Refused:
+    return Refused(503, f"the generation worker has stopped ({why}): restart the server", None, "worker_stopped")
 
 
 class Reply:
@@ -114,6 +169,9 @@ class Reply:
         self.tokens = self.thought_tokens = 0
 
 
+Body = TypeVar("Body", ChatRequest, CompletionRequest)
+
+
 class Server:
     """The model's batcher and the routes over it."""
 
@@ -121,14 +179,50 @@ class Server:
         self.model, self.name, self.batcher = model, name, batcher
         self.reasoning, self.api_key = reasoning, api_key
         self.created = int(time.time())
+        context, tokenizer = model.config.context, model.tokenizer
+        self.max_chars = None
+        """The most characters a prompt's text can have and fit the context: its tokens times the longest token's."""
+        if context is not None and tokenizer is not None:
+            self.max_chars = context * max(map(len, tokenizer.get_vocab()), default=1)
+        self.max_body = (
+            UNBOUNDED_BODY_BYTES if self.max_chars is None else MIN_BODY_BYTES + JSON_BYTES_PER_CHAR * self.max_chars
+        )
 
     def check_key(self, request: Request) -> None:
-        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
+        """The API key, compared in constant time (a timing attack learns nothing of it)."""
+        given = request.headers.get("authorization", "").encode("latin-1")
+        if self.api_key is not None and not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
             raise Refused(
                 401, "a valid API key is needed: send the header Authorization: Bearer KEY", None, "invalid_api_key"
             )
 
+    async def parse(self, request: Request, kind: type[Body]) -> Body:
+        """The request's body as `kind`: read no further than `max_body` bytes (413), parsed and validated off the
+        event loop, so that no request stalls the others' streams."""
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise Refused(
+                    413, f"the request body is over {self.max_body} bytes, more than the model's context can take"
+                )
+            chunks.append(chunk)
+        try:
+            return await asyncio.to_thread(kind.model_validate_json, b"".join(chunks))
+        except ValidationError as err:
+            first = err.errors(include_url=False)[0]
+            where = ".".join(str(x) for x in first.get("loc", ()))
+            message = first.get("msg", "invalid").removeprefix("Value error, ")
+            raise Refused(400, f"{where or 'body'}: {message}", where or None, "invalid_request") from None
+
+    def check_worker(self) -> None:
+        """503 once the worker thread has ended: no request can be answered any more."""
+        if self.batcher.dead:
+            raise stopped(self.batcher.dead)
+
     def prompt(self, body: ChatRequest | CompletionRequest) -> list[int]:
+        """The prompt's ids; its length is checked first, then it is templated and tokenized (off the event loop:
+        `respond`)."""
         if body.model != self.name:
             raise Refused(
                 404,
@@ -139,8 +233,12 @@ class Server:
         tokenizer = self.model.tokenizer
         if tokenizer is None and (isinstance(body, ChatRequest) or isinstance(body.prompt, str)):
             raise Refused(400, f"{self.name} has no tokenizer: send /v1/completions a prompt of token ids", "prompt")
+        self.check_length(body)
         if isinstance(body, ChatRequest):
-            ids = self.model.chat_ids([{"role": m.role, "content": m.text()} for m in body.messages])
+            try:
+                ids = self.model.chat_ids([{"role": m.role, "content": m.text()} for m in body.messages])
+            except ValueError as err:  # the chat template's own refusal
+                raise Refused(400, str(err), "messages") from None
         elif isinstance(body.prompt, str):
             ids = list(tokenizer(body.prompt)["input_ids"]) if body.prompt.strip() else []
         else:
@@ -149,6 +247,23 @@ class Server:
         if not ids or any(not 0 <= i < vocab for i in ids):
             raise Refused(400, f"the prompt must be non-empty text or token ids in [0, {vocab})", "prompt")
         return ids
+
+    def check_length(self, body: ChatRequest | CompletionRequest) -> None:
+        """A prompt text longer than the context can hold, refused before it is templated or tokenized."""
+        if isinstance(body, ChatRequest):
+            chars = sum(len(m.text()) for m in body.messages)
+        elif isinstance(body.prompt, str):
+            chars = len(body.prompt)
+        else:
+            return  # token ids: their count is checked against the context (`job`)
+        if self.max_chars is not None and chars > self.max_chars:
+            raise Refused(
+                400,
+                f"the prompt has {chars} characters, more than the model's context of {self.model.config.context} "
+                f"tokens can hold ({self.max_chars}): shorten it",
+                "messages" if isinstance(body, ChatRequest) else "prompt",
+                "context_length_exceeded",
+            )
 
     def job(self, body: ChatRequest | CompletionRequest, ids: list[int], deliver: Callable[[Event], None]) -> Job:
         context = self.model.config.context
@@ -175,7 +290,11 @@ class Server:
             top = (body.top_logprobs or 0) if body.logprobs else None
         else:
             top = body.logprobs
-        sampling = Sampling(max_tokens, body.temperature, body.top_k, body.top_p, body.thoughts)
+        sampling = body.sampling(max_tokens)
+        try:
+            sampling.check_vocabulary(self.model.config.vocab_size)
+        except ValueError as err:
+            raise Refused(400, str(err), "logit_bias") from None
         return Job(ids, sampling, deliver, body.n, body.seed, tuple(s for s in stop if s), top)
 
 
@@ -206,20 +325,20 @@ def build_app(server: Server) -> FastAPI:
 
     @app.exception_handler(Refused)
     async def refused(request: Request, err: Refused) -> JSONResponse:
-        return error(err.status, str(err), err.param, err.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0]
-        where = ".".join(str(x) for x in first.get("loc", ())[1:])
-        return error(400, f"{where or 'body'}: {first.get('msg', 'invalid')}", where or None, "invalid_request")
+        return err.response()
 
     @app.exception_handler(HTTPException)
     async def http(request: Request, err: HTTPException) -> JSONResponse:
         return error(err.status_code, str(err.detail))
 
+    @app.exception_handler(Exception)
+    async def failed(request: Request, err: Exception) -> JSONResponse:
+        return error(500, f"the server failed: {type(err).__name__}: {err}", None, "internal_error")
+
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health() -> Any:
+        if server.batcher.dead:
+            return stopped(server.batcher.dead).response()
         return {"status": "ok", "active_rows": server.batcher.active, "waiting": server.batcher.waiting.qsize()}
 
     keyed = [Depends(server.check_key)]
@@ -230,19 +349,20 @@ def build_app(server: Server) -> FastAPI:
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions", dependencies=keyed)
-    async def chat(body: ChatRequest, request: Request) -> Any:
-        return await respond(server, body, request, "chat.completion")
+    async def chat(request: Request) -> Any:
+        return await respond(server, await server.parse(request, ChatRequest), request, "chat.completion")
 
     @app.post("/v1/completions", dependencies=keyed)
-    async def completions(body: CompletionRequest, request: Request) -> Any:
-        return await respond(server, body, request, "text_completion")
+    async def completions(request: Request) -> Any:
+        return await respond(server, await server.parse(request, CompletionRequest), request, "text_completion")
 
     return app
 
 
 async def respond(server: Server, body: ChatRequest | CompletionRequest, request: Request, kind: str) -> Any:
     """Queue the request and answer it whole or as server-sent events."""
-    ids = server.prompt(body)
+    server.check_worker()
+    ids = await asyncio.to_thread(server.prompt, body)
     loop, events = asyncio.get_running_loop(), asyncio.Queue[Event]()
 
     def deliver(event: Event) -> None:
@@ -259,6 +379,8 @@ async def respond(server: Server, body: ChatRequest | CompletionRequest, request
         raise Refused(
             429, f"the server is busy ({server.batcher.waiting.maxsize} requests wait): retry later", None, "busy"
         ) from None
+    except Stopped as err:
+        raise stopped(str(err)) from None
     except ValueError as err:
         raise Refused(400, str(err), "n") from None
     reasoning = server.reasoning if body.reasoning is None else body.reasoning
@@ -268,9 +390,8 @@ async def respond(server: Server, body: ChatRequest | CompletionRequest, request
     try:
         done = 0
         while done < body.n:
-            try:
-                event = await asyncio.wait_for(events.get(), timeout=1.0)
-            except asyncio.TimeoutError:
+            event = await next_event(server, events)
+            if event is None:
                 if await request.is_disconnected():
                     return None
                 continue
@@ -289,7 +410,9 @@ async def stream(shape: Shape, job: Job, events: asyncio.Queue[Event], reply: Re
     try:
         done, started = 0, [False] * shape.body.n
         while done < shape.body.n:
-            event = await events.get()
+            event = await next_event(shape.server, events)
+            if event is None:
+                continue
             if event.error:
                 yield sse({"error": {"message": event.error, "type": "server_error", "param": None, "code": None}})
                 return
@@ -305,6 +428,15 @@ async def stream(shape: Shape, job: Job, events: asyncio.Queue[Event], reply: Re
         yield "data: [DONE]\n\n"
     finally:
         job.cancelled.set()
+
+
+async def next_event(server: Server, events: asyncio.Queue[Event]) -> Event | None:
+    """A job's next event; None after a second without one; an error once the worker has stopped (none will come)."""
+    try:
+        return await asyncio.wait_for(events.get(), timeout=1.0)
+    except asyncio.TimeoutError:
+        why = server.batcher.dead
+        return Event(0, error=f"the generation worker has stopped ({why})") if why else None
 
 
 def sse(data: dict[str, Any]) -> str:
