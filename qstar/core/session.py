@@ -14,16 +14,19 @@ import numpy as np
 from qstar.core.data import Batch
 from qstar.core.distributed import World
 from qstar.core.model import QStarModel
+from qstar.core.thinker import NO_THOUGHTS
 
 
 @dataclass
 class Scored:
-    """One batch's forward without gradient: the step's metrics, and the NLL of the next token without (nll_base,
-    (R, L-1)) and after (nll_talk, (R, S_1)) the thought, rows per thought (b0p0, b0p1, ...)."""
+    """One batch's forward without gradient: the step's metrics, the NLL of the next token without (nll_base,
+    (R, L-1)) and after (nll_talk, (R, S_1)) the thought, and the thoughts, rows per thought (b0p0, b0p1, ...)."""
 
     metrics: dict[str, float]
     nll_base: np.ndarray
     nll_talk: np.ndarray
+    thoughts: np.ndarray
+    """(R, S, k) the thoughts sampled (rows b0p0, b0p1, ...)."""
 
 
 class Session(Protocol):
@@ -89,13 +92,44 @@ def evaluation_metrics(records: list[dict[str, float]]) -> dict[str, float]:
     return means
 
 
+def thought_diversity(thoughts: list[np.ndarray], per_position: int) -> dict[str, float]:
+    """How varied the thoughts sampled at real positions are, (n, P, k) a batch (the P thoughts of one position
+    together): `thought_distinct`, the share of distinct thoughts among the P of a position (1/P: all alike);
+    `thought_entropy`, the entropy in nats of the token at each thought step over every thought, averaged over the
+    steps (0: one string everywhere); `thought_mode`, the share of the commonest thought. A collapse to one string,
+    pause tokens rather than thoughts (docs/REAL.md), shows as entropy 0 and mode 1."""
+    grouped = np.concatenate(thoughts)
+    if not len(grouped):
+        return {}
+    flat = grouped.reshape(-1, grouped.shape[-1])
+    distinct = np.mean([len({t.tobytes() for t in position}) / per_position for position in grouped])
+    entropies = []
+    for column in flat.T:
+        p = np.unique(column, return_counts=True)[1] / len(column)
+        entropies.append(float(-(p * np.log(p)).sum()))
+    _, counts = np.unique(flat, axis=0, return_counts=True)
+    return {
+        "thought_distinct": float(distinct),
+        "thought_entropy": float(np.mean(entropies)),
+        "thought_mode": float(counts.max() / len(flat)),
+    }
+
+
+def positions_thoughts(thoughts: np.ndarray, streams: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(n, P, k) the thoughts (R, S, k) of the streams at real tokens (mask (B, L)), the P of a position together."""
+    rows, _, k = thoughts.shape
+    batch = mask.shape[0]
+    per_row = thoughts.reshape(batch, rows // batch, len(streams), k).transpose(0, 2, 1, 3)  # (B, S, P, k)
+    return per_row[mask[:, streams]]
+
+
 def evaluate(session: Session, batches: list[Batch], seed: int) -> dict[str, float]:
     """Mean metrics of held-out batches without gradient, thoughts drawn from a generator seeded with `seed` (the same
     thoughts at every validation): the loss terms' means, and over every rank's tokens the next-token NLL without and
     after the thought (nll_base_next, nll_talk_next) and, where the data marks them, that of the hard tokens
-    (nll_base_hard, nll_talk_hard)."""
+    (nll_base_hard, nll_talk_hard); how varied the thoughts are (thought_diversity) where thoughts are sampled."""
     with session.seeded(seed):
-        records = []
+        records, sampled = [], []
         for batch in batches:
             scored = session.score(batch)
             streams = session.model.layout(batch.ids.shape[1]).streams
@@ -103,7 +137,10 @@ def evaluate(session: Session, batches: list[Batch], seed: int) -> dict[str, flo
             records[-1].update(token_sums("next", scored.nll_base, scored.nll_talk, streams, batch.mask))
             if batch.hard is not None:
                 records[-1].update(token_sums("hard", scored.nll_base, scored.nll_talk, streams, batch.hard))
-    return evaluation_metrics([session.world.mean(mean_metrics(records))])
+            sampled.append(positions_thoughts(scored.thoughts, streams, batch.mask))
+    thinking = session.model.step_mode != NO_THOUGHTS
+    diversity = thought_diversity(sampled, sampled[0].shape[1]) if thinking and sampled else {}
+    return evaluation_metrics([session.world.mean(mean_metrics(records) | diversity)])
 
 
 def check_ranks(directory: Path, saved: int, world: World, launch: str) -> None:

@@ -36,6 +36,8 @@ from qstar.core.training_log import TrainingLog, run_header
 
 COLLAPSE_STEPS = 5
 """Steps in a row with a gradient norm of exactly 0 after which the run is reported as collapsed."""
+COLLAPSED = 0.9
+"""The share of the held-out thoughts that one string reaches, from which the thoughts count as collapsed."""
 
 
 class TrainingError(RuntimeError):
@@ -307,6 +309,7 @@ class Loop:
         self.world: World = session.world
         self.start, self.guard = 0, Guard(cfg.max_bad_steps)
         self.validation: dict[str, float] = {}
+        self.collapse_said = False
         self.window: list[dict[str, float]] = []
         """The steps since the last report (restored on resume)."""
         self.tokens_per_step = self.world.size * cfg.batch_size * cfg.grad_accumulation_steps * cfg.max_seq_length
@@ -362,6 +365,11 @@ class Loop:
         if "nll_base_hard" in v:
             parts.append(f"hard tokens {v['nll_base_hard']:.4f} -> {v['nll_talk_hard']:.4f}")
         parts.append(f"mixing weight {v['mixing_weight']:.3f}")
+        if "thought_distinct" in v:
+            parts.append(
+                f"distinct thoughts at a position {v['thought_distinct']:.0%}, thought entropy "
+                f"{v['thought_entropy']:.3f}, the commonest thought {v['thought_mode']:.0%}"
+            )
         line = ", ".join(parts)
         if is_synthetic(self.cfg.data) and self.cfg.recipe == "toy" and self.world.size == 1:  # the default run
             from qstar.core import toy_effect
@@ -370,9 +378,18 @@ class Loop:
         return line
 
     def validate(self, done: int) -> None:
-        """Held-out metrics with the same thoughts' seed every time (core/session.evaluate)."""
+        """Held-out metrics with the same thoughts' seed every time (core/session.evaluate); a warning, once, when the
+        thoughts have collapsed to one string."""
         self.validation = evaluate(self.session, self.val_batches, self.cfg.seed + 1)
         self.log.record({"split": "val", "step": done, **self.validation})
+        mode = self.validation.get("thought_mode", 0.0)
+        if mode >= COLLAPSED and not self.collapse_said:
+            self.collapse_said = True
+            self.log.say(
+                f"warning: step {done}: the thoughts have collapsed: one string is {mode:.0%} of those sampled on "
+                f"held-out data (thought_entropy {self.validation['thought_entropy']:.3f}), a pause, not a thought "
+                f"(docs/REAL.md); look at them with qstar inspect --model {self.out / 'model'}"
+            )
 
     def stop_asked(self, stops: StopRequests) -> bool:
         """Whether any rank was asked to stop (every rank stops after the same step)."""

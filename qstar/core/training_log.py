@@ -27,6 +27,8 @@ REPORTED = (
     "nll_talk_hard",
     "mixing_weight",
     "positive_advantage",
+    "thought_distinct",
+    "thought_entropy",
     "grad_norm",
     "skipped",
     "tokens_per_s",

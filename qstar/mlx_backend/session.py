@@ -173,11 +173,11 @@ class Session:
         """The mean of every rank's gradients (mlx's average_gradients, inside the compiled step), or grads alone."""
         return grads if self.world.size == 1 else average_gradients(grads)
 
-    def evaluate_fn(self, ids: mx.array, valid: mx.array) -> tuple[Metrics, mx.array, mx.array]:
-        """The metrics, and the NLL without and after the thought of the next token (session.token_sums)."""
+    def evaluate_fn(self, ids: mx.array, valid: mx.array) -> tuple[Metrics, mx.array, mx.array, mx.array]:
+        """The metrics, the NLL without and after the thought of the next token (session.token_sums), the thoughts."""
         self.traces["evaluate"] += 1
         terms = self.terms(ids, valid)
-        return scalars(terms), terms.nll_base, terms.nll_talk[0]
+        return scalars(terms), terms.nll_base, terms.nll_talk[0], terms.thoughts
 
     # ---- the Session protocol ----
 
@@ -217,10 +217,10 @@ class Session:
             set_random_key(training_key)
 
     def score(self, batch: Batch) -> Scored:
-        metrics, nll_base, nll_talk = self._evaluate(*self.inputs(batch))
-        mx.eval(metrics, nll_base, nll_talk)
-        as_numpy = [np.array(x.astype(mx.float32)) for x in (nll_base, nll_talk)]
-        return Scored({k: float(v) for k, v in metrics.items()}, *as_numpy)
+        metrics, nll_base, nll_talk, thoughts = self._evaluate(*self.inputs(batch))
+        mx.eval(metrics, nll_base, nll_talk, thoughts)
+        base, talk = (np.array(x.astype(mx.float32)) for x in (nll_base, nll_talk))
+        return Scored({k: float(v) for k, v in metrics.items()}, base, talk, np.array(thoughts).astype(np.int64))
 
     @contextmanager
     def gathered(self) -> Iterator[None]:

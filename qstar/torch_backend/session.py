@@ -125,7 +125,8 @@ class Session:
     def score(self, batch: Batch) -> Scored:
         with torch.no_grad():
             terms = self.forward(batch.ids, batch.mask)
-            return Scored(scalars(terms), self.ops.to_numpy(terms.nll_base), self.ops.to_numpy(terms.nll_talk[0]))
+            n = self.ops.to_numpy
+            return Scored(scalars(terms), n(terms.nll_base), n(terms.nll_talk[0]), n(terms.thoughts).astype(np.int64))
 
     def random_state(self) -> dict[str, torch.Tensor]:
         rng = {"cpu": torch.get_rng_state()}
