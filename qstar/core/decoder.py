@@ -247,7 +247,7 @@ class Backbone(ABC):
         """cos/sin (*positions.shape, d) of integer positions: float32 angles evaluated in float32, then cast, as
         transformers does."""
         ops = self.ops
-        angles = ops.asarray(rope_angles(self.cfg, positions, ops.power))
+        angles = ops.constant(rope_angles(self.cfg, positions, ops.power))  # a step's positions repeat every step
         return ops.astype(ops.cos(angles), self.dtype), ops.astype(ops.sin(angles), self.dtype)
 
     def embed(self, ids: Array) -> Array:

@@ -112,8 +112,8 @@ def repeat_rows(ops: Ops, x: Array, times: int) -> Array:
 
 
 def columns(ops: Ops, x: Array, index: np.ndarray) -> Array:
-    """x[:, index] for a (B, L, ...) array and a numpy index array of any shape."""
-    return ops.take(x, ops.asarray(index.reshape(-1)), axis=1).reshape(x.shape[0], *index.shape, *x.shape[2:])
+    """x[:, index] for a (B, L, ...) array and a numpy index array of any shape (the layout's: a device constant)."""
+    return ops.take(x, ops.constant(index.reshape(-1)), axis=1).reshape(x.shape[0], *index.shape, *x.shape[2:])
 
 
 def mean_over(terms: list[Array]) -> Array:
@@ -216,7 +216,7 @@ class Thinker:
     def future_ids(self, ids: Array, layout: ThoughtLayout, count: int) -> Array:
         """(B, count, S) true tokens x_(p+m), m = 1..count, of every stream p; pad past the end."""
         ops = self.ops
-        pad = ops.asarray(np.full((ids.shape[0], count), self.pad_id, np.int64), like=ids)
+        pad = ops.constant(np.full((ids.shape[0], count), self.pad_id, np.int64))
         index = layout.streams[None, :] + np.arange(1, count + 1)[:, None]
         return columns(ops, ops.concat([ids, pad], axis=1), index)
 

@@ -38,10 +38,11 @@ class LoRALinear(nn.Module):
         z = (self.dropout(x) @ self.lora_a) @ self.lora_b
         if not self.dora:
             return quantize.linear(x, self.weight, self.bias) + (self.scale * z).to(x.dtype)
-        weight = quantize.dequantized(self.weight).to(x.dtype)
-        out = x @ weight.T + (self.scale * z).to(x.dtype)
-        adapted = weight + (self.scale * self.lora_b.T) @ self.lora_a.T
-        out = (self.m / adapted.norm(dim=1).detach()).to(x.dtype) * out
+        out = quantize.linear(x, self.weight, None) + (self.scale * z).to(x.dtype)
+        with torch.no_grad():  # the norm is not differentiated: a 4-bit weight's float form lives only for it
+            adapted = quantize.dequantized(self.weight).to(x.dtype) + (self.scale * self.lora_b.T) @ self.lora_a.T
+            norm = adapted.norm(dim=1)
+        out = (self.m / norm).to(x.dtype) * out
         return out if self.bias is None else out + self.bias
 
     def fused(self) -> nn.Linear:

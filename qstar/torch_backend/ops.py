@@ -25,7 +25,10 @@ class TorchOps:
         self.constants: OrderedDict[tuple[bytes, str, tuple[int, ...]], torch.Tensor] = OrderedDict()
 
     def asarray(self, x: np.ndarray, like: torch.Tensor | None = None) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        """On CUDA through pinned memory, without waiting: a copy from pageable memory would wait for the work queued
+        on the device before it (a host sync every step, for the batch's ids and mask)."""
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        t = t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t.to(self.device)
         return t if like is None else t.to(like.dtype)
 
     def constant(self, x: np.ndarray) -> torch.Tensor:

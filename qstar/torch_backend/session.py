@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from qstar.core.data import Batch
 from qstar.core.distributed import World
-from qstar.core.session import Scored, check_ranks, mean_metrics
+from qstar.core.session import Scored, check_ranks
 from qstar.core.thinker import LossTerms
 from qstar.core.train_config import TrainConfig
 from qstar.torch_backend.ops import HALF
@@ -33,11 +33,19 @@ FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 """Where torch has a fused AdamW: one kernel per tensor instead of about ten, the same update to the last bit or two."""
 
 
+def metric_values(terms: LossTerms) -> dict[str, torch.Tensor]:
+    """The step's metrics, as device scalars."""
+    return {"loss": terms.total, "lm": terms.lm, "policy": terms.policy, **terms.metrics}
+
+
+def stacked(terms: LossTerms) -> torch.Tensor:
+    """The metrics of metric_values, in its order, as one float32 vector on the device."""
+    return torch.stack([v.detach().float() for v in metric_values(terms).values()])
+
+
 def scalars(terms: LossTerms) -> dict[str, float]:
-    """The step's metrics, read from the device in one copy."""
-    values = {"loss": terms.total, "lm": terms.lm, "policy": terms.policy, **terms.metrics}
-    read = torch.stack([v.detach().float() for v in values.values()]).tolist()
-    return dict(zip(values, read, strict=True))
+    """The metrics, read from the device in one copy."""
+    return dict(zip(metric_values(terms), stacked(terms).tolist(), strict=True))
 
 
 class Session:
@@ -46,6 +54,8 @@ class Session:
         net = model.backbone
         self.ops = net.ops
         net.grad_checkpoint, net.attention = cfg.grad_checkpoint, cfg.attention
+        if self.ops.device.type == "cuda" and net.dtype == torch.float32:
+            torch.set_float32_matmul_precision("high")  # TF32 tensor cores; float32 matmuls would leave them idle
         if cfg.compile:
             net.compile_thought_steps()
             net.compile_sampling_loop()
@@ -79,27 +89,39 @@ class Session:
         return self.model.terms(ids, mask, thoughts)
 
     def syncing(self, sync: bool) -> AbstractContextManager[None]:
-        """Gradients reduced across ranks in this backward (the last micro-batch) or kept local (the others)."""
-        if isinstance(self.wrapped, DistributedDataParallel) and not sync:
-            return self.wrapped.no_sync()
+        """Gradients reduced across ranks in this backward (the last micro-batch) or kept local (the others). DDP of
+        a half-precision model reduces every micro-batch's: its gradients leave the model for the float32 master
+        weights after each (accumulate_master_grads), and a local sum kept in .grad would never be reduced."""
+        ddp = isinstance(self.wrapped, DistributedDataParallel)
+        if ddp and not sync and not any(m is not p for m, p in zip(self.master, self.params, strict=True)):
+            return cast(DistributedDataParallel, self.wrapped).no_sync()
         if isinstance(self.wrapped, FSDPModule):
             self.wrapped.set_requires_gradient_sync(sync)
         return nullcontext()
 
     def step(self, batches: list[Batch], lr: float) -> dict[str, float]:
-        records = []
+        """One optimizer step. The micro-batches' metrics stay on the device (summed, then averaged over the ranks
+        by an all-reduce) and are read with the gradient norm in one copy, the step's only read: the non-finite
+        guard needs it before the update. Half-precision gradients are accumulated in the float32 master weights'
+        .grad, micro-batch by micro-batch."""
+        sums: torch.Tensor | None = None
+        names: list[str] = []
         for i, batch in enumerate(batches):
             with self.syncing(i == len(batches) - 1):  # all-reduce after the last micro-batch
                 terms = self.forward(batch.ids, batch.mask)
                 (terms.total / len(batches)).backward()
-            records.append(scalars(terms))
-        metrics = self.world.mean(mean_metrics(records))
-        for m, p in zip(self.master, self.params, strict=True):
-            if m is not p:
-                m.grad = None if p.grad is None else p.grad.float()
-                p.grad = None
+            self.accumulate_master_grads()
+            names, values = list(metric_values(terms)), stacked(terms)
+            sums = values if sums is None else sums + values
+        assert sums is not None
+        means = sums / len(batches)
+        if self.world.size > 1:
+            torch.distributed.all_reduce(means)
+            means = means / self.world.size
         total = torch.nn.utils.clip_grad_norm_(self.master, self.cfg.max_grad_norm or math.inf)
-        norm = float(total.full_tensor() if isinstance(total, DTensor) else total)  # sharded: over every shard
+        total = total.full_tensor() if isinstance(total, DTensor) else total  # sharded: over every shard
+        *read, norm = torch.cat([means, total.detach().float().reshape(1).to(means.device)]).tolist()
+        metrics = dict(zip(names, read, strict=True))
         skipped = not (math.isfinite(norm) and math.isfinite(metrics["loss"]))  # the same on every rank
         if not skipped:  # a non-finite loss or gradient would poison the weights and the optimizer state
             for group in self.optimizer.param_groups:
@@ -111,6 +133,15 @@ class Session:
                         p.copy_(m)
         self.optimizer.zero_grad(set_to_none=True)
         return {**metrics, "grad_norm": norm, "skipped": float(skipped)}
+
+    def accumulate_master_grads(self) -> None:
+        """Move a micro-batch's half-precision gradients into the float32 master weights' .grad (added to those of
+        the earlier micro-batches there, in float32), so that no sum of micro-batches rounds in bfloat16."""
+        for m, p in zip(self.master, self.params, strict=True):
+            if m is not p and p.grad is not None:
+                g = p.grad.float()
+                m.grad = g if m.grad is None else m.grad.add_(g)
+                p.grad = None
 
     @property
     def cuda_devices(self) -> list[torch.device]:

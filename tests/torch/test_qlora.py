@@ -141,3 +141,20 @@ def test_what_cannot_work_is_one_clear_line(nf4, tmp_path):
         "convert", str(DEFAULT_MODEL), str(tmp_path / "q8"), "--backend", "torch", "--quantize", "--q-bits", "8"
     )
     assert "--backend torch" in run("generate", "--backend", "mlx", "--model", str(nf4), "--prompt", "1")
+
+
+def test_dora_on_a_4_bit_base_keeps_no_float_weight_for_backward(nf4):
+    """DoRA's norm is not differentiated: a step keeps what the 4-bit matmul keeps, never a layer's dequantized
+    (out, in) float weight (the memory of the float model)."""
+    from qstar.core.lora import LoraConfig
+    from qstar.torch_backend import quantize
+
+    m = qstar.load(str(nf4), backend="torch")
+    m.add_adapters(LoraConfig("dora", -1, 4, 20.0, 0.0, ["self_attn.q_proj", "mlp.up_proj"]))
+    layers = [mod for name, mod in m.backbone.named_modules() if name.endswith(("q_proj", "up_proj"))]
+    dequantized = [quantize.dequantized(layer.weight).float() for layer in layers]
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        m.terms(random_ids(1, 8, seed=2), seed=0).total.backward()
+    kept = [t for t in saved for w in dequantized if t.shape == w.shape and torch.allclose(t.float(), w)]
+    assert len(dequantized) == 4 and saved and not kept
