@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 
 from qstar.core import lora
+from qstar.core.console import console
 from qstar.core.distributed import World
+from qstar.core.extras import require_extra
 from qstar.core.model import QStarModel
 from qstar.core.train_config import TrainConfig
 
@@ -42,11 +44,8 @@ class MetricLog:
         self.file = open(out / "metrics.jsonl", "a")
         self.tb = self.wandb = None
         if cfg.tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                raise RuntimeError("--tensorboard needs tensorboardX: pip install tensorboardX") from None
-            self.tb = SummaryWriter(str(out / "tensorboard"))
+            writer = require_extra("tensorboardX", "tensorboard", "--tensorboard").SummaryWriter
+            self.tb = writer(str(out / "tensorboard"))
         if cfg.wandb:
             try:
                 import wandb
@@ -89,10 +88,8 @@ class TrainingLog:
     """The run's console and metric files; rank 0 alone writes (every rank may call)."""
 
     def __init__(self, cfg: TrainConfig, world: World, show_progress: bool = True) -> None:
-        from rich.console import Console
-
         self.cfg, self.world, self.show_progress = cfg, world, show_progress
-        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.console = console()
         self.metrics: MetricLog | None = None
         self.progress: Any = None
         self.task: Any = None
@@ -101,7 +98,7 @@ class TrainingLog:
     def say(self, line: str) -> None:
         """One line, never wrapped (above the progress bar while it shows)."""
         if self.world.main:
-            (self.console if self.progress is None else self.progress.console).print(line, soft_wrap=True)
+            (self.console if self.progress is None else self.progress.console).print(line)
 
     def open(self, out: Path, start: int) -> TrainingLog:
         """From the first step on: metrics.jsonl, and the progress bar where the output is a terminal."""
