@@ -3,6 +3,7 @@ columns, a log written to a file is one record a line."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -12,9 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TRAIN_SMALL, assert_same_runs, backend_params, train_records
+from helpers import ROOT, TRAIN_SMALL, assert_same_runs, backend_params, train_records
 
 import qstar
+from qstar.weights import DEFAULT_MODEL
 
 QSTAR = [sys.executable, "-m", "qstar.cli.main"]
 
@@ -70,6 +72,40 @@ def test_help_keeps_every_flag_whole_at_80_columns():
             assert {"--grad-accumulation-steps", "--thoughts-per-position", "--reshard-after-forward"} <= flags
             assert "<bool>" not in done.stdout and "(400)" not in done.stdout
             assert "[default: 400]" in done.stdout
+
+
+def test_the_command_list_gives_each_command_a_whole_sentence():
+    """`qstar --help` at 80 columns: every command's summary is a sentence of its own, not cut with `...`."""
+    done = subprocess.run([*QSTAR, "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"})
+    listed = done.stdout.split("Commands:")[1].splitlines()[1:]
+    summaries = dict(line.split(maxsplit=1) for line in listed if line.strip())
+    assert set(summaries) == {"convert", "train", "generate", "eval", "inspect", "bench", "fuse", "serve"}
+    assert all(s.endswith(".") and not s.endswith("...") for s in summaries.values()), summaries
+
+
+def test_output_to_a_pipe_is_never_wrapped(tmp_path):
+    """What generate, inspect and eval print to a file or pipe keeps every sentence and path on its line, though a
+    pipe counts as 80 columns."""
+    deep = tmp_path / ("a-directory-whose-name-alone-takes-more-than-eighty-columns-" * 2)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": "2:dje=", "answer": "#### 7"}) + "\n")
+    model = ["--model", DEFAULT_MODEL, "--backend", "torch"]
+    commands = {
+        "ignores --top-k and --top-p: pass --temperature > 0": ["generate", *model, "--prompt", "2:dje="]
+        + ["--max-tokens", "1", "--temperature", "0", "--top-k", "5"],
+        f"wrote {deep / 'r.html'}": ["inspect", *model, "--text", str(ROOT / "docs" / "toy-heldout.txt")]
+        + ["--limit", "2", "--out", str(deep / "r.html")],
+        f"wrote {deep / 'eval' / 'results.json'} and": ["eval", "gsm8k", *model, "--data", str(questions)]
+        + ["--limit", "1", "--max-tokens", "4", "--out", str(deep / "eval")],
+    }
+    printed = {}
+    for whole, command in commands.items():
+        done = subprocess.run([*QSTAR, *command], capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"})
+        assert done.returncode == 0, done.stderr
+        assert any(whole in line for line in done.stderr.splitlines()), done.stderr
+        printed[command[0]] = done.stderr
+    assert "\nhard tokens the text marks (" in printed["inspect"]  # the two views of hard tokens say how they differ
+    assert "\nhardest 10% by this model's NLL without thoughts (" in printed["inspect"]
 
 
 def test_a_log_written_to_a_file_is_one_record_a_line(llama_checkpoint, tmp_path):

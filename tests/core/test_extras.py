@@ -7,9 +7,9 @@ import ast
 import os
 import subprocess
 import sys
-import tomllib
 
 import pytest
+import tomllib
 from helpers import ROOT
 
 from qstar.core.backend import PACKAGES
