@@ -71,7 +71,7 @@ train.__signature__ = inspect.Signature(
             annotation=bool,
             default=typer.Option(False, "--overwrite", help="Remove an earlier run's files from --out first"),
         ),
-        *field_flags(TrainConfig, "Training", skip=("recipe_overrides",)),
+        *field_flags(TrainConfig, "Training", skip=("recipe_overrides", "model_recipe")),
         *field_flags(Recipe, "Recipe"),
     ]
 )

@@ -124,6 +124,36 @@ def test_a_log_written_to_a_file_is_one_record_a_line(llama_checkpoint, tmp_path
     assert model.finite()
 
 
+def test_training_a_checkpoint_starts_from_its_own_recipe(llama_checkpoint, tmp_path):
+    """A checkpoint converted with --thought-tokens 12 trains with 12 thought tokens unless a flag or --recipe says
+    otherwise; the header says where the recipe comes from, and a resumed run keeps it."""
+    from typer.testing import CliRunner
+
+    from qstar.cli.main import app
+
+    converted = tmp_path / "converted"
+    runner = CliRunner()
+    done = runner.invoke(app, ["convert", str(llama_checkpoint), str(converted), "--thought-tokens", "12"])
+    assert done.exit_code == 0, done.output
+    small = ["--iters", "1", "--warmup-steps", "0", "--max-seq-length", "8", "--batch-size", "1", "--val-batches", "1"]
+    runs = {
+        "own": ([], "recipe from the checkpoint: 12 thought tokens, lookahead 4,", 12),
+        "flag": (["--thought-tokens", "3"], "(changed by flags: thought_tokens=3)", 3),
+        "preset": (["--recipe", "paper"], "recipe paper (--recipe): 9 thought tokens", 9),
+    }
+    for name, (flags, header, thought_tokens) in runs.items():
+        args = ["train", "--backend", "torch", "--model", str(converted), "--out", str(tmp_path / name), *small]
+        done = runner.invoke(app, [*args, *flags])
+        assert done.exit_code == 0 and header in done.output, done.output
+        assert qstar.load(str(tmp_path / name / "model"), backend="torch").recipe.thought_tokens == thought_tokens
+    assert "replacing the checkpoint's thought_tokens=12" in done.output
+    config = json.loads((tmp_path / "own" / "config.json").read_text())
+    assert config["recipe"] == "checkpoint" and config["model_recipe"]["thought_tokens"] == 12
+    done = runner.invoke(app, ["train", "--resume", "--out", str(tmp_path / "own"), "--iters", "2"])
+    assert done.exit_code == 0 and "recipe from the checkpoint: 12 thought tokens" in done.output, done.output
+    assert qstar.load(str(tmp_path / "own" / "model"), backend="torch").recipe.thought_tokens == 12
+
+
 def test_a_local_path_that_does_not_exist_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
     """`runs/does-not-exist` beside a `runs/` directory is a mistyped path, not the hub repository of that name."""
     from typer.testing import CliRunner
