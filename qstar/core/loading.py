@@ -46,9 +46,8 @@ def load(
     path, adapter = with_adapter(path, adapter_path)
     local = resolve(path)
     info = checkpoint.inspect(local)
-    if recipe is None:
-        recipe = recorded_recipe(info, adapter) or default_preset(local)
-    model = chosen.build_model(info, make_recipe(recipe, **recipe_overrides), dtype, device)
+    base = (recorded_recipe(info, adapter) or default_preset(local)) if recipe is None else recipe
+    model = chosen.build_model(info, make_recipe(base, **recipe_overrides), dtype, device)
     model.source = str(local.resolve()) if Path(path).is_dir() else str(path)  # a hub id stays one
     if adapter is not None:
         model.load_adapter(adapter)
