@@ -65,8 +65,10 @@ def bench(
     out: Annotated[Path | None, typer.Option(help="Write the results as JSON here")] = None,
     **flags: Any,
 ) -> None:
-    """Measure, side by side in one process, a Quiet-STaR step against ordinary LM steps over the same W tokens (the
-    implementation's efficiency) and over the same text (the user's price)."""
+    """Measure what a step costs and how fast generation runs.
+
+    Side by side in one process, a Quiet-STaR step against ordinary LM steps over the same W tokens (the
+    implementation's efficiency) and over the same text (the user's price); --memory: the peak memory of a step."""
     step_settings = {k: v for k, v in flags.items() if k in STEP_FLAGS and v is not None}
     overrides = {k: v for k, v in flags.items() if k in SHAPE_FLAGS and v is not None}
     if shape not in SHAPES:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 from qstar.cli.errors import user_errors
 from qstar.cli.options import Backend, SourceDtype, recipe_options
+from qstar.core.console import console as rich_console
 from qstar.core.recipe import PRESETS
 
 
@@ -43,11 +43,13 @@ def convert(
     q_group_size: Annotated[int, typer.Option(help="Weights per quantization group (with --quantize)")] = 64,
     recipe_overrides: dict[str, Any] | None = None,
 ) -> None:
-    """Convert a checkpoint: base weights under their HF names, <start>/<end> thought tokens initialised from the
-    recipe's init_token, a mixing head that starts the model exactly as the base LM, tokenizer with the two tokens."""
+    """Convert an HF, GGUF or authors' checkpoint into a qstar one.
+
+    Base weights under their HF names, <start>/<end> thought tokens initialised from the recipe's init_token, a mixing
+    head that starts the model exactly as the base LM, the tokenizer with the two tokens."""
     import qstar
 
-    console = Console(stderr=True, highlight=False)
+    console = rich_console()
     with console.status(f"converting {src}"):
         model = qstar.convert(
             src,

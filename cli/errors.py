@@ -8,8 +8,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
-from rich.console import Console
 from rich.markup import escape
+
+from qstar.core.console import console
 
 USER_ERRORS = (OSError, ValueError, RuntimeError, ImportError)
 """What bad input or a bad environment raises (files, settings, a full disk, a missing package); anything else is a
@@ -17,10 +18,16 @@ bug and keeps its traceback."""
 
 
 def message(err: BaseException) -> str:
-    """One line: an OSError from the system as "reason: file", any other error as its own message."""
+    """One line: an OSError from the system as "reason: file", any other error as its own message, its lines
+    joined."""
     if isinstance(err, OSError) and err.errno is not None and err.strerror:
         return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
-    return str(err)
+    return " ".join(str(err).split())
+
+
+def print_error(text: str) -> None:
+    """`error: text` on standard error, whole however long."""
+    console().print(f"[bold red]error:[/] {escape(text)}")
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -32,10 +39,10 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as err:
-            Console(stderr=True).print(f"[bold red]error:[/] {escape(message(err))}", highlight=False, soft_wrap=True)
+            print_error(message(err))
             raise typer.Exit(1) from None
         except KeyboardInterrupt as err:
-            Console(stderr=True).print(f"[bold]interrupted[/]: {escape(str(err) or 'nothing kept')}", soft_wrap=True)
+            console().print(f"[bold]interrupted[/]: {escape(str(err) or 'nothing kept')}")
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]

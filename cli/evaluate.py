@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from qstar.cli.errors import user_errors
 from qstar.cli.options import ModelChoice, model_options, settings_options
+from qstar.core.console import console as rich_console
 from qstar.core.eval.run import EvalSettings
 
 
@@ -31,9 +31,11 @@ def evaluate(
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Start over in --out instead of resuming it")] = False,
 ) -> None:
-    """Evaluate as the paper does: `Q: ...\\nA: Let's think step by step.`, generate, append the answer trigger, read
-    the first number (or letter). An interrupted run continues from out/questions.jsonl; the same command gives the
-    same answers."""
+    """Score zero-shot chain of thought on GSM8K or CommonsenseQA.
+
+    As the paper does: `Q: ...\\nA: Let's think step by step.`, generate, append the answer trigger, read the first
+    number (or letter). An interrupted run continues from out/questions.jsonl; the same command gives the same
+    answers."""
     from qstar.core.eval.run import evaluate_task
     from qstar.core.eval.tasks import get_task, load_examples
 
@@ -43,7 +45,7 @@ def evaluate(
     out = out or Path("runs") / "eval" / name / f"{task}-{protocol}-{'thoughts' if thoughts else 'no-thoughts'}"
     examples = load_examples(spec, data)
     m = model.load()
-    console = Console(stderr=True)
+    console = rich_console()
     chosen = len(examples) if settings.limit is None else min(settings.limit, len(examples))
     columns = [
         TextColumn(f"[bold]{task}"),
@@ -52,7 +54,7 @@ def evaluate(
         TextColumn("{task.description}"),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=console) as progress:
+    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:  # a file gets no bar
         bar = progress.add_task("", total=chosen)
         result = evaluate_task(
             m,

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from qstar.cli.errors import user_errors
 from qstar.cli.options import Backend, SourceDtype
+from qstar.core.console import console as rich_console
 
 
 @user_errors
@@ -20,8 +20,10 @@ def fuse(
     dtype: SourceDtype = None,
     backend: Backend = "auto",
 ) -> None:
-    """Merge the adapter into the base weights (W + scale * (lora_a @ lora_b)^T, DoRA rescaled to its magnitude) and
-    save a qstar checkpoint with the adapter's thought vectors and mixing head: every command takes it, no adapter."""
+    """Merge a LoRA or DoRA adapter into its base model.
+
+    W + scale * (lora_a @ lora_b)^T, DoRA rescaled to its magnitude, saved as a qstar checkpoint with the adapter's
+    thought vectors and mixing head: every command takes it, no adapter."""
     import qstar
     from qstar.core import lora
     from qstar.core.checkpoint import source_dtype
@@ -29,7 +31,7 @@ def fuse(
     from qstar.core.loading import base_model
 
     base = model or base_model(Path(adapter_path), lora.read_adapter_config(Path(adapter_path)))
-    console = Console(stderr=True, highlight=False)
+    console = rich_console()
     with console.status(f"fusing {adapter_path} into {base}"):
         m = qstar.load(base, backend=backend, dtype=dtype or source_dtype(resolve(base)), adapter_path=adapter_path)
         m.fuse()

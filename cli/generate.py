@@ -13,6 +13,7 @@ from rich.markup import escape
 
 from qstar.cli.errors import user_errors
 from qstar.cli.options import ModelChoice, model_options, settings_options
+from qstar.core.console import console
 from qstar.core.generate import Sampling
 from qstar.core.model import Completion
 
@@ -42,9 +43,11 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Seed of the sampling noise")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop at this text (repeatable)")] = None,
 ) -> None:
-    """Generate text with thoughts (KV cache; each thought is computed on top of the cached prefix, then dropped)."""
+    """Continue a prompt, thinking before every token.
 
-    err = Console(stderr=True, highlight=False)
+    KV cache: each thought is computed on top of the cached prefix, then dropped."""
+
+    err = console()
     text = sys.stdin.read() if prompt == "-" else prompt
     if sampling.temperature == 0 and (sampling.top_k is not None or sampling.top_p is not None):
         err.print("warning: greedy decoding (--temperature 0) ignores --top-k and --top-p: pass --temperature > 0")
@@ -84,10 +87,10 @@ def generate(
 
 def show_with_thoughts(text: str, pieces: list[str], thoughts: list[str], err: Console) -> None:
     """The text with each token's thought before it: dimmed in <> on a terminal, else between \\x02 and \\x03."""
-    out = Console(highlight=False)
+    out = console(stderr=False)
     pairs = list(zip(pieces, thoughts, strict=False))
     if out.is_terminal:
-        out.print(escape(text) + "".join(f"[dim]<{escape(t)}>[/dim]{escape(p)}" for p, t in pairs), soft_wrap=True)
+        out.print(escape(text) + "".join(f"[dim]<{escape(t)}>[/dim]{escape(p)}" for p, t in pairs))
         return
     typer.echo(text + "".join(f"{THOUGHT_OPEN}{t}{THOUGHT_CLOSE}{p}" for p, t in pairs))
     err.print(

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from qstar.cli.errors import user_errors
 from qstar.cli.options import ModelChoice, model_options
+from qstar.core.console import console as rich_console
 from qstar.core.heldout import Scored
 from qstar.core.model import QStarModel
 
@@ -39,9 +39,11 @@ def inspect_text(
     ] = "none",
     seed: Annotated[int, typer.Option(help="Seed of the thoughts (document n draws with seed + n)")] = 0,
 ) -> None:
-    """For every token: log-prob without thought vs after the thought sampled before it, the thought on hover; the
-    NLL over every token, the hard ones (the synthetic corpus's answers, GSM8K's final answers) and the hardest
-    share."""
+    """Show where thinking helps, token by token, as an HTML page.
+
+    For every token: log-prob without thought vs after the thought sampled before it, the thought on hover; the NLL
+    over every token, the hard ones the text marks (the synthetic corpus's answers, GSM8K's final answers) and the
+    hardest share by NLL without thoughts."""
     from itertools import islice
 
     from qstar.core import heldout
@@ -58,18 +60,23 @@ def inspect_text(
     if reference is not None:
         ranked = heldout.plain_nll(ModelChoice(reference, model.backend, model.dtype).load(), documents, max_tokens)
     summary = heldout.summary(scores, ranked, hardest)
-    console = Console(stderr=True, highlight=False)
+    console = rich_console()
     tokens, base, talk, thoughts, hard = page_rows(m, scores)
     if out is not None or json_out is None:
         page = render_html(tokens, base, talk, thoughts, title=f"qstar inspect: {text.name}", hard=hard)
         write_atomic(out or Path("report.html"), page)
         console.print(f"wrote {out or 'report.html'}")
-    console.print(summary_line(tokens, base, talk), soft_wrap=True)
-    for view in ("all", "hard", "hardest"):
+    console.print(summary_line(tokens, base, talk))
+    views = {
+        "all": "all tokens",
+        "hard": "hard tokens the text marks",
+        "hardest": f"hardest {hardest:.0%} by {reference or 'this model'}'s NLL without thoughts",
+    }
+    for view, label in views.items():
         if view in summary:
             v = summary[view]
             console.print(
-                f"{view} tokens ({v['tokens']}): NLL {v['nll_base']:.4f} -> {v['nll_talk']:.4f} with thoughts "
+                f"{label} ({v['tokens']}): NLL {v['nll_base']:.4f} -> {v['nll_talk']:.4f} with thoughts "
                 f"(gain {v['gain']:+.4f})"
             )
     if json_out is not None:

@@ -32,16 +32,17 @@ def serve(
         typer.Option(envvar="QSTAR_API_KEY", help="Require Authorization: Bearer KEY on every route but /health"),
     ] = None,
 ) -> None:
-    """Serve the model over the OpenAI API: /v1/chat/completions, /v1/completions, /v1/models, /health."""
-    try:
-        import uvicorn
+    """Serve the model over an OpenAI-compatible HTTP API.
 
-        from qstar.core.serving.openai_api import Server, build_app
-    except ImportError:
-        raise ImportError("qstar serve needs FastAPI and uvicorn: pip install 'qstar-lm[serve]'") from None
+    /v1/chat/completions, /v1/completions, /v1/models and /health."""
     from pathlib import Path
 
+    from qstar.core.extras import require_extra
+
+    require_extra("fastapi", "serve", "qstar serve")
+    uvicorn = require_extra("uvicorn", "serve", "qstar serve")
     from qstar.core.serving.batcher import Batcher
+    from qstar.core.serving.openai_api import Server, build_app
 
     if api_key is None and not loopback(host):
         typer.echo(

@@ -24,7 +24,9 @@ from qstar.core.train_config import (
 
 @user_errors
 def train(config: Optional[Path] = None, resume: bool = False, overwrite: bool = False, **flags: Any) -> None:  # noqa: UP045
-    """Train Quiet-STaR. With no arguments: the shipped toy model on fresh synthetic data (README: how long)."""
+    """Train a model to think before each token (Quiet-STaR).
+
+    With no arguments: the shipped toy model on fresh synthetic data (README: how long)."""
     from qstar.core import backend, trainer
     from qstar.core.distributed import launched_rank
     from qstar.core.rundir import saved_config
@@ -69,7 +71,7 @@ train.__signature__ = inspect.Signature(
             annotation=bool,
             default=typer.Option(False, "--overwrite", help="Remove an earlier run's files from --out first"),
         ),
-        *field_flags(TrainConfig, "Training", skip=("recipe_overrides",)),
+        *field_flags(TrainConfig, "Training", skip=("recipe_overrides", "model_recipe")),
         *field_flags(Recipe, "Recipe"),
     ]
 )

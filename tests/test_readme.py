@@ -1,7 +1,8 @@
 """Every command and Python snippet of the README runs as written, from a fresh copy of the repository's files, in
-order (later ones use what earlier ones made): the ones that need the Hugging Face Hub fail at once with one clear
-line, as they do on a machine without network. Installation commands are left out (this environment is installed)
-and so is the README's own test command (it runs these tests)."""
+order (later ones use what earlier ones made), then the commands of its command table (which use what the Quick start
+and the adapter example made): the ones that need the Hugging Face Hub fail at once with one clear line, as they do on
+a machine without network, and none prints a warning. Installation commands are left out (this environment is
+installed) and so is the README's own test command (it runs these tests)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,16 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, SHARED
 
-HUB = ("Qwen/Qwen2.5-0.5B", "open-web-math/open-web-math")
-"""Hub ids in the README: their commands need the network."""
+HUB = ("Qwen/Qwen2.5-0.5B", "open-web-math/open-web-math", "--tasks ")
+"""Hub ids in the README, and lm-evaluation-harness tasks (whose datasets the harness fetches): their commands need
+the network."""
 NEEDS_HUB_MADE = ("qwen-qstar",)
 """What the Hub commands would have made: commands using it fail too, saying the path does not exist."""
+
+
+def needs_hub(code: str) -> bool:
+    """A command that needs the network: it names the Hub, or evaluates a task without a local --data file."""
+    return any(h in code for h in HUB + NEEDS_HUB_MADE) or (code.startswith("qstar eval") and "--data" not in code)
 
 
 def blocks(text: str) -> list[tuple[str, str]]:
@@ -37,17 +44,25 @@ def commands(code: str) -> list[str]:
     return [p for p in parts if p and not p.startswith(("#", "pip ", "pytest"))]
 
 
+def table_commands(text: str) -> list[str]:
+    """The commands of the README's command table (a row's first cell), as a user copies them: a table writes `|` as
+    `\\|`."""
+    rows = re.findall(r"^\| `((?:qstar|python -m qstar)[^`]*)` \|", text, re.M)
+    return [row.replace("\\|", "|") for row in rows]
+
+
 README = ROOT / "README.md"
 
 
 def readme_steps() -> list[tuple[str, str]]:
     steps: list[tuple[str, str]] = []
-    for language, code in blocks(README.read_text()):
+    text = README.read_text()
+    for language, code in blocks(text):
         if language == "bash":
             steps += [("bash", c) for c in commands(code)]
         elif language == "python":
             steps.append(("python", code))
-    return steps
+    return steps + [("bash", c) for c in table_commands(text)]
 
 
 def test_the_readme_has_what_a_newcomer_runs():
@@ -55,6 +70,9 @@ def test_the_readme_has_what_a_newcomer_runs():
     runnable = [c for k, c in readme_steps() if k == "bash"]
     assert "python" in kinds and any(c == "qstar train" for c in runnable)
     assert any(c.startswith("qstar eval gsm8k --model runs/qstar/model") for c in runnable)
+    table = table_commands(README.read_text())
+    assert len(table) == 8 and set(table) <= set(runnable)
+    assert not any(re.search(r"\[|\b(CKPT|SRC|DST|DIR|FILE|TEXT)\b", c) for c in table), table  # nothing to fill in
 
 
 def claimed_seconds() -> float:
@@ -104,7 +122,9 @@ def run_step(kind: str, code: str, clone: Path, env: dict[str, str], servers: co
     if code == "qstar train":
         seconds = time.perf_counter() - tic
         assert 0.5 < seconds / claimed_seconds() < 1.5, f"the default run took {seconds:.0f} s: {output[-1000:]}"
-    if any(h in code for h in HUB + NEEDS_HUB_MADE):
+    warned = [line for line in output.splitlines() if line.lower().startswith("warning:") or "Warning: " in line]
+    assert not warned, f"{code}\n{output[-2000:]}"
+    if needs_hub(code):
         errors = [line for line in output.splitlines() if line.startswith("error:")]
         assert done.returncode == 1 and len(errors) == 1 and "Traceback" not in output, f"{code}\n{output[-2000:]}"
         assert "Hugging Face Hub" in errors[0] or "does not exist" in errors[0], errors[0]

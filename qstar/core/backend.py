@@ -15,6 +15,7 @@ import numpy as np
 
 from qstar.core.checkpoint import CheckpointInfo
 from qstar.core.distributed import World
+from qstar.core.extras import install_hint, require_extra
 from qstar.core.model import QStarModel
 from qstar.core.ops import Ops
 from qstar.core.recipe import Recipe
@@ -62,30 +63,22 @@ def available(preferred: str = "auto") -> str:
         for name in ("mlx", "torch") if on_mac else ("torch", "mlx"):
             if installed[name]:
                 return name
-        raise RuntimeError("neither torch nor mlx is installed: pip install torch, or pip install 'mlx-lm'")
+        raise RuntimeError(f"neither torch nor mlx is installed: {install_hint('torch')}, or {install_hint('mlx')}")
     if preferred not in PACKAGES:
         raise ValueError(f"unknown backend {preferred!r}: choose {', '.join(NAMES)}")
     if not installed[preferred]:
-        raise RuntimeError(f"the {preferred} backend is not installed: pip install {INSTALL[preferred]}")
+        raise RuntimeError(f"the {preferred} backend is not installed: {install_hint(preferred)}")
     return preferred
-
-
-INSTALL = {"torch": "torch", "mlx": "'mlx-lm'"}
-"""What to install for each backend (their own packages: qstar's extras need qstar's own install command)."""
 
 
 def get(name: str = "auto") -> Backend:
     """The backend package of `name` (or of `available(name)` for "auto")."""
-    return cast(Backend, importlib.import_module(PACKAGES[available(name)]))
+    chosen = available(name)  # each backend's extra is named as the backend
+    return cast(Backend, require_extra(PACKAGES[chosen], chosen, f"the {chosen} backend"))
 
 
 def gguf_to_hf(directory: Path, gguf_file: str, out: Path) -> Path:
     """A GGUF checkpoint as a Hugging Face directory: transformers' GGUF loader builds PyTorch tensors, so this reads
     it through the torch backend, whichever backend then trains the model."""
-    try:
-        reader = importlib.import_module(PACKAGES["torch"] + ".gguf")
-    except ImportError as err:
-        raise ImportError(
-            f"reading GGUF needs torch and gguf ({err.name} is missing): pip install torch gguf"
-        ) from None
+    reader = require_extra(PACKAGES["torch"] + ".gguf", "torch", "reading GGUF")
     return cast(Path, reader.gguf_to_hf(directory, gguf_file, out))

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from qstar.core import bridge, synthetic
+from qstar.core.extras import require_extra
 from qstar.core.hub import looks_like_hub_id, require_hub
 
 FILE_TYPES = (".txt", ".jsonl", ".parquet")
@@ -232,10 +233,7 @@ def record_text(record: dict[str, Any], fields: list[str], where: str) -> str:
 
 
 def parquet_texts(path: Path, fields: list[str]) -> Iterator[str]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ImportError("reading .parquet needs pyarrow: pip install pyarrow") from None
+    pq = require_extra("pyarrow.parquet", "data", "reading .parquet")
     table = pq.ParquetFile(path)
     names = table.schema_arrow.names
     missing = [f for f in fields if f not in names]
@@ -255,13 +253,8 @@ def parquet_texts(path: Path, fields: list[str]) -> Iterator[str]:
 
 def hub_texts(spec: str, fields: list[str]) -> Iterator[str]:
     """Stream the train split of `owner/name[:config]` with the `datasets` package."""
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError(
-            f"streaming the Hugging Face dataset {spec} needs the datasets package: pip install datasets "
-            "(or pass a local .txt, .jsonl or .parquet file, or 'synthetic')"
-        ) from None
+    instead = "pass a local .txt, .jsonl or .parquet file, or 'synthetic'"
+    datasets = require_extra("datasets", "data", f"streaming the Hugging Face dataset {spec}", instead)
     name, _, config = spec.partition(":")
     require_hub(f"stream the dataset {spec}", "pass a local .txt, .jsonl or .parquet file, or 'synthetic', instead")
     try:

@@ -43,24 +43,40 @@ def load(
     """
     chosen = get(backend) if isinstance(backend, str) else backend
     dtype = check_dtype(dtype)
-    adapter = None if adapter_path is None else Path(adapter_path)
-    if lora.is_adapter(path):  # the adapter (unless another is given) on the base model it records
-        adapter = adapter or Path(path)
-        path = base_model(Path(path), lora.read_adapter_config(Path(path)))
-    if adapter is not None and recipe is None:
-        recipe = (lora.read_adapter_config(adapter).get("qstar") or {}).get("recipe")
+    path, adapter = with_adapter(path, adapter_path)
     local = resolve(path)
     info = checkpoint.inspect(local)
-    saved = info.saved_recipe or default_preset(local)
-    model = chosen.build_model(
-        info, make_recipe(saved if recipe is None else recipe, **recipe_overrides), dtype, device
-    )
+    base = (recorded_recipe(info, adapter) or default_preset(local)) if recipe is None else recipe
+    model = chosen.build_model(info, make_recipe(base, **recipe_overrides), dtype, device)
     model.source = str(local.resolve()) if Path(path).is_dir() else str(path)  # a hub id stays one
     if adapter is not None:
         model.load_adapter(adapter)
     if step_mode is not None:
         model.step_mode = check_step_mode(step_mode)
     return model
+
+
+def with_adapter(path: str | Path, adapter_path: str | Path | None) -> tuple[str | Path, Path | None]:
+    """The model to load and the adapter to apply: `path` may itself be an adapter, applied (unless `adapter_path`
+    names another) to the base model it records."""
+    adapter = None if adapter_path is None else Path(adapter_path)
+    if lora.is_adapter(path):
+        adapter = adapter or Path(path)
+        path = base_model(Path(path), lora.read_adapter_config(Path(path)))
+    return path, adapter
+
+
+def recorded_recipe(info: checkpoint.CheckpointInfo, adapter: Path | None) -> dict[str, Any] | None:
+    """The recipe an adapter records, else the one its checkpoint records (qstar's, the authors'), else None."""
+    from_adapter = None if adapter is None else (lora.read_adapter_config(adapter).get("qstar") or {}).get("recipe")
+    return from_adapter or info.saved_recipe
+
+
+def saved_recipe(path: str | Path, adapter_path: str | Path | None = None) -> dict[str, Any] | None:
+    """The recipe `qstar.load(path, adapter_path=...)` starts from when given none, if the checkpoint (or adapter)
+    records one: what `qstar train --recipe auto` starts from."""
+    base, adapter = with_adapter(path, adapter_path)
+    return recorded_recipe(checkpoint.inspect(resolve(base)), adapter)
 
 
 def base_model(adapter: Path, meta: dict[str, Any]) -> str:

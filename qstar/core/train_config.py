@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +108,13 @@ class TrainConfig:
     """Comma-separated parameter-name prefixes that train; every other weight stays frozen (default: all train).
     `mixing_head` trains the mixing head alone, so the thoughts stay the pretrained model's (an ablation)."""
     recipe: str = "auto"
-    """Recipe preset (default, paper or toy; auto: toy for the shipped model, else default, resolved when the settings
-    are read); recipe fields given as flags override it."""
+    """Recipe preset (default, paper, toy or bridge); auto: the recipe --model records (a qstar checkpoint or adapter,
+    an authors' checkpoint), else toy for the shipped model and default for any other. Recipe fields given as flags
+    change it."""
     recipe_overrides: dict[str, Any] = field(default_factory=dict)
+    model_recipe: dict[str, Any] | None = None
+    """The recipe --model records, read when the run starts (with_model_recipe): the run's config.json keeps it, so
+    that a resumed run starts from the same recipe; `recipe` "checkpoint" means this one."""
     tensorboard: bool = setting(False, resumable=True)
     """Also log to TensorBoard (needs tensorboard)."""
     wandb: bool = setting(False, resumable=True)
@@ -139,23 +143,39 @@ class TrainConfig:
             raise ValueError("--adapter-path starts from an adapter: pass --fine-tune-type lora or dora too")
         self.lora_config()  # checks the adapter settings
         self.trained_prefixes()
-        self.recipe = self.recipe_name()  # saved resolved: the run's config.json says which preset it used
+        if self.recipe == CHECKPOINT and self.model_recipe is None:
+            raise ValueError(
+                "recipe 'checkpoint' needs the model_recipe a run's config.json records: pass --recipe auto"
+            )
         recipe = self.make_recipe()
         self.recipe_overrides = {k: getattr(recipe, k) for k in self.recipe_overrides}  # as validated: 2e0 -> 2.0
-        if self.max_seq_length < recipe.min_seq_len():
+        if self.recipe != "auto" and self.max_seq_length < recipe.min_seq_len():  # auto: once the recipe is known
             raise ValueError(
                 f"--max-seq-length {self.max_seq_length} is shorter than lookahead={recipe.lookahead} needs "
                 f"({recipe.min_seq_len()} tokens)"
             )
 
+    def with_model_recipe(self, saved: dict[str, Any] | None) -> TrainConfig:
+        """This configuration with `saved`, the recipe --model records (None: none), resolved: `auto` starts from
+        the checkpoint's recipe where it has one, else from the preset auto picks; a preset named stays."""
+        recipe = self.recipe
+        if recipe == "auto":
+            recipe = CHECKPOINT if saved is not None else default_preset(self.model)
+        return replace(self, recipe=recipe, model_recipe=saved)
+
     def recipe_name(self) -> str:
-        """The preset the recipe starts from: `auto` is toy for the shipped model (docs/TOY.md), else default."""
+        """The preset the recipe starts from, or "checkpoint"; `auto` not yet resolved (with_model_recipe) counts as
+        the preset it falls back to: toy for the shipped model (docs/TOY.md), else default."""
         if self.recipe != "auto":
             return self.recipe
         return default_preset(self.model)
 
+    def base_recipe(self) -> Recipe:
+        """The recipe the run starts from, before the recipe flags."""
+        return make_recipe(self.model_recipe if self.recipe == CHECKPOINT else self.recipe_name())
+
     def make_recipe(self) -> Recipe:
-        return make_recipe(self.recipe_name(), **self.recipe_overrides)
+        return make_recipe(self.base_recipe(), **self.recipe_overrides)
 
     def trained_prefixes(self) -> tuple[str, ...]:
         """--train-only as a tuple of parameter-name prefixes."""
@@ -181,6 +201,8 @@ class TrainConfig:
         return asdict(self)
 
 
+CHECKPOINT = "checkpoint"
+"""The resolved `recipe` of a run that starts from the recipe its --model records (TrainConfig.model_recipe)."""
 ATTENTIONS = ("split", "flex")
 DISTRIBUTED = ("auto", "ddp", "fsdp", "hsdp")
 SHARDED = ("fsdp", "hsdp")

@@ -26,8 +26,9 @@ from qstar.core.checkpoint import EXTRA_PREFIXES
 from qstar.core.data import Batch, BlockStream, TokenCache, hard_mask, is_hub_spec, is_synthetic, open_documents
 from qstar.core.distributed import World
 from qstar.core.files import DiskFull, write_atomic
-from qstar.core.loading import load
+from qstar.core.loading import load, saved_recipe
 from qstar.core.model import QStarModel
+from qstar.core.recipe import make_recipe
 from qstar.core.rundir import CONFIG_FILE, STATE_FILE, RunDirectory, checkpoints, resume_command
 from qstar.core.session import Session, evaluate, mean_metrics
 from qstar.core.thinker import NO_THOUGHTS
@@ -208,7 +209,10 @@ def train(
     cfg: TrainConfig, backend: Backend, resume: bool = False, overwrite: bool = False, show_progress: bool = True
 ) -> Path:
     """Train on `backend` (cfg.backend names it); returns the run directory (its `model` link points at the newest
-    checkpoint)."""
+    checkpoint). A new run reads the recipe --model records (the base of --recipe auto); a resumed one keeps its
+    own."""
+    if not resume or cfg.recipe == "auto":
+        cfg = cfg.with_model_recipe(saved_recipe(cfg.model, cfg.adapter_path))
     backend.check_settings(cfg)
     world = backend.join()
     log = TrainingLog(cfg, world, show_progress)
@@ -371,7 +375,8 @@ class Loop:
                 f"{v['thought_entropy']:.3f}, the commonest thought {v['thought_mode']:.0%}"
             )
         line = ", ".join(parts)
-        if is_synthetic(self.cfg.data) and self.cfg.recipe == "toy" and self.world.size == 1:  # the default run
+        toy = self.cfg.base_recipe() == make_recipe("toy")
+        if is_synthetic(self.cfg.data) and toy and self.world.size == 1:  # the default run, or one trained on from it
             from qstar.core import toy_effect
 
             line += "\n  " + toy_effect.summary_line(toy_effect.measure(self.session.model))

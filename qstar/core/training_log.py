@@ -13,9 +13,12 @@ from typing import Any
 import numpy as np
 
 from qstar.core import lora
+from qstar.core.console import console
 from qstar.core.distributed import World
+from qstar.core.extras import require_extra
 from qstar.core.model import QStarModel
-from qstar.core.train_config import TrainConfig
+from qstar.core.recipe import Recipe, make_recipe
+from qstar.core.train_config import CHECKPOINT, TrainConfig
 
 REPORTED = (
     "loss",
@@ -44,11 +47,8 @@ class MetricLog:
         self.file = open(out / "metrics.jsonl", "a")
         self.tb = self.wandb = None
         if cfg.tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                raise RuntimeError("--tensorboard needs tensorboardX: pip install tensorboardX") from None
-            self.tb = SummaryWriter(str(out / "tensorboard"))
+            writer = require_extra("tensorboardX", "tensorboard", "--tensorboard").SummaryWriter
+            self.tb = writer(str(out / "tensorboard"))
         if cfg.wandb:
             try:
                 import wandb
@@ -91,10 +91,8 @@ class TrainingLog:
     """The run's console and metric files; rank 0 alone writes (every rank may call)."""
 
     def __init__(self, cfg: TrainConfig, world: World, show_progress: bool = True) -> None:
-        from rich.console import Console
-
         self.cfg, self.world, self.show_progress = cfg, world, show_progress
-        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.console = console()
         self.metrics: MetricLog | None = None
         self.progress: Any = None
         self.task: Any = None
@@ -103,7 +101,7 @@ class TrainingLog:
     def say(self, line: str) -> None:
         """One line, never wrapped (above the progress bar while it shows)."""
         if self.world.main:
-            (self.console if self.progress is None else self.progress.console).print(line, soft_wrap=True)
+            (self.console if self.progress is None else self.progress.console).print(line)
 
     def open(self, out: Path, start: int) -> TrainingLog:
         """From the first step on: metrics.jsonl, and the progress bar where the output is a terminal."""
@@ -157,17 +155,10 @@ class TrainingLog:
 
 def run_header(cfg: TrainConfig, model: QStarModel, resumed: Path | None, parallel: str, world: World) -> str:
     """What the run is, before it starts: model, where it computes, recipe, data, length, where it writes."""
-    r = model.recipe
     lines = [
         f"qstar train: {cfg.model} ({model.config.model_type}) on {cfg.backend}, {model.ops.device_name()}, "
         f"{cfg.dtype}, " + (f"{model.step_mode} steps" if cfg.thoughts else "no thoughts (the language model alone)"),
-        f"  recipe {cfg.recipe_name()}: {r.thought_tokens} thought tokens, lookahead {r.lookahead}, "
-        f"{r.thoughts_per_position} thoughts per position, policy weight {r.policy_weight:g}"
-        + (
-            f" (changed: {', '.join(f'{k}={v}' for k, v in cfg.recipe_overrides.items())})"
-            if cfg.recipe_overrides
-            else ""
-        ),
+        f"  {recipe_line(cfg, model.recipe)}",
         *([f"  {adapter_line(model)}"] if model.adapter else []),
         f"  data {cfg.data}: {cfg.iters} steps of {cfg.batch_size} x {cfg.max_seq_length} tokens"
         + (f" x {cfg.grad_accumulation_steps} accumulated" if cfg.grad_accumulation_steps > 1 else "")
@@ -187,6 +178,28 @@ def run_header(cfg: TrainConfig, model: QStarModel, resumed: Path | None, parall
         f"  writing to {cfg.out}" + (f" (resuming {resumed.name})" if resumed else ""),
     ]
     return "\n".join(lines)
+
+
+def recipe_line(cfg: TrainConfig, r: Recipe) -> str:
+    """The run's recipe and where it comes from: the checkpoint's own, or a preset (chosen by --recipe, or by auto for
+    a checkpoint that records none); each field that differs from the checkpoint's names what changed it."""
+    shown = (
+        f"{r.thought_tokens} thought tokens, lookahead {r.lookahead}, {r.thoughts_per_position} thoughts per position, "
+        f"policy weight {r.policy_weight:g}"
+    )
+    flags = cfg.recipe_overrides
+    notes = []
+    if cfg.recipe == CHECKPOINT:
+        head = "recipe from the checkpoint"
+    elif cfg.model_recipe is None:
+        head = f"recipe {cfg.recipe} (the checkpoint records none)"
+    else:
+        head = f"recipe {cfg.recipe} (--recipe)"
+        saved, preset = make_recipe(cfg.model_recipe).to_dict(), cfg.base_recipe().to_dict()
+        replaced = [f"{k}={v}" for k, v in saved.items() if preset[k] != v and k not in flags]
+        notes += [f"replacing the checkpoint's {', '.join(replaced)}"] * bool(replaced)
+    notes += [f"changed by flags: {', '.join(f'{k}={v}' for k, v in flags.items())}"] * bool(flags)
+    return f"{head}: {shown}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def adapter_line(model: QStarModel) -> str:

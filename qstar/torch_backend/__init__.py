@@ -15,14 +15,14 @@ from qstar.core.train_config import TrainConfig  # noqa: E402
 from qstar.torch_backend.baseline import lm_step  # noqa: E402
 from qstar.torch_backend.distributed import join  # noqa: E402
 from qstar.torch_backend.ops import TorchOps  # noqa: E402
-from qstar.torch_backend.qstar_model import build_model, default_device  # noqa: E402
+from qstar.torch_backend.qstar_model import build_model, select_device  # noqa: E402
 from qstar.torch_backend.session import Session  # noqa: E402
 
 name = "torch"
 
 
 def make_ops(device: str | None = None) -> TorchOps:
-    return TorchOps(device or default_device())
+    return TorchOps(select_device(device))
 
 
 ONE_THREAD_BELOW = 20_000_000

@@ -7,6 +7,7 @@ layer's thought step.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -163,9 +164,13 @@ def flex_thought_attention(
     if q.is_cuda and FLEX is None:
         FLEX = torch.compile(flex_attention, dynamic=False)
     attend = FLEX if q.is_cuda else flex_attention  # compiled on CUDA, where it is one kernel; eager elsewhere
-    out = attend(
-        stream_major(q), keys, values, block_mask=bias.block_mask, scale=dim**-0.5, enable_gqa=heads != kv_heads
-    )
+    with warnings.catch_warnings():
+        # Eager on a CPU by choice: there it serves to check FlexAttention against the split attention, and compiling
+        # it would take minutes for nothing; torch's notice that an eager call is unfused says what we chose.
+        warnings.filterwarnings("ignore", "flex_attention called without torch.compile", UserWarning)
+        out = attend(
+            stream_major(q), keys, values, block_mask=bias.block_mask, scale=dim**-0.5, enable_gqa=heads != kv_heads
+        )
     return out.reshape(rows, heads, streams, n, dim).permute(0, 3, 2, 1, 4).reshape(rows, n, streams, heads * dim)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qstar.torch_backend.qstar_model import TORCH_DTYPES, default_device
+from qstar.torch_backend.qstar_model import TORCH_DTYPES, select_device
 from qstar.torch_backend.session import FUSED_ADAMW_DEVICES
 
 
@@ -19,7 +19,7 @@ def lm_step(path: Path, ids: np.ndarray, dtype: str, device: str | None) -> Call
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # no "Loading weights" bars between the benchmark's own lines
-    device = device or default_device()
+    device = select_device(device)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype], attn_implementation="sdpa")
     model.to(device)  # type: ignore[arg-type]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=torch.device(device).type in FUSED_ADAMW_DEVICES)

@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from qstar.core.extras import require_extra
+
 
 def gguf_to_hf(directory: Path, gguf_file: str, out: Path) -> Path:
     """Write the dequantized float32 model of directory/gguf_file as a Hugging Face checkpoint directory `out`."""
-    try:
-        import gguf  # noqa: F401  (transformers needs it; say so before it does, less clearly)
-    except ImportError:
-        raise ImportError("reading GGUF needs the gguf package: pip install gguf") from None
+    for package in ("gguf", "accelerate"):  # transformers needs both; say so before it does, less clearly
+        require_extra(package, "gguf", "reading GGUF")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 

@@ -145,7 +145,8 @@ class TorchOps:
     def device_name(self) -> str:
         if self.device.type == "cuda":
             return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
-        return f"cpu ({torch.get_num_threads()} threads)"
+        threads = torch.get_num_threads()
+        return f"cpu ({threads} thread{'' if threads == 1 else 's'})"
 
     def peak_memory_gb(self) -> float:
         return torch.cuda.max_memory_allocated(self.device) / 1e9 if self.device.type == "cuda" else peak_rss_gb()

@@ -30,8 +30,22 @@ TORCH_DTYPES = {
 }
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def select_device(device: str | None) -> str:
+    """The device to compute on: `device`, or by default CUDA where PyTorch sees it, else the CPU. A CUDA device this
+    machine lacks is one clear error here, not an assertion from deep inside PyTorch."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a PyTorch device: pass cpu, cuda or cuda:N") from None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if chosen.type == "cuda" and (chosen.index or 0) >= count:
+        raise ValueError(
+            f"device {device} is not available: this PyTorch ({torch.__version__}) sees {count} CUDA "
+            f"device{'' if count == 1 else 's'}; pass --device cpu, or leave --device out"
+        )
+    return device
 
 
 class TorchQStar(QStarModel):
@@ -103,7 +117,7 @@ def build_model(info: CheckpointInfo, recipe: Recipe, dtype: str, device: str | 
             "--backend mlx, or convert the source with --backend torch --quantize for this backend"
         )
     four_bit = quantize.stored(info.raw_config)
-    device = device or default_device()
+    device = select_device(device)
     with torch.device("meta"):
         model = Backbone(info.config, recipe.embedding_scale, device)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qstar.core.extras import require_extra
 from qstar.core.model_config import is_linear
 
 BITS, BLOCK = 4, 64
@@ -28,13 +29,7 @@ def bitsandbytes() -> Any:
     # On a CPU with AVX512-BF16 bitsandbytes looks for an optional inference kernel on the Hugging Face Hub when it is
     # imported and warns when it cannot have it (offline): qstar does not use that kernel (NF4Linear).
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise ImportError(
-            "a 4-bit base on the torch backend needs bitsandbytes: pip install 'qstar-lm[qlora]'"
-        ) from None
-    return bnb
+    return require_extra("bitsandbytes", "qlora", "a 4-bit base on the torch backend")
 
 
 def config(dtype: torch.dtype) -> dict[str, Any]:

@@ -3,6 +3,7 @@ columns, a log written to a file is one record a line."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -12,9 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TRAIN_SMALL, assert_same_runs, backend_params, train_records
+from helpers import ROOT, TRAIN_SMALL, assert_same_runs, backend_params, train_records
 
 import qstar
+from qstar.weights import DEFAULT_MODEL
 
 QSTAR = [sys.executable, "-m", "qstar.cli.main"]
 
@@ -72,6 +74,40 @@ def test_help_keeps_every_flag_whole_at_80_columns():
             assert "[default: 400]" in done.stdout
 
 
+def test_the_command_list_gives_each_command_a_whole_sentence():
+    """`qstar --help` at 80 columns: every command's summary is a sentence of its own, not cut with `...`."""
+    done = subprocess.run([*QSTAR, "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"})
+    listed = done.stdout.split("Commands:")[1].splitlines()[1:]
+    summaries = dict(line.split(maxsplit=1) for line in listed if line.strip())
+    assert set(summaries) == {"convert", "train", "generate", "eval", "inspect", "bench", "fuse", "serve"}
+    assert all(s.endswith(".") and not s.endswith("...") for s in summaries.values()), summaries
+
+
+def test_output_to_a_pipe_is_never_wrapped(tmp_path):
+    """What generate, inspect and eval print to a file or pipe keeps every sentence and path on its line, though a
+    pipe counts as 80 columns."""
+    deep = tmp_path / ("a-directory-whose-name-alone-takes-more-than-eighty-columns-" * 2)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": "2:dje=", "answer": "#### 7"}) + "\n")
+    model = ["--model", DEFAULT_MODEL, "--backend", "torch"]
+    commands = {
+        "ignores --top-k and --top-p: pass --temperature > 0": ["generate", *model, "--prompt", "2:dje="]
+        + ["--max-tokens", "1", "--temperature", "0", "--top-k", "5"],
+        f"wrote {deep / 'r.html'}": ["inspect", *model, "--text", str(ROOT / "docs" / "toy-heldout.txt")]
+        + ["--limit", "2", "--out", str(deep / "r.html")],
+        f"wrote {deep / 'eval' / 'results.json'} and": ["eval", "gsm8k", *model, "--data", str(questions)]
+        + ["--limit", "1", "--max-tokens", "4", "--out", str(deep / "eval")],
+    }
+    printed = {}
+    for whole, command in commands.items():
+        done = subprocess.run([*QSTAR, *command], capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"})
+        assert done.returncode == 0, done.stderr
+        assert any(whole in line for line in done.stderr.splitlines()), done.stderr
+        printed[command[0]] = done.stderr
+    assert "\nhard tokens the text marks (" in printed["inspect"]  # the two views of hard tokens say how they differ
+    assert "\nhardest 10% by this model's NLL without thoughts (" in printed["inspect"]
+
+
 def test_a_log_written_to_a_file_is_one_record_a_line(llama_checkpoint, tmp_path):
     """Piped, nothing wraps at the 80 columns a pipe gets, and no progress bar is drawn between the records."""
     log = tmp_path / "log.txt"
@@ -86,6 +122,36 @@ def test_a_log_written_to_a_file_is_one_record_a_line(llama_checkpoint, tmp_path
     assert not any("━" in line for line in lines)
     model = qstar.load(str(tmp_path / "run" / "model"), backend="torch")
     assert model.finite()
+
+
+def test_training_a_checkpoint_starts_from_its_own_recipe(llama_checkpoint, tmp_path):
+    """A checkpoint converted with --thought-tokens 12 trains with 12 thought tokens unless a flag or --recipe says
+    otherwise; the header says where the recipe comes from, and a resumed run keeps it."""
+    from typer.testing import CliRunner
+
+    from qstar.cli.main import app
+
+    converted = tmp_path / "converted"
+    runner = CliRunner()
+    done = runner.invoke(app, ["convert", str(llama_checkpoint), str(converted), "--thought-tokens", "12"])
+    assert done.exit_code == 0, done.output
+    small = ["--iters", "1", "--warmup-steps", "0", "--max-seq-length", "8", "--batch-size", "1", "--val-batches", "1"]
+    runs = {
+        "own": ([], "recipe from the checkpoint: 12 thought tokens, lookahead 4,", 12),
+        "flag": (["--thought-tokens", "3"], "(changed by flags: thought_tokens=3)", 3),
+        "preset": (["--recipe", "paper"], "recipe paper (--recipe): 9 thought tokens", 9),
+    }
+    for name, (flags, header, thought_tokens) in runs.items():
+        args = ["train", "--backend", "torch", "--model", str(converted), "--out", str(tmp_path / name), *small]
+        done = runner.invoke(app, [*args, *flags])
+        assert done.exit_code == 0 and header in done.output, done.output
+        assert qstar.load(str(tmp_path / name / "model"), backend="torch").recipe.thought_tokens == thought_tokens
+    assert "replacing the checkpoint's thought_tokens=12" in done.output
+    config = json.loads((tmp_path / "own" / "config.json").read_text())
+    assert config["recipe"] == "checkpoint" and config["model_recipe"]["thought_tokens"] == 12
+    done = runner.invoke(app, ["train", "--resume", "--out", str(tmp_path / "own"), "--iters", "2"])
+    assert done.exit_code == 0 and "recipe from the checkpoint: 12 thought tokens" in done.output, done.output
+    assert qstar.load(str(tmp_path / "own" / "model"), backend="torch").recipe.thought_tokens == 12
 
 
 def test_a_local_path_that_does_not_exist_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):

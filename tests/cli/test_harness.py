@@ -159,6 +159,25 @@ def test_bad_model_args_and_missing_checkpoints_are_one_line(tasks, tmp_path):
         assert "Traceback" not in done.stderr
 
 
+def test_the_command_computes_where_qstar_would_unless_told_a_device(tasks, tmp_path):
+    """Without --device the harness's own default (cuda:0) does not reach qstar: on a CPU machine the command runs; a
+    device named on purpose that the machine lacks is one error line."""
+    import torch
+
+    command = [sys.executable, "-m", "qstar.lm_eval", "run", "--model", "qstar", "--tasks", "local_choice"]
+    command += ["--include_path", str(tasks), "--model_args", f"pretrained={DEFAULT_MODEL},thoughts=false"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0 and "local_choice" in done.stdout, done.stderr[-2000:]
+    if torch.cuda.is_available():
+        return
+    done = subprocess.run([*command, "--device", "cuda:0"], capture_output=True, text=True, cwd=tmp_path)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 1 and errors == [
+        f"error: device cuda:0 is not available: this PyTorch ({torch.__version__}) sees 0 CUDA devices; pass "
+        "--device cpu, or leave --device out"
+    ], done.stderr[-2000:]
+
+
 def test_a_continuation_longer_than_the_context_is_one_clear_error():
     model = QStarLM(DEFAULT_MODEL, max_length=8)
     with pytest.raises(ValueError, match="does not fit the model's context of 8"):

@@ -66,7 +66,9 @@ def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     (tmp_path / "d.parquet").write_bytes(b"PAR1")
-    with pytest.raises(ImportError, match=r"reading \.parquet needs pyarrow: pip install pyarrow"):
+    with pytest.raises(
+        ImportError, match=r"reading \.parquet needs pyarrow, which is not installed: pip install 'qstar-lm\[data\]'"
+    ):
         open_documents(str(tmp_path / "d.parquet"))
 
 
@@ -100,7 +102,7 @@ def test_hub_dataset_is_streamed(monkeypatch, online):
 
 def test_hub_dataset_without_datasets_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(ImportError, match="pip install datasets"):
+    with pytest.raises(ImportError, match=r"pip install 'qstar-lm\[data\]', or pass a local \.txt"):
         open_documents("openai/gsm8k")
 
 

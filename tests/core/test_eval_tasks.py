@@ -136,7 +136,7 @@ def test_hub_ids_go_through_datasets(monkeypatch, online):
 
 def test_hub_errors_point_to_local_files(monkeypatch, online):
     monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(DataError, match=r"needs the `datasets` package.*pass a local JSONL file with --data"):
+    with pytest.raises(ImportError, match=r"needs datasets.*qstar-lm\[data\]'.*pass a local JSONL file with --data"):
         load_examples("csqa")
 
     def offline(name, config, split):

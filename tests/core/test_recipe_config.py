@@ -52,6 +52,23 @@ def test_auto_recipe_is_the_toy_one_for_the_shipped_model_only():
     assert TrainConfig(recipe_overrides={"lookahead": 3}).make_recipe().lookahead == 3
 
 
+def test_auto_starts_from_the_recipe_a_checkpoint_records():
+    """The shipped model records none: `qstar train` with no flags resolves to toy, as before; a checkpoint's own
+    recipe is the base of auto, and the flags change it."""
+    from qstar.core.loading import saved_recipe
+    from qstar.core.train_config import DEFAULT_MODEL, TrainConfig
+
+    assert saved_recipe(DEFAULT_MODEL) is None
+    shipped = TrainConfig().with_model_recipe(None)
+    assert shipped.recipe == "toy" and shipped.make_recipe() == make_recipe("toy")
+    own = make_recipe("default", thought_tokens=12).to_dict()
+    cfg = TrainConfig(model="ckpt", recipe_overrides={"lookahead": 2}).with_model_recipe(own)
+    assert cfg.recipe == "checkpoint" and cfg.make_recipe() == make_recipe(own, lookahead=2)
+    assert TrainConfig(**cfg.to_dict()).make_recipe() == cfg.make_recipe()  # config.json resumes the same recipe
+    named = TrainConfig(model="ckpt", recipe="paper").with_model_recipe(own)
+    assert named.make_recipe() == make_recipe("paper") and named.model_recipe == own
+
+
 def base_config(**extra):
     return {
         "model_type": "llama",

@@ -1,6 +1,6 @@
-"""qstar as a model of EleutherAI's lm-evaluation-harness (`pip install lm-eval`): any task the harness knows, with
-or without thoughts, on either backend. The harness keeps what it does best (task definitions, prompts, filters,
-metrics, few-shot, standard errors); this module answers its three kinds of request.
+"""qstar as a model of EleutherAI's lm-evaluation-harness (`pip install 'qstar-lm[eval]'`): any task the harness
+knows, with or without thoughts, on either backend. The harness keeps what it does best (task definitions, prompts,
+filters, metrics, few-shot, standard errors); this module answers its three kinds of request.
 
 - `loglikelihood`: each continuation token scored by the mixed prediction after a thought at its position (the
   paper's teacher-forced metric, what `qstar eval --teacher-forced` computes), or by the plain LM with
@@ -24,16 +24,15 @@ from typing import Any
 
 import numpy as np
 
-try:
-    from lm_eval.api.model import TemplateLM
-    from lm_eval.api.registry import register_model
-    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-except ImportError:  # pragma: no cover - the optional extra
-    raise ImportError("evaluating with lm-evaluation-harness needs it: pip install lm-eval") from None
-from tqdm import tqdm
-
+from qstar.core.extras import require_extra
 from qstar.core.model import QStarModel
+
+require_extra("lm_eval.models.utils", "eval", "evaluating with lm-evaluation-harness")
+from lm_eval.api.model import TemplateLM  # noqa: E402
+from lm_eval.api.registry import register_model  # noqa: E402
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs  # noqa: E402
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 DEFAULT_MAX_GEN_TOKS = 256
 """What the harness's HFLM generates at most when a task does not say (max_gen_toks)."""
@@ -64,7 +63,8 @@ def recipe_values(given: dict[str, Any]) -> dict[str, Any]:
 @register_model("qstar")
 class QStarLM(TemplateLM):
     """model_args: pretrained (a checkpoint qstar.load takes), backend, thoughts, adapter_path, dtype, threads, seed,
-    any recipe field (thought_tokens=4, ...), and the harness's batch_size and device."""
+    any recipe field (thought_tokens=4, ...), and the harness's batch_size and device. `device` None or "auto" is
+    the backend's default device (CUDA where PyTorch sees one, else the CPU); one that is not there is an error."""
 
     def __init__(
         self,
@@ -89,7 +89,8 @@ class QStarLM(TemplateLM):
             self.model = pretrained
         else:
             chosen = get(backend)
-            self.model = load(pretrained, chosen, dtype, device=device, adapter_path=adapter_path, **overrides)
+            where = None if device in (None, "auto") else device
+            self.model = load(pretrained, chosen, dtype, device=where, adapter_path=adapter_path, **overrides)
             chosen.set_threads(None if threads is None else int(threads), self.model.parameter_count)
         if self.model.tokenizer is None:
             raise ValueError(f"{pretrained}: qstar model_args pretrained= needs a checkpoint with tokenizer files")

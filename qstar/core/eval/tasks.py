@@ -24,6 +24,7 @@ import numpy as np
 
 from qstar.core.data import DataError, jsonl_records
 from qstar.core.eval.answers import extract_choice, extract_number, gsm8k_gold
+from qstar.core.extras import require_extra
 from qstar.core.hub import require_hub
 
 COT_TRIGGER = "Let's think step by step."
@@ -256,20 +257,14 @@ def _hub_records(task: Task, spec: str) -> Iterator[tuple[str, Any]]:
     name, _, given = name.partition(":")
     config = given or (task.hub_config if name == task.hub_id else None)
     split = split or task.hub_split
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(
-            f"loading {spec!r} from the Hugging Face Hub needs the `datasets` package (pip install datasets); "
-            "or pass a local JSONL file with --data"
-        ) from None
-    require_hub(f"load {spec!r}", "pass a local JSONL file with --data")
+    instead = "pass a local JSONL file with --data"
+    datasets = require_extra("datasets", "data", f"loading {spec!r} from the Hugging Face Hub", instead)
+    require_hub(f"load {spec!r}", instead)
     try:
         rows = datasets.load_dataset(name, config, split=split)
     except Exception as error:  # offline, unknown id, wrong config or split: all mean "use a local file"
         raise DataError(
-            f"could not load {spec!r} (config {config}, split {split}) from the Hugging Face Hub: {error}; "
-            "pass a local JSONL file with --data"
+            f"could not load {spec!r} (config {config}, split {split}) from the Hugging Face Hub: {error}; {instead}"
         ) from error
     for number, record in enumerate(rows):
         yield f"{name}[{split}] row {number}", record
