@@ -40,7 +40,7 @@ def test_unknown_names_are_rejected():
         make_recipe("fast")
     with pytest.raises(ValueError, match="unknown recipe field"):
         make_recipe("paper", n_ahead=3)
-    assert set(PRESETS) == {"paper", "default", "toy"}
+    assert set(PRESETS) == {"paper", "default", "toy", "bridge"}
 
 
 def test_auto_recipe_is_the_toy_one_for_the_shipped_model_only():
