@@ -8,14 +8,16 @@ on every rank.
 
 Runs `qstar train` (its trainer, in process) twice under torchrun: 2 steps of full fine-tuning with a checkpoint at
 the end, then --resume from it. Each rank reads its VmHWM (Linux; reset through /proc/self/clear_refs, as
-qstar.core.ops.reset_peak_rss does) around each step, around the save, and from its start through the restore of
-the resumed run. --before PATH measures the code of another checkout too (e.g. `git worktree add /tmp/qstar-before
-COMMIT`), imported from there instead of this tree, in the same invocation: the table's before and after rows.
+qstar.core.ops.reset_peak_rss does) around each step, around the save (with what each adds to the resident set
+before it), and from its start through the restore of the resumed run. --before PATH measures the code of another
+checkout too (e.g. `git worktree add /tmp/qstar-before COMMIT`), imported from there instead of this tree, in the
+same invocation: the table's before and after rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import subprocess
@@ -47,15 +49,20 @@ same."""
 
 
 def measured(peaks: dict[str, float], phase: str, fn: Callable[..., Any], reset: bool = True) -> Callable[..., Any]:
-    """`fn` recording the highest VmHWM it reaches under `phase` (reset to the resident set before it, or counted
-    from the process's start)."""
-    from qstar.core.ops import peak_rss_gb, reset_peak_rss
+    """`fn` recording the highest VmHWM it reaches under `phase` and, reset before it, the most it adds to the resident
+    set (without reset: counted from the process's start). Before a reset, glibc's malloc_trim gives back what earlier
+    phases freed: else the allocator's kept pages would hide what this phase allocates."""
+    from qstar.core.ops import peak_rss_gb, reset_peak_rss, rss_gb
 
     def call(*args: Any, **kwargs: Any) -> Any:
+        start = 0.0
         if reset:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
             reset_peak_rss()
+            start = rss_gb()
         result = fn(*args, **kwargs)
         peaks[phase] = max(peaks.get(phase, 0.0), peak_rss_gb())
+        peaks[f"{phase}_adds"] = max(peaks.get(f"{phase}_adds", 0.0), peak_rss_gb() - start)
         return result
 
     return call
@@ -113,6 +120,7 @@ def main() -> None:
     trees = ([("before", args.before)] if args.before else []) + [("after", ROOT)]
     rows = [
         {"code": code, "commit": commit(tree), "rank": rank, **{f"{p}_gb": peaks[p] for p in PHASES}}
+        | {f"{p}_adds_gb": peaks[f"{p}_adds"] for p in PHASES[:2]}
         for code, tree in trees
         for rank, peaks in enumerate(measure(args.model, tree, args.processes))
     ]

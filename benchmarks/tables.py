@@ -238,7 +238,8 @@ def sharded(results: dict[str, Any]) -> str:
         [
             f"{r['code']} ({r['commit']})",
             str(r["rank"]),
-            *(f"{r[p + '_gb']:.2f} GB" for p in ("step", "save", "resume")),
+            *(f"{r[p + '_gb']:.2f} GB (+{r[p + '_adds_gb']:.2f})" for p in ("step", "save")),
+            f"{r['resume_gb']:.2f} GB",
             *(f"{r[p + '_gb'] / r['step_gb']:.2f}" for p in ("save", "resume")),
         ]
         for r in results["rows"]
@@ -249,7 +250,8 @@ def sharded(results: dict[str, Any]) -> str:
         f"{results['model']} (float32, full fine-tuning), {results['ranks']} CPU ranks (FSDP2, gloo) of "
         f"{run['threads']} thread, batch {run['batch_size']} a rank, L={run['max_seq_length']}, "
         f"k={run['thought_tokens']}, A={run['lookahead']}, {run['iters']} steps; each rank's VmHWM: the highest of its "
-        "steps, over the save of the checkpoint, and in the resumed run from its start through restoring it. "
+        "steps and over the save of the checkpoint (in brackets what they add to the resident set before them, after "
+        "glibc's malloc_trim), and in the resumed run from its start through restoring it. "
     )
     return markdown(header, rows) + "\n\n" + shape + source(results)
 
