@@ -232,6 +232,30 @@ def memory(results: dict[str, Any]) -> str:
     return markdown(header, body) + "\n\n" + shape + source(results, "Computed")
 
 
+def sharded(results: dict[str, Any]) -> str:
+    """`sharded_memory.py`: each rank's peak resident memory while stepping, saving and resuming, before and after."""
+    rows = [
+        [
+            f"{r['code']} ({r['commit']})",
+            str(r["rank"]),
+            *(f"{r[p + '_gb']:.2f} GB (+{r[p + '_adds_gb']:.2f})" for p in ("step", "save")),
+            f"{r['resume_gb']:.2f} GB",
+            *(f"{r[p + '_gb'] / r['step_gb']:.2f}" for p in ("save", "resume")),
+        ]
+        for r in results["rows"]
+    ]
+    header = ["code", "rank", "step", "save", "resume", "save / step", "resume / step"]
+    run = results["run"]
+    shape = (
+        f"{results['model']} (float32, full fine-tuning), {results['ranks']} CPU ranks (FSDP2, gloo) of "
+        f"{run['threads']} thread, batch {run['batch_size']} a rank, L={run['max_seq_length']}, "
+        f"k={run['thought_tokens']}, A={run['lookahead']}, {run['iters']} steps; each rank's VmHWM: the highest of its "
+        "steps and over the save of the checkpoint (in brackets what they add to the resident set before them, after "
+        "glibc's malloc_trim), and in the resumed run from its start through restoring it. "
+    )
+    return markdown(header, rows) + "\n\n" + shape + source(results)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "toy": toy,
     "overhead": overhead,
@@ -240,6 +264,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "modes": modes,
     "fsdp": fsdp,
     "memory": memory,
+    "sharded": sharded,
 }
 """Table name -> how its JSON is written as markdown (the name before the first "-" chooses: overhead-torch too)."""
 

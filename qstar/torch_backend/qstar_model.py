@@ -52,8 +52,12 @@ class TorchQStar(QStarModel):
     backbone: Backbone
     ops: TorchOps
 
+    whole: dict[str, torch.Tensor] | None = None
+    """A sharded run's weights gathered whole into rank 0's CPU memory while it saves (Session.gathered): what
+    `parameters` answers then, instead of the shards."""
+
     def parameters(self) -> dict[str, torch.Tensor]:
-        return dict(self.backbone.named_parameters())
+        return dict(self.backbone.named_parameters()) if self.whole is None else self.whole
 
     def gradients_of(self, loss_fn: Callable[[], torch.Tensor]) -> dict[str, np.ndarray]:
         self.backbone.zero_grad(set_to_none=True)

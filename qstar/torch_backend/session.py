@@ -11,7 +11,12 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
@@ -23,12 +28,15 @@ from qstar.core.thinker import LossTerms
 from qstar.core.train_config import TrainConfig
 from qstar.torch_backend.ops import HALF
 from qstar.torch_backend.parallelize import parallelize
-from qstar.torch_backend.qstar_model import TorchQStar
+from qstar.torch_backend.qstar_model import TORCH_DTYPES, TorchQStar
 
 STATE_FILE = "optimizer_state.pt"
-FULL = StateDictOptions(full_state_dict=True)
 FULL_ON_RANK_0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
-"""Whole tensors (not shards) of a sharded model and its optimizer; with cpu_offload, rank 0 alone holds them."""
+"""Whole tensors (not shards) of a sharded model and its optimizer, gathered one at a time into rank 0's CPU memory;
+the other ranks get none."""
+FROM_RANK_0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+"""Whole tensors that rank 0 alone holds, broadcast one at a time: every rank keeps its shards of each and drops the
+rest before the next."""
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 """Where torch has a fused AdamW: one kernel per tensor instead of about ten, the same update to the last bit or two."""
 
@@ -167,8 +175,9 @@ class Session:
 
     @contextmanager
     def gathered(self) -> Iterator[None]:
-        """Sharded, the whole model unsharded in place (what `save` writes) and the float32 weights and optimizer
-        state gathered in full onto rank 0's CPU: a checkpoint one process loads."""
+        """Sharded, the float32 weights and optimizer state gathered whole onto rank 0's CPU, tensor by tensor, and
+        the model's weights read from there while rank 0 saves: a checkpoint one process loads, while no device
+        holds more than its shards and the tensor being gathered."""
         if self.world.size > 1:
             self.rank_states = self.world.gather(self.random_state())
         if not isinstance(self.wrapped, FSDPModule):
@@ -176,15 +185,14 @@ class Session:
             return
         weights, optimizer = get_state_dict(self.wrapped, self.optimizer, options=FULL_ON_RANK_0)
         self.full_state = {"weights": weights, "optimizer": optimizer}
-        modules = [m for m in self.wrapped.modules() if isinstance(m, FSDPModule)]
-        for m in modules:
-            m.unshard()
+        if self.world.main:  # what `save` writes, in the model's dtype (a bf16 run's masters rounded as FSDP2 does)
+            dtype = TORCH_DTYPES[self.model.dtype]
+            names = [name for name, _ in self.model.backbone.named_parameters()]  # tied weights once
+            self.model.whole = {name: weights[f"net.{name}"].to(dtype) for name in names}
         try:
             yield
         finally:
-            for m in modules:
-                m.reshard()
-            self.full_state = {}
+            self.model.whole, self.full_state = None, {}
 
     def write_state(self, directory: Path) -> None:
         state: dict[str, Any] = {**self.full_state, "rng": self.random_state()}
@@ -196,33 +204,38 @@ class Session:
         torch.save(state, directory / STATE_FILE)
 
     def read_state(self, directory: Path) -> None:
-        state = torch.load(directory / STATE_FILE, weights_only=True, map_location=self.ops.device)
-        if ("weights" in state) != isinstance(self.wrapped, FSDPModule):
-            saved, this = ("fsdp", "ddp") if "weights" in state else ("ddp", "fsdp")
+        """Sharded, rank 0 alone reads the file into its CPU memory and broadcasts it tensor by tensor, each rank
+        keeping its shards (no rank ever holds the whole state on its device); replicated, every rank reads it."""
+        sharded = isinstance(self.wrapped, FSDPModule)
+        state = self.load_state(directory, sharded) if self.world.main or not sharded else {}
+        saved, ranks = "fsdp" if "weights" in state else "ddp", state.get("ranks") or [state.get("rng")]
+        if sharded:  # what the file holds, from rank 0
+            saved, ranks = self.world.gather((saved, ranks))[0]
+        this = "fsdp" if sharded else "ddp"
+        if saved != this:
             raise ValueError(
                 f"{directory} was saved by a --distributed {saved} run, this one is {this}: resume it with "
                 f"--distributed {saved}"
             )
-        if isinstance(self.wrapped, FSDPModule):  # every rank takes its shards of the full state
-            set_state_dict(
-                self.wrapped,
-                self.optimizer,
-                model_state_dict=state["weights"],
-                optim_state_dict=state["optimizer"],
-                options=FULL,
-            )
+        if isinstance(self.wrapped, FSDPModule):  # two calls: set_state_dict skips the weights where none are given
+            set_optimizer_state_dict(self.wrapped, self.optimizer, state.get("optimizer", {}), options=FROM_RANK_0)
+            set_model_state_dict(self.wrapped, state.get("weights", {}), options=FROM_RANK_0)
         else:
             self.optimizer.load_state_dict(state["optimizer"])
             separate = [m for m, p in zip(self.master, self.params, strict=True) if m is not p]
             with torch.no_grad():
-                for m, saved in zip(separate, state["master"], strict=True):
-                    m.copy_(saved)
-        ranks = state.get("ranks") or [state["rng"]]
+                for m, master in zip(separate, state["master"], strict=True):
+                    m.copy_(master)
         check_ranks(directory, len(ranks), self.world, "torchrun --nproc-per-node")
         rng = ranks[self.world.rank]
         torch.set_rng_state(rng["cpu"].cpu())
         for device in self.cuda_devices:
             torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+
+    def load_state(self, directory: Path, sharded: bool) -> dict[str, Any]:
+        """The training state file; a sharded run's onto the CPU (rank 0's, whence it is broadcast)."""
+        device = torch.device("cpu") if sharded else self.ops.device
+        return cast(dict[str, Any], torch.load(directory / STATE_FILE, weights_only=True, map_location=device))
 
     def peak_memory(self) -> float:
         return self.ops.peak_memory_gb()

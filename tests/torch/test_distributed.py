@@ -1,5 +1,6 @@
 """Data-parallel training under torchrun (gloo, 2 processes on this CPU): N ranks of batch b compute exactly what one
-process computes on the N * b rows, and a 2-rank run killed with SIGKILL resumes to what a straight 2-rank run gives."""
+process computes on the N * b rows, a 2-rank run killed with SIGKILL resumes to what a straight 2-rank run gives, and a
+sharded run saves and resumes through rank 0's CPU memory, never the whole model on every rank."""
 
 from __future__ import annotations
 
@@ -74,6 +75,21 @@ def test_a_killed_two_rank_run_resumes_exactly(llama_checkpoint, tmp_path, distr
     wa = qstar.load(str(whole / "model"), backend="torch").parameters()  # a checkpoint one process loads
     wb = qstar.load(str(broken / "model"), backend="torch").parameters()
     assert all(bool((wa[k] == wb[k]).all()) for k in wa)
+
+
+def test_a_sharded_run_saves_and_resumes_through_rank_0(mixing_checkpoint, tmp_path):
+    """FSDP2 on 2 ranks: saving unshards no layer (the weights and optimizer state reach rank 0's CPU one tensor at a
+    time; the spy sees the step's unshards), resuming opens the training state on rank 0 alone (the audit hook sees
+    rank 0 open it), which broadcasts it, and the resumed session holds exactly the saved weights, optimizer state
+    and each rank's random state."""
+    args = [str(HERE / "sharded_state_worker.py"), str(mixing_checkpoint), str(tmp_path)]
+    done = subprocess.run(torchrun(*args), env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(r["unshards"]["step"] > 0 and "save" not in r["unshards"] for r in ranks), ranks
+    assert all(r["sharded_while_saving"] and r["resumed_as_saved"] for r in ranks), ranks
+    assert [r["opened"] for r in ranks] == [["optimizer_state.pt"], []]
+    assert [r["gathered"] for r in ranks] == [True, False]
 
 
 def test_fsdp_in_bfloat16_keeps_float32_master_shards(llama_checkpoint, tmp_path):
