@@ -4,7 +4,8 @@
 # held-out set (and with the content control). Recipe choices are read off each run's validation records (a held-out
 # part of the train split), never off the held-out set.
 #   bash benchmarks/real_runs.sh GGUF OUT_DIR [NAME ...]      # no NAME: all of them; one thread a run
-# Writes OUT_DIR/base (the conversion), OUT_DIR/NAME/ (the run), OUT_DIR/NAME.json and NAME-control.json.
+# Writes OUT_DIR/base (the conversion), OUT_DIR/NAME/ (the run), OUT_DIR/NAME.json and NAME-CONTROL.json for the
+# content controls (random, shuffled, perturbed), each copied into benchmarks/results/real/ as it finishes.
 # A clean_NAME run is NAME trained and measured on GSM8K without its calculator annotations (`<<48/2=24>>`).
 set -euo pipefail
 gguf=${1:?usage: real_runs.sh GGUF OUT_DIR [NAME ...]}
@@ -25,9 +26,12 @@ declare -A FLAGS=(
   [heads_policy0]="--train-only mixing_head,thought. --learning-rate 5e-4 --iters 200 --warmup-steps 10 --policy-weight 0"
   [heads_mixing_only]="--train-only mixing_head --learning-rate 5e-4 --iters 200 --warmup-steps 10"
   [heads_lr2e3]="--train-only mixing_head,thought. --learning-rate 2e-3 --iters 200 --warmup-steps 10"
-  [lora]="--fine-tune-type lora --num-layers -1 --lora-rank 8 --learning-rate 5e-4 --iters 200 --warmup-steps 10"
-  [lora_nothought]="--fine-tune-type lora --num-layers -1 --lora-rank 8 --learning-rate 5e-4 --iters 200 --warmup-steps 10 --policy-weight 0 --base-loss-weight 1"
+  [lora]="--fine-tune-type lora --num-layers -1 --lora-rank 8 --learning-rate 5e-4 --iters 150 --warmup-steps 10 --thought-tokens 4"
+  [lora_nothought]="--fine-tune-type lora --num-layers -1 --lora-rank 8 --learning-rate 5e-4 --iters 150 --warmup-steps 10 --thought-tokens 4 --no-thoughts"
 )
+controls=(random shuffled perturbed)
+results=${RESULTS:-$here/results/real}  # where measurements are kept as they finish (default: this checkout)
+mkdir -p "$results"
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=(before heads heads_policy0 heads_mixing_only heads_lr2e3 heads_seed1 heads_seed2 lora lora_nothought)
 for name in "${names[@]}"; do
@@ -45,7 +49,13 @@ from real_effect import write_clean; write_clean(Path(sys.argv[2]), Path(sys.arg
   fi
   measure+=(--reference "$out/base" --threads "$threads")
   python "$here/real_effect.py" "$model" "${measure[@]}" --json "$out/$name.json" > "$out/$name.txt"
-  python "$here/real_effect.py" "$model" "${measure[@]}" --control random --json "$out/$name-control.json" \
-    > "$out/$name-control.txt"
+  cp "$out/$name.json" "$results/"
+  if [[ $name != *nothought* && $name != before ]]; then  # a twin's thoughts change nothing: its mixing head is 0
+    for control in "${controls[@]}"; do
+      python "$here/real_effect.py" "$model" "${measure[@]}" --control "$control" --json "$out/$name-$control.json" \
+        > "$out/$name-$control.txt"
+      cp "$out/$name-$control.json" "$results/"
+    done
+  fi
   echo "$name: $(sed -n 2,4p "$out/$name.txt" | tr -s ' ' | tr '\n' ';')"
 done
