@@ -395,16 +395,24 @@ class Thinker:
             "positive_advantage": losses.masked_mean(ops, ops.where(advantage > 0, 1.0, 0.0), rewarded_valid),
         }
 
-    def next_token_logits(
+    def next_token_hidden(
         self, ids: Array, base: tuple[Array, Cache], thoughts: Array, layout: ThoughtLayout
     ) -> tuple[Array, Array, Array]:
-        """Next-token logits (B, S, V) at every stream without and after its thought (B, S, k), and the mixing weight
-        (B, S): the predictions of x_(p+1) that inference mixes (one thought per position). `base` is the base pass
-        of ids (model.base)."""
+        """The hidden states (B, S, D) that predict x_(p+1) at every stream without and after its thought (B, S, k),
+        and the mixing weight (B, S): what inference mixes (one thought per position), before the LM head, so that a
+        caller takes only the logits it needs. `base` is the base pass of ids (model.base)."""
         ops, model, (h_base, base_kv) = self.ops, self.model, base
         single = replace(self, recipe=replace(self.recipe, lookahead=1, thoughts_per_position=1))
         x = single.inputs(ids, thoughts, layout)
         h_end = model.think(x, layout.steps(1, single.recipe.thought_steps), base_kv, None)[0][:, -1]
         h_base_streams = columns(ops, h_base, layout.streams)
         w, h_talk = self.talk(h_base_streams, h_end)
-        return model.logits(h_base_streams), model.logits(h_talk), w
+        return h_base_streams, h_talk, w
+
+    def next_token_logits(
+        self, ids: Array, base: tuple[Array, Cache], thoughts: Array, layout: ThoughtLayout
+    ) -> tuple[Array, Array, Array]:
+        """Next-token logits (B, S, V) at every stream without and after its thought, and the mixing weight (B, S)
+        (next_token_hidden)."""
+        h_base_streams, h_talk, w = self.next_token_hidden(ids, base, thoughts, layout)
+        return self.model.logits(h_base_streams), self.model.logits(h_talk), w

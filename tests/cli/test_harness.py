@@ -202,3 +202,28 @@ def test_the_harness_and_qstar_eval_generate_alike(tmp_path, mixing_checkpoint):
             reasoning = record["generations"][0].split(trigger)[0]
             assert reasoning.split("Q:")[0].rstrip() == harness[record["index"]].rstrip(), record["index"]
     assert np.isfinite(out["results"]["local_gsm8k_cot_zeroshot"]["exact_match,flexible-extract"])
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64) - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("backend", backend_params("torch", "mlx"))
+def test_next_token_scores_are_the_log_softmax_of_the_predictions(mixing_checkpoint, backend, monkeypatch):
+    """next_token_scores reduces on the device what next_token_logits returns: the same log-probabilities and argmax
+    flags, plain and mixed, in one chunk of positions or one position at a time."""
+    m = qstar.load(str(mixing_checkpoint), backend=backend)
+    ids = np.random.default_rng(0).integers(3, 90, (3, 24))
+    positions, seeds = np.array([0, 4, 5, 13, 22]), [[0, 1], [0, 2], [0, 3]]
+    targets = ids[:, positions + 1]
+    full = m.next_token_logits(ids, seed=seeds)
+    for thoughts, logits in ((True, full.mixed[:, positions]), (False, full.plain[:, positions])):
+        want = np.take_along_axis(log_softmax(logits), targets[..., None], -1)[..., 0]
+        for chunk in (qstar.core.model.SCORED_LOGITS, 3 * m.config.vocab_size):  # every position / one at a time
+            monkeypatch.setattr(qstar.core.model, "SCORED_LOGITS", chunk)
+            got = m.next_token_scores(ids, targets, positions, seed=seeds, thoughts=thoughts)
+            np.testing.assert_allclose(got.logprob, want, atol=2e-5)
+            assert np.array_equal(got.greedy, logits.argmax(-1) == targets)
+    with pytest.raises(ValueError, match="targets must be integers of shape"):
+        m.next_token_scores(ids, targets[:, :2], positions)
