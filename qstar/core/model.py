@@ -274,11 +274,11 @@ class QStarModel(StoredModel):
         """next_token_scores at the streams of `layout`: the mixed prediction after a thought drawn with `noise`, or
         the plain one (noise None)."""
         ops = self.ops
-        if noise is None:
-            h = columns(ops, base[0], layout.streams)
-        else:
-            drawn = thinker.sample_without_gradient(base[1], x.shape[0], layout, noise)
-            h = thinker.next_token_hidden(x, base, drawn, layout)[1]
+        h = (
+            columns(ops, base[0], layout.streams)
+            if noise is None
+            else thinker.next_token_hidden(x, base, None, layout, noise)[1]
+        )
         z, t = ops.upcast(self.backbone.logits(h)), ops.asarray(targets.astype(np.int64))
         return TokenScores(ops.to_numpy(losses.picked(ops, z, t)), ops.to_numpy(ops.argmax(z, axis=-1) == t))
 
