@@ -114,10 +114,8 @@ def make_hf_checkpoint(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = {**TINY[model_type], **overrides}
-    config = AutoConfig.for_model(
-        model_type, vocab_size=VOCAB, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, **kwargs
-    )
+    kwargs = {"vocab_size": VOCAB, **TINY[model_type], **overrides}
+    config = AutoConfig.for_model(model_type, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # random norms and biases so that no term hides behind an identity init
@@ -459,3 +457,50 @@ def assert_whole_batch_gradients(
     assert sorted(got) == sorted(want)
     for name in want:
         assert np.abs(got[name] - want[name]).max() <= 1e-10 * max(np.abs(want[name]).max(), 1e-30), name
+
+
+def bos_tokenizer():
+    """The character tokenizer, adding BOS before every text as Llama's do (the char tokenizer adds nothing)."""
+    from tokenizers import processors
+
+    tokenizer = char_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", 1)]
+    )
+    return tokenizer
+
+
+HARNESS_LOGLIKELIHOOD = [
+    ("Hello there,", " general"),
+    ("A", " bcdefg"),
+    ("", "xyz"),
+    ("1 2 3", " 4 5"),
+    ("<s>ab", " c"),
+    ("2:dje=", "7."),
+    ("the quick brown fox " * 40, "jumps"),
+]
+"""Requests of every shape the harness sends: an empty context, a context that starts with BOS's text, one longer
+than a small max_length; each continuation a token of its own in a BPE vocabulary too (HFLM asserts it)."""
+
+
+def assert_harness_like_hflm(path: Path, rolling: str, contexts: list[str], **args: Any) -> None:
+    """qstar's harness model without thoughts (batches of 3) and the harness's HFLM with its default arguments (on
+    the CPU) answer every kind of request on the same checkpoint alike: log-likelihoods to 1e-4 and the same greedy
+    flags, rolling log-likelihoods to 1e-4 relative (HFLM sums a window's thousand terms in float32), the same greedy
+    text. `args` go to both (max_length)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from qstar.core.eval.harness import QStarLM
+
+    ours = QStarLM(str(path), thoughts=False, batch_size=3, **args)
+    hf = HFLM(pretrained=str(path), device="cpu", **args)
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(HARNESS_LOGLIKELIHOOD)]
+    for (a, greedy_a), (b, greedy_b) in zip(ours.loglikelihood(requests), hf.loglikelihood(requests), strict=True):
+        assert abs(a - b) < 1e-4 and greedy_a == greedy_b, (a, b)
+    texts = [Instance("loglikelihood_rolling", {}, (rolling,), 0), Instance("loglikelihood_rolling", {}, ("ab",), 1)]
+    for a, b in zip(ours.loglikelihood_rolling(texts), hf.loglikelihood_rolling(texts), strict=True):
+        assert abs(a - b) < 1e-4 * max(1.0, abs(b)), (a, b)
+    settings = {"until": ["\n", "."], "max_gen_toks": 12, "do_sample": False}
+    prompts = [Instance("generate_until", {}, (c, settings), i) for i, c in enumerate(contexts)]
+    assert ours.generate_until(prompts) == hf.generate_until(prompts)

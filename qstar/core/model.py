@@ -13,17 +13,17 @@ from typing import Any
 
 import numpy as np
 
-from qstar.core import checkpoint
+from qstar.core import checkpoint, losses
 from qstar.core.checkpoint import CheckpointInfo
-from qstar.core.decoder import Backbone
+from qstar.core.decoder import Backbone, Cache
 from qstar.core.generate import Continuation, Sampling, generate
 from qstar.core.layout import ThoughtLayout
 from qstar.core.model_config import ModelConfig
-from qstar.core.ops import Ops
+from qstar.core.ops import Array, Ops
 from qstar.core.persistence import StoredModel
 from qstar.core.recipe import Recipe
 from qstar.core.sampling import DeviceGumbel, KeyedNoise, Noise, banned_mask
-from qstar.core.thinker import LossTerms, Thinker
+from qstar.core.thinker import LossTerms, Thinker, columns
 
 DEFAULT_CPU_STEP_MODE = "two-pass"
 """The faster on a CPU at short sequences, one-pass at L >= 128: benchmarks/step_modes.py (docs/PERFORMANCE.md)."""
@@ -55,6 +55,21 @@ class NextToken:
     """(B, S, k) the thought at each position."""
     weight: np.ndarray
     """(B, S) the mixing head's weight of the thought side."""
+
+
+@dataclass
+class TokenScores:
+    """How the predictions at some positions of (B, L) ids score given next tokens (QStarModel.next_token_scores)."""
+
+    logprob: np.ndarray
+    """(B, S) float32: each target's log-probability."""
+    greedy: np.ndarray
+    """(B, S) bool: whether each target is the prediction's argmax (what greedy decoding would emit)."""
+
+
+SCORED_LOGITS = 2**25
+"""The most (row, position, vocabulary) logits next_token_scores holds at once (128 MB in float32): more positions
+are scored in chunks of positions, to the same numbers (the noise is keyed by position)."""
 
 
 @dataclass
@@ -220,6 +235,52 @@ class QStarModel(StoredModel):
             plain, mixed, w = thinker.next_token_logits(x, base, drawn, layout)
             n = self.ops.to_numpy
             return NextToken(n(plain), n(mixed), n(drawn).astype(np.int64), n(w))
+
+    def next_token_scores(
+        self, input_ids: Any, targets: Any, positions: Any, seed: Any = None, thoughts: bool = True
+    ) -> TokenScores:
+        """How the predictions at the sorted `positions` (S) of (B, L) ids score the `targets` (B, S), the tokens
+        that follow there: after a thought at each (as next_token_logits draws it: the same numbers) or plain
+        (thoughts=False). The log-softmax, the gather and the argmax run on the device and only (B, S) numbers reach
+        the host, never (B, S, V) logits; positions go in chunks of at most SCORED_LOGITS logits."""
+        ids, _ = self.check_ids(input_ids)
+        layout = self.stream_layout(ids.shape[1], positions)
+        wanted = np.asarray(targets)
+        if wanted.shape != (ids.shape[0], layout.num_streams) or not np.issubdtype(wanted.dtype, np.integer):
+            raise ValueError(
+                f"targets must be integers of shape (batch, positions) = {(ids.shape[0], layout.num_streams)}"
+            )
+        self.check_ids(wanted)
+        step = max(1, SCORED_LOGITS // (ids.shape[0] * self.config.vocab_size))
+        thinker = self.thinker(replace(self.recipe, thoughts_per_position=1, think_every=1))
+        noise, parts = (self.noise(seed) if thoughts else None), []
+        with self.ops.no_grad():
+            x = self.ops.asarray(ids)
+            base = self.backbone.base(x)
+            for i in range(0, layout.num_streams, step):
+                chunk = ThoughtLayout(ids.shape[1], layout.streams[i : i + step])
+                parts.append(self.scores_at(thinker, x, base, chunk, wanted[:, i : i + step], noise))
+        return TokenScores(np.concatenate([p.logprob for p in parts], 1), np.concatenate([p.greedy for p in parts], 1))
+
+    def scores_at(
+        self,
+        thinker: Thinker,
+        x: Array,
+        base: tuple[Array, Cache],
+        layout: ThoughtLayout,
+        targets: np.ndarray,
+        noise: Noise | None,
+    ) -> TokenScores:
+        """next_token_scores at the streams of `layout`: the mixed prediction after a thought drawn with `noise`, or
+        the plain one (noise None)."""
+        ops = self.ops
+        h = (
+            columns(ops, base[0], layout.streams)
+            if noise is None
+            else thinker.next_token_hidden(x, base, None, layout, noise)[1]
+        )
+        z, t = ops.upcast(self.backbone.logits(h)), ops.asarray(targets.astype(np.int64))
+        return TokenScores(ops.to_numpy(losses.picked(ops, z, t)), ops.to_numpy(ops.argmax(z, axis=-1) == t))
 
     @staticmethod
     def stream_layout(length: int, positions: Any) -> ThoughtLayout:

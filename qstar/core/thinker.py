@@ -395,16 +395,32 @@ class Thinker:
             "positive_advantage": losses.masked_mean(ops, ops.where(advantage > 0, 1.0, 0.0), rewarded_valid),
         }
 
+    def next_token_hidden(
+        self, ids: Array, base: tuple[Array, Cache], thoughts: Array | None, layout: ThoughtLayout, noise: Noise | None
+    ) -> tuple[Array, Array, Array]:
+        """The hidden states (B, S, D) that predict x_(p+1) at every stream without and after its thought (B, S, k),
+        and the mixing weight (B, S): what inference mixes (one thought per position), before the LM head, so that a
+        caller takes only the logits it needs. Thoughts given are read in one pass over their k + 2 steps; None:
+        drawn with `noise` a step at a time on a growing cache, then t_k and <end> pushed on top of it (the sampling
+        steps are not computed twice). `base` is the base pass of ids (model.base)."""
+        ops, model, (h_base, base_kv) = self.ops, self.model, base
+        single = replace(self, recipe=replace(self.recipe, lookahead=1, thoughts_per_position=1))
+        k = single.recipe.thought_tokens
+        if thoughts is None:
+            _, _, thoughts, cache = single.sample_with_gradient(base_kv, ids.shape[0], layout, noise)
+            x = single.inputs(ids, thoughts, layout, first_step=k + 1)  # t_k, <end>
+            h_end = model.think(x, layout.steps(k + 1, 2), base_kv, cache)[0][:, -1]
+        else:
+            x = single.inputs(ids, thoughts, layout)
+            h_end = model.think(x, layout.steps(1, single.recipe.thought_steps), base_kv, None)[0][:, -1]
+        h_base_streams = columns(ops, h_base, layout.streams)
+        w, h_talk = self.talk(h_base_streams, h_end)
+        return h_base_streams, h_talk, w
+
     def next_token_logits(
         self, ids: Array, base: tuple[Array, Cache], thoughts: Array, layout: ThoughtLayout
     ) -> tuple[Array, Array, Array]:
-        """Next-token logits (B, S, V) at every stream without and after its thought (B, S, k), and the mixing weight
-        (B, S): the predictions of x_(p+1) that inference mixes (one thought per position). `base` is the base pass
-        of ids (model.base)."""
-        ops, model, (h_base, base_kv) = self.ops, self.model, base
-        single = replace(self, recipe=replace(self.recipe, lookahead=1, thoughts_per_position=1))
-        x = single.inputs(ids, thoughts, layout)
-        h_end = model.think(x, layout.steps(1, single.recipe.thought_steps), base_kv, None)[0][:, -1]
-        h_base_streams = columns(ops, h_base, layout.streams)
-        w, h_talk = self.talk(h_base_streams, h_end)
-        return model.logits(h_base_streams), model.logits(h_talk), w
+        """Next-token logits (B, S, V) at every stream without and after its thought, and the mixing weight (B, S)
+        (next_token_hidden)."""
+        h_base_streams, h_talk, w = self.next_token_hidden(ids, base, thoughts, layout, None)
+        return self.model.logits(h_base_streams), self.model.logits(h_talk), w
