@@ -15,7 +15,7 @@ from qstar.core.backend import Backend, get, gguf_to_hf
 from qstar.core.dtypes import check_dtype
 from qstar.core.files import remove_orphans
 from qstar.core.hub import TOKENIZER_PATTERNS, resolve
-from qstar.core.model import QStarModel
+from qstar.core.model import QStarModel, default_step_mode
 from qstar.core.model_config import read_config
 from qstar.core.recipe import Recipe, make_recipe
 from qstar.core.thinker import check_step_mode
@@ -30,6 +30,7 @@ def load(
     device: str | None = None,
     step_mode: str | None = None,
     adapter_path: str | Path | None = None,
+    seq_length: int | None = None,
     **recipe_overrides: Any,
 ) -> QStarModel:
     """Load a qstar, authors' or plain Hugging Face checkpoint (local directory or hub id), or an adapter directory
@@ -37,7 +38,8 @@ def load(
 
     `backend`: auto (mlx on Apple silicon when installed, else torch), torch, mlx, or a backend package.
     `recipe`: a preset name or Recipe; None uses the recipe saved in a qstar checkpoint (or adapter), else the
-    model's default preset. `step_mode`: one-pass or two-pass (thinker.STEP_MODES); None: the device's default.
+    model's default preset. `step_mode`: one-pass or two-pass (thinker.STEP_MODES); None: the device's default for
+    training sequences of `seq_length` tokens (model.default_step_mode).
     `adapter_path`: an adapter (lora/dora) to apply to the model at `path`.
     `recipe_overrides`: recipe field values, e.g. thought_tokens=3.
     """
@@ -51,8 +53,7 @@ def load(
     model.source = str(local.resolve()) if Path(path).is_dir() else str(path)  # a hub id stays one
     if adapter is not None:
         model.load_adapter(adapter)
-    if step_mode is not None:
-        model.step_mode = check_step_mode(step_mode)
+    model.step_mode = default_step_mode(model.ops, seq_length) if step_mode is None else check_step_mode(step_mode)
     return model
 
 

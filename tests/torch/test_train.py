@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from helpers import (
     TRAIN_SMALL,
     killed_at_random_and_uninterrupted,
@@ -75,3 +76,11 @@ def test_streamed_hub_data_is_tokenized_once(llama_checkpoint, tmp_path, monkeyp
     assert resumed.exit_code == 0, resumed.output
     assert set(train_records(out)) == set(range(1, 7))
     assert len(opened) == streamed + 1  # taken documents come from the cache; the source opens once, to go past them
+
+
+@pytest.mark.parametrize(("length", "mode"), [(64, "two-pass"), (128, "one-pass"), (256, "one-pass")])
+def test_cpu_step_mode_by_length(llama_checkpoint, length, mode):
+    """Without --step-mode a CPU run takes the faster mode for its length (model.ONE_PASS_FROM); a given one stands."""
+    assert qstar.load(str(llama_checkpoint), backend="torch", seq_length=length).step_mode == mode
+    given = qstar.load(str(llama_checkpoint), backend="torch", step_mode="two-pass", seq_length=length)
+    assert given.step_mode == "two-pass"
