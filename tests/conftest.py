@@ -1,9 +1,26 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from helpers import FAMILIES, TINY, make_checkpoint, make_hf_checkpoint
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`-n auto`) each worker takes its share of the cores, for itself and the processes it
+    starts (OMP_NUM_THREADS, read by PyTorch at import): workers that each took every core would fight over them."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(workers)))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests of one expensive session fixture run on one xdist worker (`--dist loadgroup`), which builds it once."""
+    for item in items:
+        shared = {"smollm2", "openelm"} & set(getattr(item, "fixturenames", ()))
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(min(shared)))
 
 
 @pytest.fixture(scope="session", params=sorted(TINY))

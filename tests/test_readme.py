@@ -84,6 +84,7 @@ def claimed_seconds() -> float:
     return 60 * int(measured[1]) + int(measured[2])
 
 
+@pytest.mark.slow
 def test_every_readme_command_runs_as_written(tmp_path):
     """~5 minutes: the default training run is one of them, and it takes the time the README says, within 50% (with
     the threads the README documents: qstar's own choice)."""

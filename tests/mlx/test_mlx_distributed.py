@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from helpers import TRAIN_SMALL, assert_same_runs, assert_whole_batch_gradients, uneven_batch
 
 import qstar
@@ -40,6 +41,7 @@ def train(checkpoint: Path, out: Path, *extra: str) -> list[str]:
     return launch(*args, "--save-every", "1", "--steps-per-eval", "4", *TRAIN_SMALL, *extra)
 
 
+@pytest.mark.slow
 def test_a_killed_two_rank_run_resumes_exactly(llama_checkpoint, tmp_path):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     done = subprocess.run(train(llama_checkpoint, whole), env=ENV, capture_output=True, text=True, timeout=600)

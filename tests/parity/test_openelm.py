@@ -157,6 +157,7 @@ def test_fsdp2_trains_it(converted, tmp_path):
     assert "FSDP2" in done.stderr and qstar.load(str(tmp_path / "run" / "model"), backend="torch").finite()
 
 
+@pytest.mark.slow
 def test_the_270m_shape_is_the_hub_configs_and_steps_on_both_backends(tmp_path):
     """apple/OpenELM-270M's config.json with random weights: 16 layers of 12..20 heads, 3..5 KV heads, FFN 768..5120,
     271.5M parameters; one training step each (full on torch, LoRA on MLX, whose CPU matmul is slower)."""

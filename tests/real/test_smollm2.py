@@ -70,6 +70,7 @@ def text_nll(logits: np.ndarray, ids: list[int]) -> float:
     return float(-logprobs[np.arange(len(ids) - 1), ids[1:]].mean())
 
 
+@pytest.mark.slow
 def test_4_bit_bases_stay_close_to_the_float_model(smollm2, tmp_path):
     """NF4 on torch and MLX's 4-bit (groups of 64) against float32 on 200 tokens of GSM8K text; measured: NLL 2.743
     float, 3.168 NF4, 3.148 MLX 4-bit; the top token agrees at 72.5% and 66% of the positions (a 135M model loses
@@ -87,6 +88,7 @@ def test_4_bit_bases_stay_close_to_the_float_model(smollm2, tmp_path):
         assert plain < quantized < 1.25 * plain
 
 
+@pytest.mark.slow
 def test_greedy_generation_with_a_zero_mixing_head_is_the_plain_one_and_thoughts_are_text(smollm2):
     m = qstar.load(smollm2, backend="torch", thought_tokens=4)
     prompt = "Q: There are 3 cars and 2 more arrive. How many cars are there?\nA:"
@@ -98,6 +100,7 @@ def test_greedy_generation_with_a_zero_mixing_head_is_the_plain_one_and_thoughts
     assert sum(bool(t.strip()) for t in thinking.thoughts) >= len(thinking.thoughts) // 2
 
 
+@pytest.mark.slow
 def test_eval_gsm8k_under_the_papers_protocol(smollm2, tmp_path):
     """The paper's settings on 3 questions, with fewer votes and tokens to fit a test."""
     data = shared_file("data/gsm8k/test.jsonl")
@@ -111,6 +114,7 @@ def test_eval_gsm8k_under_the_papers_protocol(smollm2, tmp_path):
     assert all(len(r["generations"]) == 2 and r["samples"][0]["prompt_tokens"] > 20 for r in records)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", backend_params("torch", "mlx"))
 def test_two_training_steps_on_gsm8k_text(smollm2, tmp_path, backend):
     data = shared_file("data/gsm8k/train.jsonl")

@@ -37,6 +37,7 @@ def test_two_ranks_compute_the_gradient_of_the_whole_batch(mixing_checkpoint, tm
     assert_whole_batch_gradients(tmp_path / "out.npz", reference, ids, mask, thoughts)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distributed", ["ddp", "auto"])
 def test_a_killed_two_rank_run_resumes_exactly(llama_checkpoint, tmp_path, distributed):
     """Under DDP and under FSDP2 (auto for full fine-tuning): the sharded run's checkpoint is a whole one too."""

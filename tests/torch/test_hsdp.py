@@ -80,6 +80,7 @@ def test_four_ranks_in_two_shard_groups_compute_the_gradient_of_the_whole_batch(
     assert_whole_batch_gradients(tmp_path / "out.npz", reference, ids, mask, thoughts)
 
 
+@pytest.mark.slow
 def test_a_killed_two_node_run_resumes_exactly(llama_checkpoint, tmp_path):
     """One of the 4 processes SIGKILLed at a random moment (after a random number of steps, then inside the next:
     its forward, backward, log line or save): both nodes stop, and the run resumed on 2 new nodes logs the straight
