@@ -5,7 +5,7 @@ and without thoughts, the same numbers twice; without thoughts the log-likelihoo
 from __future__ import annotations
 
 import json
-import subprocess
+import os
 import sys
 import zlib
 from pathlib import Path
@@ -173,36 +173,56 @@ def test_without_thoughts_every_request_is_answered_as_hflm_answers_it(full_voca
     )
 
 
-def test_bad_model_args_and_missing_checkpoints_are_one_line(tasks, tmp_path):
-    command = [sys.executable, "-m", "qstar.lm_eval", "run", "--model", "qstar", "--tasks", "local_choice"]
-    command += ["--include_path", str(tasks)]
+def lm_eval_command(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str, str]:
+    """`python -m qstar.lm_eval ARGV` in this process (the harness imported once, not once a command): its exit
+    status, stdout and stderr. The environment it sets (offline flags) is restored afterwards."""
+    from qstar import lm_eval as command
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, os.environ.get(name, "0"))
+    monkeypatch.setattr(sys, "argv", ["qstar.lm_eval", *argv])
+    capsys.readouterr()
+    try:
+        command.main()
+        code = 0
+    except SystemExit as stop:
+        code = int(stop.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_bad_model_args_and_missing_checkpoints_are_one_line(tasks, tmp_path, monkeypatch, capsys):
+    command = ["run", "--model", "qstar", "--tasks", "local_choice", "--include_path", str(tasks)]
     for model_args, says in (
         (f"pretrained={DEFAULT_MODEL},bogus=1", "unknown key 'bogus'"),
         (f"pretrained={tmp_path / 'nothing'}", "does not exist"),
     ):
-        done = subprocess.run([*command, "--model_args", model_args], capture_output=True, text=True, cwd=tmp_path)
-        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-        assert done.returncode == 1 and len(errors) == 1 and says in errors[0], done.stderr[-2000:]
-        assert "Traceback" not in done.stderr
+        code, _, err = lm_eval_command([*command, "--model_args", model_args], monkeypatch, capsys)
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 1 and len(errors) == 1 and says in errors[0], err[-2000:]
+        assert "Traceback" not in err
 
 
-def test_the_command_computes_where_qstar_would_unless_told_a_device(tasks, tmp_path):
+def test_the_command_computes_where_qstar_would_unless_told_a_device(tasks, monkeypatch, capsys):
     """Without --device the harness's own default (cuda:0) does not reach qstar: on a CPU machine the command runs; a
-    device named on purpose that the machine lacks is one error line."""
+    device named on purpose that the machine lacks is one error line. (The command's own process: the README's
+    test, tests/test_readme.py.)"""
     import torch
 
-    command = [sys.executable, "-m", "qstar.lm_eval", "run", "--model", "qstar", "--tasks", "local_choice"]
-    command += ["--include_path", str(tasks), "--model_args", f"pretrained={DEFAULT_MODEL},thoughts=false"]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
-    assert done.returncode == 0 and "local_choice" in done.stdout, done.stderr[-2000:]
+    command = ["run", "--model", "qstar", "--tasks", "local_choice", "--include_path", str(tasks)]
+    command += ["--model_args", f"pretrained={DEFAULT_MODEL},thoughts=false"]
+    code, out, err = lm_eval_command(command, monkeypatch, capsys)
+    assert code == 0 and "local_choice" in out, err[-2000:]
     if torch.cuda.is_available():
         return
-    done = subprocess.run([*command, "--device", "cuda:0"], capture_output=True, text=True, cwd=tmp_path)
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert done.returncode == 1 and errors == [
+    code, _, err = lm_eval_command([*command, "--device", "cuda:0"], monkeypatch, capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and errors == [
         f"error: device cuda:0 is not available: this PyTorch ({torch.__version__}) sees 0 CUDA devices; pass "
         "--device cpu, or leave --device out"
-    ], done.stderr[-2000:]
+    ], err[-2000:]
 
 
 def test_a_continuation_longer_than_the_context_is_one_clear_error():

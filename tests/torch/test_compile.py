@@ -6,6 +6,7 @@ inductor's minutes of compiling; inductor's generated kernels are torch's to tes
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from helpers import random_ids
 
@@ -21,6 +22,7 @@ def loss_and_gradients(m: qstar.QStarModel, ids: np.ndarray) -> tuple[float, np.
     return float(terms.total.detach()), terms.thoughts.numpy(), grads
 
 
+@pytest.mark.slow
 def test_compiled_thought_steps_match_eager(mixing_checkpoint):
     from torch._dynamo.utils import counters
 
@@ -93,6 +95,7 @@ def test_flex_attention_computes_the_split_attention(mixing_checkpoint):
         np.testing.assert_allclose(a, b, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_later_steps_never_recompile(mixing_checkpoint):
     """A compiled two-pass step (thought steps and sampling loop), then 4 more over other data of the same shape:
     every graph is made in the first step, none after (a recompile costs what the first compile did)."""
