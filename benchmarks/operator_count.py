@@ -13,8 +13,8 @@ GPU report measures in kernels: a step bound by launches pays per operator.
 `--model` (default: the shipped model) with the step its default run takes (its recipe, batch and length), after a
 warm-up that compiles it, from torch.profiler's events of one step (forward and backward): the compiled-graph calls,
 inductor's generated kernels each call launches (an event per kernel: torch._inductor.config.cpp.enable_kernel_profile),
-the aten operators inside the graphs (extern kernels such as matmuls, fallbacks, allocations) and the operators the
-step still dispatches eagerly outside them; against the LM step and the eager two-pass step counted from the same
+the aten operators the graphs call (extern kernels such as matmuls, fallbacks) and the operators the step still
+dispatches eagerly outside them; against the LM step and the eager two-pass step counted from the same
 events. A dispatch mode cannot count a compiled step: torch.compile runs eagerly under one.
 """
 

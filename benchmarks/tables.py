@@ -128,12 +128,12 @@ def compiled_operators(results: dict[str, Any]) -> str:
         counts = [str(r.get(key, 0)) for key in ("graph calls", "kernels", "in graphs", "eager")]
         check = str(r["dispatched"]) if "dispatched" in r else "-"
         out.append([r["step"], *counts, check, f"**{total(r)}**", f"**{total(r) / lm_total:.2f}**"])
-    header = ["step", "compiled-graph calls", "generated kernels", "operators in graphs", "operators outside"]
+    header = ["step", "compiled-graph calls", "generated kernels", "operators the graphs call", "operators outside"]
     note = (
         f"{results['shape']}. A step's launches (forward and backward) from torch.profiler's events: inductor's "
-        "generated kernels, the operators inside the compiled graphs (matmuls, fallbacks, allocations) and outside "
-        "them, views apart; beside them the eager steps' count by the dispatch mode of the table above, the check of "
-        f"the rule. Inductor generated {results['generated_kernels']} kernels while compiling. "
+        "generated kernels, the operators the compiled graphs call (extern kernels such as matmuls, fallbacks) and "
+        "those outside the graphs, views apart; beside them the eager steps' count by the dispatch mode of the table "
+        f"above, the check of the rule. Inductor generated {results['generated_kernels']} kernels while compiling. "
     )
     header += ["(dispatch mode)", "launches", "x LM step"]
     return markdown(header, out) + "\n\n" + note + source(results)
