@@ -112,7 +112,31 @@ def operators(results: dict[str, Any]) -> str:
         out += [[step, r["phase"], str(r["compute"]), str(r["view"]), ""] for r in mine]
         out.append([step, "**total**", f"**{total}**", "", f"**{total / lm_total:.2f}**"])
     header = ["step", "phase", "compute operators", "views", "x LM step"]
-    return markdown(header, out) + f"\n\n{results['shape']}. " + source(results)
+    table = markdown(header, out) + f"\n\n{results['shape']}. " + source(results)
+    return table + ("\n\n" + compiled_operators(results["compiled"]) if "compiled" in results else "")
+
+
+def compiled_operators(results: dict[str, Any]) -> str:
+    """`operator_count.py --compile`: what a compiled step launches (graph calls, generated kernels, the operators
+    inside and outside the graphs) against the LM step and the eager step, counted from the same profiler events."""
+
+    def total(r: dict[str, Any]) -> int:
+        return int(r.get("kernels", 0) + r.get("in graphs", 0) + r.get("eager", 0))
+
+    lm_total, out = total(results["rows"][0]), []
+    for r in results["rows"]:
+        counts = [str(r.get(key, 0)) for key in ("graph calls", "kernels", "in graphs", "eager")]
+        check = str(r["dispatched"]) if "dispatched" in r else "-"
+        out.append([r["step"], *counts, check, f"**{total(r)}**", f"**{total(r) / lm_total:.2f}**"])
+    header = ["step", "compiled-graph calls", "generated kernels", "operators the graphs call", "operators outside"]
+    note = (
+        f"{results['shape']}. A step's launches (forward and backward) from torch.profiler's events: inductor's "
+        "generated kernels, the operators the compiled graphs call (extern kernels such as matmuls, fallbacks) and "
+        "those outside the graphs, views apart; beside them the eager steps' count by the dispatch mode of the table "
+        f"above, the check of the rule. Inductor generated {results['generated_kernels']} kernels while compiling. "
+    )
+    header += ["(dispatch mode)", "launches", "x LM step"]
+    return markdown(header, out) + "\n\n" + note + source(results)
 
 
 def modes(results: dict[str, Any]) -> str:

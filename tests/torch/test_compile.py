@@ -1,16 +1,21 @@
 """The opt-in compiled thought steps (TrainConfig.compile) trace without graph breaks and compute what eager does.
 
 Traced with the aot_eager backend (dynamo and AOTAutograd, no code generation), which checks the capture without
-inductor's minutes of compiling; inductor's generated kernels are torch's to test."""
+inductor's minutes of compiling; inductor's generated kernels are torch's to test. One slow test runs `qstar train
+--compile` whole, with inductor, as a user does."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
-from helpers import random_ids
+from helpers import TRAIN_SMALL, random_ids
+from typer.testing import CliRunner
 
 import qstar
+from qstar.cli.main import app
 from qstar.torch_backend.backbone import FlexBias
 
 
@@ -114,3 +119,26 @@ def test_later_steps_never_recompile(mixing_checkpoint):
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] >= 2 and graphs[1:] == [graphs[0]] * 4, graphs
     assert not counters["recompiles"] and not counters["graph_break"]
+
+
+@pytest.mark.slow
+def test_a_compiled_default_run_ends_with_its_summary(llama_checkpoint, tmp_path, monkeypatch):
+    """`qstar train --compile` on the default run's path (synthetic data, the toy recipe, the default step mode) with
+    inductor: the steps and validations run the compiled graphs, and the summary's held-out measurement (seeded: keyed
+    noise, which takes the eager sampling loop) finishes, so the run exits 0 with its summary. The summary's held-out
+    set is cut to 16 documents (the same code, fewer rows)."""
+    from torch._dynamo.utils import counters
+
+    from qstar.core import toy_effect
+
+    monkeypatch.setattr(toy_effect, "measure", partial(toy_effect.measure, count=16))
+    torch._dynamo.reset()
+    counters.clear()
+    out = tmp_path / "run"
+    args = ["train", "--backend", "torch", "--model", str(llama_checkpoint), "--out", str(out), "--recipe", "toy"]
+    result = CliRunner().invoke(app, [*args, "--compile", "--iters", "2", "--threads", "1", *TRAIN_SMALL])
+    assert result.exit_code == 0, result.output
+    assert "summary: held-out next-token NLL" in result.output, result.output
+    assert "held-out (16 documents" in result.output, result.output
+    assert counters["stats"]["unique_graphs"] >= 2 and not counters["graph_break"], dict(counters["graph_break"])
+    assert (out / "model" / "model.safetensors").is_file()
