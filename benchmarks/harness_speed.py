@@ -8,7 +8,7 @@ multiple-choice task's shape), through QStarLM.loglikelihood as the harness call
 512-token contexts (GSM8K questions and answers, cut at 512 tokens) each continued by the next question's answer.
 
     python benchmarks/harness_speed.py MODEL [--workload gsm8k] [--workload context512] [--code before] [--code after]
-        [--requests 32] [--batch-size 8] [--backend torch] [--threads N] [--before REV]
+        [--requests 32] [--batch-size 8] [--backend torch] [--threads N] [--before REV] [--json FILE]
 
 Memory: the process's peak resident set (VmHWM; the model's load included) and the peak while scoring (VmHWM reset
 after the load), with the resident set when scoring starts.
@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--before", default=BEFORE, help="the commit whose harness is the 'before'")
     parser.add_argument("--data", type=Path, default=DATA, help="GSM8K's test.jsonl")
+    parser.add_argument("--json", type=Path, help="write the configuration and the rows here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -164,6 +165,11 @@ def main() -> None:
                 results.append(json.loads(done.stdout.strip().splitlines()[-1]))
                 print(json.dumps(results[-1]), flush=True)
     report(results)
+    if args.json:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        head = {"model": args.model, "backend": args.backend, "threads": args.threads, "batch_size": args.batch_size}
+        head |= {"before": args.before, "commit": commit.stdout.strip()}
+        args.json.write_text(json.dumps(head | {"rows": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
