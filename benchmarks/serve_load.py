@@ -1,9 +1,10 @@
-"""Load test of `qstar serve` on loopback, and the hardening checks, for the current code and (`--before REV`) a
-commit's beside it in one run. Per server:
+"""Load test of `qstar serve` on loopback, and its hardening checks, for the current code and (`--before REV`) a
+commit's, both servers running at once and every phase and load cell taken on one and then the other, so that a busy
+machine's drift falls on both alike. Per server:
 
 - throughput (emitted tokens/s over all clients) and time to the first token (p50, p95) under 1, 4 and 16 concurrent
   streaming clients, with and without thoughts, each client sending its share of max(--requests, clients);
-- the server's resident set (VmRSS of /proc/PID/status) after a warm-up at the largest batch and after
+- the resident set (VmRSS of /proc/PID/status) after a warm-up at the largest batch and after every 50 of
   --rss-requests short requests;
 - a request with one 20,000-character stop string while a stream flows: its status and seconds, and the longest gap
   between the stream's tokens while it was answered beside the stream's median gap;
@@ -35,7 +36,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -248,40 +250,70 @@ def dead_worker(client: Client, pid: int) -> dict[str, Any]:
     return {"health_status": health.status_code, "health": health.json(), "request": request}
 
 
-def measure(label: str, tree: Path, args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
-    """Every measurement of the server served from `tree`."""
-    print(f"\n{label}: qstar serve from {tree}", flush=True)
-    with serving(tree, args) as (url, pid):
-        client = Client(url, Path(args.model).name, prompts)
-        for thoughts in (True, False):  # warm-up at the largest batch, both paths
-            client.load(16, 16, 4, thoughts)
-        memory = {"after_warmup_mb": rss_mb(pid)}
-        short = client.load(16, args.rss_requests, 4, True)
-        memory |= {"after_requests_mb": rss_mb(pid), "requests": args.rss_requests, "failed": short["failed"]}
-        memory["growth"] = memory["after_requests_mb"] / memory["after_warmup_mb"] - 1
-        print(
-            f"RSS after warm-up {memory['after_warmup_mb']:.0f} MB, after {args.rss_requests} requests "
-            f"{memory['after_requests_mb']:.0f} MB ({100 * memory['growth']:+.1f}%)",
-            flush=True,
-        )
-        rows = []
-        print("clients  thoughts  requests  tokens/s  TTFT p50  TTFT p95  failed", flush=True)
+@dataclass
+class Served:
+    """A running server: which code, its client and its process."""
+
+    code: str
+    commit: str
+    client: Client
+    pid: int
+
+
+def memory(server: Served, requests: int, every: int = 50) -> dict[str, Any]:
+    """The server's resident set after the warm-up and after every `every` of `requests` short requests (2 tokens,
+    with thoughts, 16 clients)."""
+    readings, failed = [rss_mb(server.pid)], 0
+    for done in range(0, requests, every):
+        failed += server.client.load(16, min(every, requests - done), 2, True)["failed"]
+        readings.append(rss_mb(server.pid))
+    growth = readings[-1] / readings[0] - 1
+    print(f"{server.code}: RSS {' -> '.join(f'{r:.0f}' for r in readings)} MB ({100 * growth:+.1f}%)", flush=True)
+    return {
+        "after_warmup_mb": readings[0],
+        "after_requests_mb": readings[-1],
+        "readings_mb": readings,
+        "every": every,
+        "requests": requests,
+        "failed": failed,
+        "growth": growth,
+    }
+
+
+def checks(server: Served) -> dict[str, Any]:
+    """The huge stop string beside a stream, the penalties, then the worker killed (the server is of no use after)."""
+    client = server.client
+    stop = huge_stop(client)
+    print(f"{server.code}: 20,000-character stop string: {json.dumps(stop)}", flush=True)
+    penalties = client.post(client.body(4, 4, True, presence_penalty=0.6, frequency_penalty=0.4))
+    print(f"{server.code}: presence_penalty and frequency_penalty: {json.dumps(penalties)}", flush=True)
+    dead = dead_worker(client, server.pid)
+    print(f"{server.code}: worker killed: {json.dumps(dead)}", flush=True)
+    return {"huge_stop": stop, "penalties": penalties, "dead_worker": dead}
+
+
+def measure(servers: list[Served], args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every measurement, each phase and load cell on every server in turn, so that the machine's drift falls on
+    them alike: the load cells' rows, and per server its memory and checks."""
+    for server in servers:  # warm-up at the largest batch, both paths
         for thoughts in (True, False):
-            for clients in CLIENTS:
-                r = client.load(clients, max(args.requests, clients), args.max_tokens, thoughts)
-                rows.append(r)
+            server.client.load(16, 16, 4, thoughts)
+    results: dict[str, Any] = {s.code: {"commit": s.commit, "memory": memory(s, args.rss_requests)} for s in servers}
+    rows = []
+    print("code    clients  thoughts  requests  tokens/s  TTFT p50  TTFT p95  failed", flush=True)
+    for thoughts in (True, False):
+        for clients in CLIENTS:
+            for server in servers:
+                r = server.client.load(clients, max(args.requests, clients), args.max_tokens, thoughts)
+                rows.append({"code": server.code, "commit": server.commit, **r})
                 print(
-                    f"{clients:7d}  {str(thoughts):8}  {r['requests']:8d}  {r['tokens_per_s']:8.2f}  "
+                    f"{server.code:6}  {clients:7d}  {str(thoughts):8}  {r['requests']:8d}  {r['tokens_per_s']:8.2f}  "
                     f"{r['ttft_p50_s']:7.3f}s  {r['ttft_p95_s']:7.3f}s  {r['failed']:6d}",
                     flush=True,
                 )
-        stop = huge_stop(client)
-        print(f"20,000-character stop string: {json.dumps(stop)}", flush=True)
-        penalties = client.post(client.body(4, 8, True, presence_penalty=0.6, frequency_penalty=0.4))
-        print(f"presence_penalty and frequency_penalty: {json.dumps(penalties)}", flush=True)
-        dead = dead_worker(client, pid)
-        print(f"worker killed: {json.dumps(dead)}", flush=True)
-    return {"rows": rows, "memory": memory, "huge_stop": stop, "penalties": penalties, "dead_worker": dead}
+    for server in servers:
+        results[server.code] |= checks(server)
+    return rows, results
 
 
 def git(*command: str) -> str:
@@ -293,12 +325,12 @@ def main() -> None:
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--threads", type=int, help="the server's CPU threads (qstar serve --threads)")
-    parser.add_argument("--before", help="also measure the server at this commit, first")
+    parser.add_argument("--before", help="also measure the server at this commit")
     parser.add_argument(
         "--requests", type=int, default=8, help="requests a (clients, thoughts) cell, one a client at least"
     )
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--rss-requests", type=int, default=200, help="short requests between the two RSS readings")
+    parser.add_argument("--rss-requests", type=int, default=200, help="short requests after the warm-up's RSS reading")
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable) [default: text, or the toy's]")
     parser.add_argument(
         "--publish", metavar="NAME", help="record benchmarks/results/NAME.json and write its docs table"
@@ -308,16 +340,16 @@ def main() -> None:
     from tables import publish, record, render
 
     prompts = args.prompt or (TOY_PROMPTS if Path(args.model).resolve() == DEFAULT_MODEL else TEXT_PROMPTS)
-    trees: list[tuple[str, str, Path | None]] = [("after", git("rev-parse", "--short", "HEAD"), ROOT)]
-    if args.before:
-        trees.insert(0, ("before", git("rev-parse", "--short", args.before), None))
-    tic, rows, servers = time.perf_counter(), [], {}
-    for code, commit, tree in trees:
-        with source_tree(commit) if tree is None else nullcontext(tree) as path:
-            result = measure(f"{code} ({commit})", path, args, prompts)
-        rows += [{"code": code, "commit": commit, **r} for r in result.pop("rows")]
-        servers[code] = {"commit": commit, **result}
-    for code in servers:
+    tic, servers = time.perf_counter(), []
+    with ExitStack() as stack:
+        codes = [("before", git("rev-parse", "--short", args.before))] if args.before else []
+        for code, commit in [*codes, ("after", git("rev-parse", "--short", "HEAD"))]:
+            tree = stack.enter_context(source_tree(commit)) if code == "before" else ROOT
+            url, pid = stack.enter_context(serving(tree, args))
+            print(f"{code} ({commit}): qstar serve from {tree}, pid {pid}", flush=True)
+            servers.append(Served(code, commit, Client(url, Path(args.model).name, prompts), pid))
+        rows, results = measure(servers, args)
+    for code in results:
         for thoughts in (True, False):
             one, sixteen = (
                 next(r for r in rows if (r["code"], r["clients"], r["thoughts"]) == (code, c, thoughts))
@@ -327,7 +359,7 @@ def main() -> None:
             print(f"{code}, thoughts={thoughts}: 16 clients' throughput / 1 client's = {ratio:.2f}")
     meta = {"model": Path(args.model).name, "backend": args.backend, "threads": args.threads, "prompts": prompts}
     meta |= {"requests": args.requests, "max_tokens": args.max_tokens, "rss_requests": args.rss_requests}
-    meta |= {"servers": servers, "seconds": time.perf_counter() - tic}
+    meta |= {"servers": results, "seconds": time.perf_counter() - tic}
     command = "python benchmarks/serve_load.py " + shlex.join(sys.argv[1:])
     print(render("serve", {"command": command, "date": "-", "machine": "-", **meta, "rows": rows}))
     if args.publish:

@@ -308,7 +308,7 @@ def serve(results: dict[str, Any]) -> str:
         + markdown(check_header, checks)
         + "\n\n"
         + shape
-        + f"{results['seconds'] / 60:.0f} minutes in all. "
+        + f"{results['seconds'] / 60:.0f} min in all. "
         + source(results)
     )
 
