@@ -8,7 +8,7 @@ multiple-choice task's shape), through QStarLM.loglikelihood as the harness call
 512-token contexts (GSM8K questions and answers, cut at 512 tokens) each continued by the next question's answer.
 
     python benchmarks/harness_speed.py MODEL [--workload gsm8k] [--workload context512] [--code before] [--code after]
-        [--requests 32] [--batch-size 8] [--backend torch] [--threads N] [--before REV]
+        [--requests 32] [--batch-size 8] [--backend torch] [--threads N] [--before REV] [--publish NAME]
 
 Memory: the process's peak resident set (VmHWM; the model's load included) and the peak while scoring (VmHWM reset
 after the load), with the resident set when scoring starts.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -146,6 +147,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--before", default=BEFORE, help="the commit whose harness is the 'before'")
     parser.add_argument("--data", type=Path, default=DATA, help="GSM8K's test.jsonl")
+    parser.add_argument(
+        "--publish", metavar="NAME", help="record benchmarks/results/NAME.json and write its docs table"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -164,6 +168,15 @@ def main() -> None:
                 results.append(json.loads(done.stdout.strip().splitlines()[-1]))
                 print(json.dumps(results[-1]), flush=True)
     report(results)
+    if args.publish:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from tables import publish, record
+
+        before = subprocess.run(["git", "rev-parse", "--short", args.before], cwd=ROOT, capture_output=True, text=True)
+        meta = {"model": Path(args.model).name, "backend": args.backend, "threads": args.threads}
+        meta |= {"batch_size": args.batch_size, "before": before.stdout.strip()}
+        record(args.publish, results, "python benchmarks/harness_speed.py " + shlex.join(sys.argv[1:]), **meta)
+        publish(args.publish)
 
 
 if __name__ == "__main__":

@@ -280,6 +280,101 @@ def sharded(results: dict[str, Any]) -> str:
     return markdown(header, rows) + "\n\n" + shape + source(results)
 
 
+def serve(results: dict[str, Any]) -> str:
+    """`serve_load.py`: throughput and time to the first token per code, clients and thoughts, then the hardening
+    checks per code (the resident set, a huge stop string beside a stream, the penalties, a killed worker)."""
+    servers = results["servers"]
+    rows = [
+        [
+            f"{r['code']} ({r['commit']})",
+            str(r["clients"]),
+            "yes" if r["thoughts"] else "no",
+            str(r["requests"]),
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['ttft_p50_s']:.2f} s",
+            f"{r['ttft_p95_s']:.2f} s",
+            str(r["failed"]),
+        ]
+        for r in results["rows"]
+    ]
+    header = ["code", "clients", "thoughts", "requests", "tokens/s (all clients)", "first token p50", "p95", "failed"]
+
+    def answer(a: dict[str, Any]) -> str:
+        return f"{a['status']} in {a['seconds']:.2f} s" if a["status"] is not None else a["error"]
+
+    def penalties(a: dict[str, Any]) -> str:
+        return str(a["status"]) + (f" ({a['error']})" if a["status"] != 200 else "")
+
+    checks = []
+    for code, s in servers.items():
+        m, stop, dead = s["memory"], s["huge_stop"], s["dead_worker"]
+        checks.append(
+            [
+                f"{code} ({s['commit']})",
+                f"{m['after_warmup_mb']:.0f} -> {m['after_requests_mb']:.0f} MB ({100 * m['growth']:+.1f}%)",
+                answer(stop),
+                f"{stop['stream_max_gap_during_s']:.3f} s ({stop['stream_median_gap_s']:.3f} s)",
+                penalties(s["penalties"]),
+                str(dead["health_status"]),
+                answer(dead["request"]),
+            ]
+        )
+    check_header = ["code", f"server RSS: warm -> after {results['rss_requests']} requests", "20,000-char stop"]
+    check_header += ["stream's longest gap meanwhile (median)", "penalties", "killed worker: /health", "new request"]
+    shape = (
+        f"{results['model']}, {results['backend']}, the server on {results['threads'] or 'the default'} CPU thread(s), "
+        f"clients on the same machine; {results['requests']} streamed requests of {results['max_tokens']} tokens "
+        "a cell (one a client at least), temperature 1, seeded. "
+    )
+    return (
+        markdown(header, rows)
+        + "\n\n"
+        + markdown(check_header, checks)
+        + "\n\n"
+        + shape
+        + f"{results['seconds'] / 60:.0f} min in all. "
+        + source(results)
+    )
+
+
+def harness(results: dict[str, Any]) -> str:
+    """`harness_speed.py`: loglikelihood requests/s and peak memory per workload, code and thoughts, then with
+    thoughts over without."""
+    rows = results["rows"]
+    body = [
+        [
+            f"{r['workload']} ({r['requests']})",
+            f"{r['code']} ({results['before'] if r['code'] == 'before' else results['commit']})",
+            "yes" if r["thoughts"] else "no",
+            f"{r['requests_per_s']:.3f}",
+            f"{r['process_peak_gb']:.2f} GB",
+            f"{r['scoring_peak_gb']:.2f} GB ({r['scoring_start_gb']:.2f})",
+        ]
+        for r in rows
+    ]
+    header = ["workload (requests)", "code", "thoughts", "requests/s", "process peak", "scoring peak (from)"]
+    ratios = []
+    for workload, code in dict.fromkeys((r["workload"], r["code"]) for r in rows):
+        pair = {r["thoughts"]: r for r in rows if (r["workload"], r["code"]) == (workload, code)}
+        if len(pair) == 2:
+            with_, without = pair[True], pair[False]
+            ratios.append(
+                [
+                    workload,
+                    code,
+                    f"{with_['requests_per_s'] / without['requests_per_s']:.2f}",
+                    f"{with_['process_peak_gb'] / without['process_peak_gb']:.2f}",
+                    f"{with_['scoring_peak_gb'] / without['scoring_peak_gb']:.2f}",
+                ]
+            )
+    ratio_header = ["workload", "code", "requests/s with / without thoughts", "process peak", "scoring peak"]
+    shape = (
+        f"{results['model']}, {results['backend']}, {results['threads'] or 'the default'} CPU thread(s), batch "
+        f"{results['batch_size']}, each row in a fresh process. "
+    )
+    return markdown(header, body) + "\n\n" + markdown(ratio_header, ratios) + "\n\n" + shape + source(results)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "toy": toy,
     "overhead": overhead,
@@ -289,6 +384,8 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "fsdp": fsdp,
     "memory": memory,
     "sharded": sharded,
+    "serve": serve,
+    "harness": harness,
 }
 """Table name -> how its JSON is written as markdown (the name before the first "-" chooses: overhead-torch too)."""
 
