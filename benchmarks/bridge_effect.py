@@ -3,6 +3,7 @@
 
     python benchmarks/bridge_effect.py CHECKPOINT [--twin TWIN] [--json out.json] [--threads N]
     python benchmarks/bridge_effect.py CHECKPOINT --premise [--shots 3] [--json out.json]
+    python benchmarks/bridge_effect.py CHECKPOINT --control perturbed_last [--json out.json]
 
 Held-out set: the first --count distinct problems of the bridge world's validation split (no training stage sees
 them), drawn with seed HELD_OUT_SEED, in the hidden form. Measured on the inference path (qstar/core/heldout.py), one
@@ -38,6 +39,7 @@ from qstar.core import bridge, heldout
 HELD_OUT_SEED = 2409
 """The draw of the held-out problems (fixed before any Quiet-STaR run)."""
 CONTROLS = ("random", "shuffled", "perturbed")
+"""The content controls fixed before any run; `--control NAME` measures others alone (heldout.CONTROLS)."""
 
 
 def held_out(count: int) -> list[str]:
@@ -90,7 +92,13 @@ def effect(model: qstar.QStarModel, documents: list[str]) -> dict[str, Any]:
         "accuracy_with_thoughts": answers(model, documents, True),
         "accuracy_without_thoughts": answers(model, documents, False),
     }
-    for control in CONTROLS:
+    return out | controls(model, documents, CONTROLS)
+
+
+def controls(model: qstar.QStarModel, documents: list[str], names: tuple[str, ...]) -> dict[str, Any]:
+    """The answer's NLL with each content control in place of the model's thoughts."""
+    out = {}
+    for control in names:
         view = heldout.summary(heldout.score(model, documents, control=control, hard_only=True))
         out[f"control_{control}"] = {"answer": view["hard"]}
     return out
@@ -174,6 +182,9 @@ if __name__ == "__main__":
     parser.add_argument("--premise", action="store_true", help="measure the premise instead (no thoughts)")
     parser.add_argument("--shots", type=int, default=0, help="--premise: solved problems before each")
     parser.add_argument("--backend", default="torch")
+    parser.add_argument(
+        "--control", action="append", choices=heldout.CONTROLS[1:], help="measure only these content controls"
+    )
     parser.add_argument("--threads", type=int, help="CPU threads (default: the backend's choice for the model)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -181,6 +192,12 @@ if __name__ == "__main__":
         m = qstar.load(args.checkpoint, backend=args.backend)
         backends.get(args.backend).set_threads(args.threads, m.parameter_count)
         result = {"checkpoint": args.checkpoint, **premise(m, held_out(args.count), args.shots)}
+        print(json.dumps(result, indent=2))
+    elif args.control:
+        m = qstar.load(args.checkpoint, backend=args.backend)
+        backends.get(args.backend).set_threads(args.threads, m.parameter_count)
+        result = {"checkpoint": args.checkpoint, "count": args.count, "backend": args.backend}
+        result |= controls(m, held_out(args.count), tuple(args.control))
         print(json.dumps(result, indent=2))
     else:
         result = measure(args.checkpoint, args.twin, args.count, args.threads, args.backend)

@@ -7,7 +7,8 @@
 #   bash benchmarks/bridge_runs.sh GGUF OUT_DIR [NAME ...]    # no NAME: base, then seeds 0-2 of the pair
 # Writes OUT_DIR/conv (the conversion), OUT_DIR/pretrain and OUT_DIR/base (the fused fine-tune), OUT_DIR/NAME/ (a run),
 # OUT_DIR/NAME.json (its measurement; `pair_sN` measures qstar_sN beside twin_sN) and copies every measurement into
-# benchmarks/results/bridge/ as it finishes, so an interrupted machine loses no result.
+# benchmarks/results/bridge/ as it finishes, so an interrupted machine loses no result. `inspect_sN` draws
+# docs/bridge-inspect.png: `qstar inspect` of qstar_sN on the first held-out problems (docs/bridge-heldout.txt).
 set -euo pipefail
 gguf=${1:?usage: bridge_runs.sh GGUF OUT_DIR [NAME ...]}
 out=${2:?usage: bridge_runs.sh GGUF OUT_DIR [NAME ...]}
@@ -54,8 +55,15 @@ for name in "${names[@]}"; do
         --json "$out/$name.json" > "$out/$name.txt"
       keep "$name"
       ;;
+    inspect_s*)
+      page=$(mktemp -d)/inspect.html
+      qstar inspect --model "$out/qstar_s${name##*_s}/model" --text "$here/../docs/bridge-heldout.txt" --out "$page" \
+        --threads "$threads"
+      chromium --headless --no-sandbox --hide-scrollbars --window-size=1000,760 \
+        --screenshot="$here/../docs/bridge-inspect.png" "file://$page" 2>/dev/null
+      ;;
     *)
-      echo "unknown run $name: base, qstar_sN, twin_sN or pair_sN" >&2
+      echo "unknown run $name: base, qstar_sN, twin_sN, pair_sN or inspect_sN" >&2
       exit 2
       ;;
   esac

@@ -35,7 +35,11 @@ def inspect_text(
     ] = None,
     hardest: Annotated[float, typer.Option(help="Share of the tokens counted as the hardest")] = 0.1,
     control: Annotated[
-        str, typer.Option(help="none, or thoughts of no content with the same computation: random or fixed")
+        str,
+        typer.Option(
+            help="none, or other thoughts through the same computation: random, fixed, shuffled (another document's), "
+            "perturbed or perturbed_last (its own, first or last number changed)"
+        ),
     ] = "none",
     seed: Annotated[int, typer.Option(help="Seed of the thoughts (document n draws with seed + n)")] = 0,
 ) -> None:

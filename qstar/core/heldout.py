@@ -15,7 +15,8 @@ steps (the thoughts are given to the same inference path), but the thought is
 - `fixed`: the recipe's init token repeated;
 - `shuffled`: the model's own thought at the same position of the next document (real content, another problem's);
 - `perturbed`: the model's own thought with its first number (a digit, or a number word) changed to the next value
-  (the right form, one wrong value).
+  (the right form, one wrong value); `perturbed_last`: its last number changed so (in a chain whose last value is
+  the answer, the one a model reading its thought needs).
 A gain that survives them comes from the extra computation, not from what the thoughts say; a gain that is the
 thoughts' content beats every one of them.
 """
@@ -30,8 +31,8 @@ import numpy as np
 from qstar.core.data import hard_mask
 from qstar.core.model import QStarModel
 
-CONTROLS = ("none", "random", "fixed", "shuffled", "perturbed")
-OWN_THOUGHTS = ("shuffled", "perturbed")
+CONTROLS = ("none", "random", "fixed", "shuffled", "perturbed", "perturbed_last")
+OWN_THOUGHTS = ("shuffled", "perturbed", "perturbed_last")
 """The controls made from the model's own sampled thoughts."""
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -68,8 +69,8 @@ def control_thoughts(
 ) -> np.ndarray | None:
     """(count, k) thoughts of a control for a document's `count` thinking positions: random ordinary tokens, the
     recipe's init token repeated, or made from the model's own thoughts: `other` (the next document's, at its own
-    thinking positions, in order, cycled where it has fewer) or `own` (this document's) with its first number
-    changed."""
+    thinking positions, in order, cycled where it has fewer) or `own` (this document's) with its first (or last)
+    number changed."""
     if control == "none":
         return None
     k = model.recipe.thought_tokens
@@ -78,9 +79,9 @@ def control_thoughts(
     if control == "shuffled":
         assert other is not None
         return other[np.arange(count) % len(other)]
-    if control == "perturbed":
+    if control in ("perturbed", "perturbed_last"):
         assert own is not None
-        return perturbed(own, number_tokens(model))
+        return perturbed(own, number_tokens(model), last=control == "perturbed_last")
     allowed = np.flatnonzero(~model.banned)
     return np.random.default_rng(seed).choice(allowed, size=(count, k))
 
@@ -106,14 +107,15 @@ def number_tokens(model: QStarModel) -> dict[int, int]:
     return {i: found[(form, (n + 1) % 10)] for (form, n), i in found.items() if (form, (n + 1) % 10) in found}
 
 
-def perturbed(thoughts: np.ndarray, numbers: dict[int, int]) -> np.ndarray:
-    """(n, k) thoughts with the first number token of each changed by `numbers` (number_tokens); a thought without
-    one stays as it is."""
+def perturbed(thoughts: np.ndarray, numbers: dict[int, int], last: bool = False) -> np.ndarray:
+    """(n, k) thoughts with the first (or last) number token of each changed by `numbers` (number_tokens); a thought
+    without one stays as it is."""
     out = thoughts.copy()
     for row in out:
-        first = next((j for j, t in enumerate(row) if int(t) in numbers), None)
-        if first is not None:
-            row[first] = numbers[int(row[first])]
+        found = [j for j, t in enumerate(row) if int(t) in numbers]
+        if found:
+            j = found[-1] if last else found[0]
+            row[j] = numbers[int(row[j])]
     return out
 
 

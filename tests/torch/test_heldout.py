@@ -53,7 +53,7 @@ def test_a_mixing_head_moves_it_and_the_control_keeps_the_computation(mixing_che
     again = heldout.score(m, documents, seed=0)
     # seeded: the same numbers every time
     assert all(np.array_equal(a.nll_talk, s.nll_talk) for a, s in zip(again, sampled, strict=True))
-    for control in ("random", "fixed", "shuffled", "perturbed"):
+    for control in ("random", "fixed", "shuffled", "perturbed", "perturbed_last"):
         other = heldout.score(m, documents, seed=0, control=control)
         for n, (o, s) in enumerate(zip(other, sampled, strict=True)):
             assert np.array_equal(o.nll_base, s.nll_base)  # the plain prediction is untouched
@@ -65,14 +65,23 @@ def test_a_mixing_head_moves_it_and_the_control_keeps_the_computation(mixing_che
             if control == "shuffled":  # the next document's own thoughts, position by position (cycled)
                 mine, theirs = s.thoughts, sampled[(n + 1) % 2].thoughts
                 assert np.array_equal(o.thoughts, theirs[np.arange(len(mine)) % len(theirs)])
-            if control == "perturbed":  # its own thoughts, the first digit of each moved on by one
+            if control.startswith("perturbed"):  # its own thoughts, the first (last) digit of each moved on by one
                 numbers = heldout.number_tokens(m)
-                assert np.array_equal(o.thoughts, heldout.perturbed(s.thoughts, numbers))
+                assert np.array_equal(o.thoughts, heldout.perturbed(s.thoughts, numbers, control == "perturbed_last"))
                 assert {m.decode([a]): m.decode([b]) for a, b in numbers.items()} == {
                     str(d): str((d + 1) % 10) for d in range(10)
                 }
     with pytest.raises(ValueError, match="unknown control"):
         heldout.score(m, [GSM8K_STYLE], control="bogus")
+
+
+def test_perturbed_changes_the_first_or_the_last_number_of_a_thought():
+    numbers = {1: 2, 2: 3, 3: 1}  # token id -> the id of the next number
+    thoughts = np.array([[7, 1, 8, 2], [3, 9, 9, 9], [7, 8, 9, 9]])
+    first = heldout.perturbed(thoughts, numbers)
+    last = heldout.perturbed(thoughts, numbers, last=True)
+    assert first.tolist() == [[7, 2, 8, 2], [1, 9, 9, 9], [7, 8, 9, 9]]
+    assert last.tolist() == [[7, 1, 8, 3], [1, 9, 9, 9], [7, 8, 9, 9]]
 
 
 def test_thinking_only_where_the_hard_tokens_are_predicted_gives_their_numbers(mixing_checkpoint):
