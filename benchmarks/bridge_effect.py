@@ -191,7 +191,7 @@ if __name__ == "__main__":
     if args.premise:
         m = qstar.load(args.checkpoint, backend=args.backend)
         backends.get(args.backend).set_threads(args.threads, m.parameter_count)
-        result = {"checkpoint": args.checkpoint, **premise(m, held_out(args.count), args.shots)}
+        result = {"checkpoint": args.checkpoint, "count": args.count, **premise(m, held_out(args.count), args.shots)}
         print(json.dumps(result, indent=2))
     elif args.control:
         m = qstar.load(args.checkpoint, backend=args.backend)

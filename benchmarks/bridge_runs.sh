@@ -30,8 +30,8 @@ for name in "${names[@]}"; do
   case $name in
     base)
       [ -d "$out/conv" ] || qstar convert "$gguf" "$out/conv" --recipe bridge > "$out/conv.log" 2>&1
-      python "$here/bridge_effect.py" "$out/conv" --premise --shots 3 --threads "$threads" --json "$out/premise_conv.json" \
-        > "$out/premise_conv.txt"
+      python "$here/bridge_effect.py" "$out/conv" --premise --shots 3 --count 64 --threads "$threads" \
+        --json "$out/premise_conv.json" > "$out/premise_conv.txt"
       keep premise_conv
       qstar train --model "$out/conv" --recipe bridge --data bridge:pretrain --no-thoughts --fine-tune-type lora \
         --num-layers -1 --max-seq-length 64 --batch-size 8 --iters 300 --learning-rate 3e-4 --warmup-steps 10 \
@@ -39,8 +39,8 @@ for name in "${names[@]}"; do
         > "$out/pretrain.log" 2>&1
       rm -rf "$out/base"
       qstar fuse --adapter-path "$out/pretrain/model" --out "$out/base" > "$out/fuse.log" 2>&1
-      python "$here/bridge_effect.py" "$out/base" --premise --threads "$threads" --json "$out/premise_base.json" \
-        > "$out/premise_base.txt"
+      python "$here/bridge_effect.py" "$out/base" --premise --count 64 --threads "$threads" \
+        --json "$out/premise_base.json" > "$out/premise_base.txt"
       keep premise_base
       ;;
     qstar_s* | twin_s*)
