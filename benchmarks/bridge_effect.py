@@ -138,11 +138,17 @@ def premise(model: qstar.QStarModel, documents: list[str], shots: int) -> dict[s
     return {"shots": shots, **dict(zip(names, map(float, means), strict=True))}
 
 
+def loaded(checkpoint: str, backend: str, threads: int | None) -> qstar.QStarModel:
+    """The checkpoint on `backend`, with the CPU threads asked for (else the backend's choice for its size)."""
+    model = qstar.load(checkpoint, backend=backend)
+    backends.get(backend).set_threads(threads, model.parameter_count)
+    return model
+
+
 def measure(checkpoint: str, twin: str | None, count: int, threads: int | None, backend: str) -> dict[str, Any]:
     tic = time.perf_counter()
     documents = held_out(count)
-    model = qstar.load(checkpoint, backend=backend)
-    backends.get(backend).set_threads(threads, model.parameter_count)
+    model = loaded(checkpoint, backend, threads)
     out: dict[str, Any] = {"checkpoint": checkpoint, "count": count, "backend": backend, **effect(model, documents)}
     if twin is not None:
         other = qstar.load(twin, backend=backend)
@@ -189,13 +195,11 @@ if __name__ == "__main__":
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.premise:
-        m = qstar.load(args.checkpoint, backend=args.backend)
-        backends.get(args.backend).set_threads(args.threads, m.parameter_count)
+        m = loaded(args.checkpoint, args.backend, args.threads)
         result = {"checkpoint": args.checkpoint, "count": args.count, **premise(m, held_out(args.count), args.shots)}
         print(json.dumps(result, indent=2))
     elif args.control:
-        m = qstar.load(args.checkpoint, backend=args.backend)
-        backends.get(args.backend).set_threads(args.threads, m.parameter_count)
+        m = loaded(args.checkpoint, args.backend, args.threads)
         result = {"checkpoint": args.checkpoint, "count": args.count, "backend": args.backend}
         result |= controls(m, held_out(args.count), tuple(args.control))
         print(json.dumps(result, indent=2))
