@@ -22,7 +22,7 @@ from qstar.core.model_config import ModelConfig
 from qstar.core.ops import Array, Ops
 from qstar.core.persistence import StoredModel
 from qstar.core.recipe import Recipe
-from qstar.core.sampling import DeviceGumbel, KeyedNoise, Noise, banned_mask
+from qstar.core.sampling import DeviceNoise, KeyedNoise, Noise, banned_mask
 from qstar.core.thinker import LossTerms, Thinker, columns
 
 ONE_PASS_FROM = 128
@@ -207,7 +207,7 @@ class QStarModel(StoredModel):
         (seed, row); or one a row, whose draws then depend on nothing else in the batch), the same on every backend;
         else the backend's generator."""
         if seed is None:
-            return DeviceGumbel()
+            return DeviceNoise()
         return KeyedNoise(seed=seed) if isinstance(seed, int) else KeyedNoise(list(seed))
 
     def loss(

@@ -114,6 +114,9 @@ class Ops(Protocol):
 
     def cumsum(self, x: Array, axis: int) -> Array: ...
 
+    def searchsorted(self, sorted: Array, values: Array) -> Array:
+        """Per row of `sorted` (..., n), nondecreasing, the index of its first entry >= the row's value (...)."""
+
     def exp(self, x: Array) -> Array: ...
 
     def cos(self, x: Array) -> Array: ...
@@ -153,5 +156,5 @@ class Ops(Protocol):
     def synchronize(self) -> None:
         """Wait until the device has finished the work queued so far (for timings)."""
 
-    def gumbel(self, shape: Sequence[int], like: Array) -> Array:
-        """Standard Gumbel noise in like's dtype, drawn with the backend's own random state."""
+    def uniform(self, shape: Sequence[int], like: Array) -> Array:
+        """Uniforms in (0, 1) in like's dtype, drawn with the backend's own random state."""

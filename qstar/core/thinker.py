@@ -31,7 +31,7 @@ from qstar.core.decoder import Backbone, Cache, Placed, StreamCache
 from qstar.core.layout import ThoughtLayout
 from qstar.core.ops import Array, Ops
 from qstar.core.recipe import Recipe
-from qstar.core.sampling import DeviceGumbel, Noise, Where, sample_tokens
+from qstar.core.sampling import DeviceNoise, Noise, Where, sample_tokens, scaled
 
 STEP_MODES = ("one-pass", "two-pass")
 """How a training step scores the thoughts it samples: "one-pass" keeps the k sampling steps in the differentiable
@@ -173,9 +173,11 @@ class Thinker:
         return self.ops.broadcast_to(start, (rows, 1, streams, start.shape[-1]))
 
     def policy_logprobs(self, h: Array, tokens: Array) -> Array:
-        """The policy's log-probabilities of drawn tokens (...) from the hidden states (..., D) that drew them."""
-        z = self.model.logits(h)
-        return losses.token_logprob(self.ops, z, tokens, self.banned, self.recipe.policy_temperature)
+        """The policy's log-probabilities of drawn tokens (...) from the hidden states (..., D) that drew them. The LM
+        head is linear, so 1/T scales the hidden states rather than the logits: V/D times fewer entries, forward and
+        backward."""
+        z = self.model.logits(scaled(h, self.recipe.policy_temperature))
+        return losses.token_logprob(self.ops, z, tokens, self.banned, 1.0)
 
     def sample_with_gradient(
         self, base_kv: Cache, rows: int, layout: ThoughtLayout, noise: Noise | None
@@ -206,7 +208,7 @@ class Thinker:
         """Draw every stream's thought without gradient (two-pass steps, inference), with the geometry placed on the
         device before the loop. Returns (R, S, k) ids."""
         model, k = self.model, self.recipe.thought_tokens
-        streams = None if noise is None or isinstance(noise, DeviceGumbel) else layout.streams
+        streams = None if noise is None or isinstance(noise, DeviceNoise) else layout.streams
         with self.ops.no_grad():
             placed = [model.place(layout.steps(step, 1, keys=k)) for step in range(1, k + 1)]
             x = self.start_inputs(rows, layout.num_streams)

@@ -152,6 +152,9 @@ class MLXOps:
     def cumsum(self, x: mx.array, axis: int) -> mx.array:
         return mx.cumsum(x, axis=axis)
 
+    def searchsorted(self, sorted: mx.array, values: mx.array) -> mx.array:
+        return mx.argmax(mx.where(sorted >= values[..., None], 1.0, 0.0), axis=-1)  # MLX has no searchsorted
+
     def exp(self, x: mx.array) -> mx.array:
         return exp(x)
 
@@ -194,6 +197,7 @@ class MLXOps:
     def synchronize(self) -> None:
         mx.synchronize()
 
-    def gumbel(self, shape: Sequence[int], like: mx.array) -> mx.array:
-        # mx.random draws no float64: draw in float32 (ample for sampling noise) and cast.
-        return mx.random.gumbel(tuple(shape), dtype=mx.float32).astype(like.dtype)
+    def uniform(self, shape: Sequence[int], like: mx.array) -> mx.array:
+        # mx.random draws no float64: draw in float32 (ample for sampling noise) and cast. [0, 1) -> (0, 1)
+        u = mx.random.uniform(shape=tuple(shape), dtype=mx.float32)
+        return mx.maximum(u, float(np.finfo(np.float32).tiny)).astype(like.dtype)

@@ -26,7 +26,7 @@ from mlx.utils import tree_map
 
 from qstar.core.data import Batch
 from qstar.core.distributed import World
-from qstar.core.sampling import DeviceGumbel
+from qstar.core.sampling import DeviceNoise
 from qstar.core.session import Scored, check_ranks, mean_metrics
 from qstar.core.thinker import LossTerms
 from qstar.core.train_config import TrainConfig
@@ -116,10 +116,10 @@ class Session:
         return self.master if self.half else self.model.backbone.trainable_parameters()
 
     def terms(self, ids: mx.array, valid: mx.array, thoughts: mx.array | None = None) -> LossTerms:
-        """Thoughts (unless given) are drawn with the global mx.random state (DeviceGumbel), i.e. the compiled
+        """Thoughts (unless given) are drawn with the global mx.random state (DeviceNoise), i.e. the compiled
         function's random input."""
         m = self.model
-        return m.thinker().loss(ids, valid, m.layout(ids.shape[1]), thoughts, DeviceGumbel(), m.step_mode)
+        return m.thinker().loss(ids, valid, m.layout(ids.shape[1]), thoughts, DeviceNoise(), m.step_mode)
 
     def gradients(self, ids: mx.array, valid: mx.array, acc: Tree | None, count: int) -> tuple[Metrics, Tree]:
         """Metrics of one micro-batch and acc + d(total / count)/d params, `count` micro-batches in the step (torch:

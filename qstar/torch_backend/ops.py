@@ -115,6 +115,9 @@ class TorchOps:
     def cumsum(self, x: torch.Tensor, axis: int) -> torch.Tensor:
         return torch.cumsum(x, dim=axis)
 
+    def searchsorted(self, sorted: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return torch.searchsorted(sorted, values[..., None]).squeeze(-1)
+
     def exp(self, x: torch.Tensor) -> torch.Tensor:
         return torch.exp(x)
 
@@ -161,6 +164,6 @@ class TorchOps:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def gumbel(self, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-        u = torch.rand(tuple(shape), device=self.device, dtype=like.dtype)  # torch's default generator
-        return u.clamp_min_(torch.finfo(like.dtype).tiny).log_().neg_().log_().neg_()  # -log(-log u), in place
+    def uniform(self, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+        u = torch.rand(tuple(shape), device=self.device, dtype=like.dtype)  # torch's default generator: [0, 1)
+        return u.clamp_min_(torch.finfo(like.dtype).tiny)
