@@ -186,16 +186,20 @@ def peak_tflops(cfg: BenchConfig, device: str) -> float | None:
 
 
 MMAP_THRESHOLD = 65536
-"""Bytes above which glibc's malloc maps each allocation apart, so that the resident set follows the live tensors."""
+"""Bytes above which glibc's malloc maps each allocation apart, so that the resident set follows the live tensors.
+For the memory measurements only: mapping and faulting in every buffer anew is a cost no training run pays, and it
+weighs more on a qstar step's many large temporaries than on the LM step's (docs/PERFORMANCE.md)."""
 
 
 def run_one(cfg: BenchConfig, mode: str, path: Path) -> dict[str, Any]:
-    """Measure in a fresh interpreter (clean peak memory)."""
+    """Measure in a fresh interpreter (clean peak memory; times under malloc's own settings, as a run has them)."""
     code = (
         "import json,sys; from pathlib import Path; from qstar.core.bench import BenchConfig, measure; "
         "c=BenchConfig(**json.loads(sys.argv[1])); print(json.dumps(measure(c, sys.argv[2], Path(sys.argv[3]))))"
     )
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}  # big buffers go back to the system on free
+    env = dict(os.environ)
+    if mode != "time":  # big buffers go back to the system on free
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     done = subprocess.run(
         [sys.executable, "-c", code, json.dumps(asdict(cfg)), mode, str(path)], capture_output=True, text=True, env=env
     )
