@@ -375,6 +375,58 @@ def harness(results: dict[str, Any]) -> str:
     return markdown(header, body) + "\n\n" + markdown(ratio_header, ratios) + "\n\n" + shape + source(results)
 
 
+def bridge(results: dict[str, Any]) -> str:
+    """`bridge_table.py`: the bridge world's held-out answer NLL per seed of the pair (Quiet-STaR and its no-thought
+    twin), the accuracies, the thoughts holding the intermediate values and each content control's gain, then the
+    seeds' mean and range."""
+
+    def nats(x: float | None) -> str:
+        return "-" if x is None else f"{x:+.3f}"
+
+    def percent(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    rows, body = results["rows"], []
+    seeds = [r for r in rows if isinstance(r["seed"], int)]
+    summary = {r["seed"]: r for r in rows if not isinstance(r["seed"], int)}
+    for r in seeds:
+        body.append(
+            [
+                str(r["seed"]),
+                f"{r['without']:.3f} -> {r['with']:.3f}",
+                nats(r["gain"]),
+                f"{r['twin']:.3f}",
+                nats(r["over_twin"]),
+                f"{percent(r['twin_accuracy'])} / {percent(r['accuracy'])}",
+                percent(r["intermediates"]),
+                " / ".join(nats(r[c]) for c in ("random", "shuffled", "perturbed", "perturbed_last")),
+            ]
+        )
+    if len(seeds) > 1:
+        mean, low, high = summary["mean"], summary["min"], summary["max"]
+
+        def spread(key: str, show: Callable[[float | None], str]) -> str:
+            return f"**{show(mean[key])}** ({show(low[key])} .. {show(high[key])})"
+
+        body.append(
+            [
+                f"**mean** (range), {len(seeds)} seeds",
+                f"{mean['without']:.3f} -> {mean['with']:.3f}",
+                spread("gain", nats),
+                f"{mean['twin']:.3f}",
+                spread("over_twin", nats),
+                f"{percent(mean['twin_accuracy'])} / {spread('accuracy', percent)}",
+                spread("intermediates", percent),
+                " / ".join(nats(mean[c]) for c in ("random", "shuffled", "perturbed", "perturbed_last")),
+            ]
+        )
+    header = ["seed", "answer NLL without -> with thoughts", "gain", "twin's answer NLL", "gain over the twin"]
+    header += ["greedy accuracy: twin / with thoughts", "thoughts with the intermediates"]
+    header += ["controls' gains: random / shuffled / perturbed / perturbed_last"]
+    held = f"{results['problems']} held-out problems, torch, float32, keyed noise. "
+    return markdown(header, body) + "\n\n" + held + source(results)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "toy": toy,
     "overhead": overhead,
@@ -386,6 +438,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "sharded": sharded,
     "serve": serve,
     "harness": harness,
+    "bridge": bridge,
 }
 """Table name -> how its JSON is written as markdown (the name before the first "-" chooses: overhead-torch too)."""
 
