@@ -1,5 +1,5 @@
 """One-pass against two-pass steps, side by side in one process (they alternate, so a busy machine slows both
-alike): the measurement behind ONE_PASS_FROM (qstar/core/model.py), the CPU's default mode by length.
+alike): the measurement behind DEFAULT_CPU_STEP_MODE (qstar/core/model.py), the CPU's default mode.
 
     python benchmarks/step_modes.py --threads 2 --publish
 

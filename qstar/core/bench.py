@@ -132,7 +132,7 @@ def make_step(cfg: BenchConfig, mode: str, path: Path) -> Callable[[], Any]:
     if mode != "qstar":
         rows = math.ceil(cfg.tokens / L) if mode == "lm" else B
         return backend.lm_step(path, token_batch(vocab, rows, L), train.dtype, cfg.device)
-    model = load(path, backend, train.dtype, train.make_recipe(), cfg.device, train.step_mode, seq_length=L)
+    model = load(path, backend, train.dtype, train.make_recipe(), cfg.device, train.step_mode)
     adapters = train.lora_config()
     if adapters is not None:
         model.add_adapters(adapters)

@@ -30,7 +30,6 @@ def load(
     device: str | None = None,
     step_mode: str | None = None,
     adapter_path: str | Path | None = None,
-    seq_length: int | None = None,
     **recipe_overrides: Any,
 ) -> QStarModel:
     """Load a qstar, authors' or plain Hugging Face checkpoint (local directory or hub id), or an adapter directory
@@ -38,8 +37,8 @@ def load(
 
     `backend`: auto (mlx on Apple silicon when installed, else torch), torch, mlx, or a backend package.
     `recipe`: a preset name or Recipe; None uses the recipe saved in a qstar checkpoint (or adapter), else the
-    model's default preset. `step_mode`: one-pass or two-pass (thinker.STEP_MODES); None: the device's default for
-    training sequences of `seq_length` tokens (model.default_step_mode).
+    model's default preset. `step_mode`: one-pass or two-pass (thinker.STEP_MODES); None: the device's default
+    (model.default_step_mode).
     `adapter_path`: an adapter (lora/dora) to apply to the model at `path`.
     `recipe_overrides`: recipe field values, e.g. thought_tokens=3.
     """
@@ -53,7 +52,7 @@ def load(
     model.source = str(local.resolve()) if Path(path).is_dir() else str(path)  # a hub id stays one
     if adapter is not None:
         model.load_adapter(adapter)
-    model.step_mode = default_step_mode(model.ops, seq_length) if step_mode is None else check_step_mode(step_mode)
+    model.step_mode = default_step_mode(model.ops) if step_mode is None else check_step_mode(step_mode)
     return model
 
 

@@ -25,9 +25,9 @@ from qstar.core.recipe import Recipe
 from qstar.core.sampling import DeviceNoise, KeyedNoise, Noise, banned_mask
 from qstar.core.thinker import LossTerms, Thinker, columns
 
-ONE_PASS_FROM = 128
-"""On a CPU two-pass steps are the faster below this sequence length and one-pass steps from it on (thought overhead
-1.24 against 1.37 at L = 64, 1.14 against 1.40 at L = 128; docs/PERFORMANCE.md)."""
+DEFAULT_CPU_STEP_MODE = "one-pass"
+"""The faster on a CPU at every length measured (32 to 256 tokens), side by side with two-pass: benchmarks/step_modes.py
+(docs/PERFORMANCE.md)."""
 
 
 @dataclass
@@ -95,12 +95,10 @@ class Completion:
     """Per emitted token, the mixing head's weight of the thought side (empty without thoughts)."""
 
 
-def default_step_mode(ops: Ops, seq_length: int | None = None) -> str:
-    """The step mode a device gets for sequences of `seq_length` tokens unless asked for another: two-pass on an
-    accelerator (fewer kernels), on a CPU by length (ONE_PASS_FROM; None: short)."""
-    if ops.on_accelerator() or seq_length is None or seq_length < ONE_PASS_FROM:
-        return "two-pass"
-    return "one-pass"
+def default_step_mode(ops: Ops) -> str:
+    """The step mode a device gets unless asked for another: two-pass on an accelerator (a tenth of the kernels),
+    DEFAULT_CPU_STEP_MODE on a CPU (docs/PERFORMANCE.md)."""
+    return "two-pass" if ops.on_accelerator() else DEFAULT_CPU_STEP_MODE
 
 
 class QStarModel(StoredModel):

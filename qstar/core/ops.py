@@ -115,7 +115,8 @@ class Ops(Protocol):
     def cumsum(self, x: Array, axis: int) -> Array: ...
 
     def searchsorted(self, sorted: Array, values: Array) -> Array:
-        """Per row of `sorted` (..., n), nondecreasing, the index of its first entry >= the row's value (...)."""
+        """Per row of `sorted` (..., n), nondecreasing, the index of its first entry >= the row's value (...); an index
+        within 0..n-1 whatever the values (a non-finite row's is unspecified)."""
 
     def exp(self, x: Array) -> Array: ...
 

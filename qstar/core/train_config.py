@@ -69,8 +69,7 @@ class TrainConfig:
     """Recompute layer activations in backward instead of storing them (less memory, more time)."""
     step_mode: str | None = setting(None, resumable=True)
     """How a step scores the thoughts it samples: one-pass (sampling inside the differentiable graph) or two-pass
-    (sample without gradient, then one differentiable pass); the same numbers. Default: the faster where it runs
-    (on a CPU, by --max-seq-length)."""
+    (sample without gradient, then one differentiable pass); the same numbers. Default: the faster where it runs."""
     attention: str = setting("split", resumable=True)
     """torch: split (qstar's split attention) or flex (FlexAttention for the passes over all thought steps, CUDA)."""
     thoughts: bool = True

@@ -253,15 +253,7 @@ def load_for_training(cfg: TrainConfig, backend: Backend, latest: Path | None) -
         source, adapter_path = cfg.model, str(latest)
     else:
         source, adapter_path = str(latest or cfg.model), cfg.adapter_path
-    model = load(
-        source,
-        backend,
-        cfg.dtype,
-        cfg.make_recipe(),
-        step_mode=cfg.step_mode,
-        adapter_path=adapter_path,
-        seq_length=cfg.max_seq_length,
-    )
+    model = load(source, backend, cfg.dtype, cfg.make_recipe(), step_mode=cfg.step_mode, adapter_path=adapter_path)
     if not cfg.thoughts:
         model.step_mode = NO_THOUGHTS
     if model.adapter is not None and adapters is None:

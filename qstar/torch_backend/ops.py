@@ -116,7 +116,8 @@ class TorchOps:
         return torch.cumsum(x, dim=axis)
 
     def searchsorted(self, sorted: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        return torch.searchsorted(sorted, values[..., None]).squeeze(-1)
+        index = torch.searchsorted(sorted, values[..., None]).squeeze(-1)
+        return index.clamp_max_(sorted.shape[-1] - 1)  # non-finite rows reach no entry: keep the index in range
 
     def exp(self, x: torch.Tensor) -> torch.Tensor:
         return torch.exp(x)
