@@ -386,7 +386,7 @@ def bridge(results: dict[str, Any]) -> str:
     def percent(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:.1f}%"
 
-    rows, body = results["rows"], []
+    rows, body, controls = results["rows"], [], ("random", "shuffled", "perturbed", "perturbed_last")
     seeds = [r for r in rows if isinstance(r["seed"], int)]
     summary = {r["seed"]: r for r in rows if not isinstance(r["seed"], int)}
     for r in seeds:
@@ -399,7 +399,7 @@ def bridge(results: dict[str, Any]) -> str:
                 nats(r["over_twin"]),
                 f"{percent(r['twin_accuracy'])} / {percent(r['accuracy'])}",
                 percent(r["intermediates"]),
-                " / ".join(nats(r[c]) for c in ("random", "shuffled", "perturbed", "perturbed_last")),
+                " / ".join(nats(r[c]) for c in controls),
             ]
         )
     if len(seeds) > 1:
@@ -417,7 +417,7 @@ def bridge(results: dict[str, Any]) -> str:
                 spread("over_twin", nats),
                 f"{percent(mean['twin_accuracy'])} / {spread('accuracy', percent)}",
                 spread("intermediates", percent),
-                " / ".join(nats(mean[c]) for c in ("random", "shuffled", "perturbed", "perturbed_last")),
+                " / ".join(nats(mean[c]) for c in controls),
             ]
         )
     header = ["seed", "answer NLL without -> with thoughts", "gain", "twin's answer NLL", "gain over the twin"]

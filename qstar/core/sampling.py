@@ -2,7 +2,7 @@
 comes from: the backend's generator in training (`DeviceNoise`), or noise keyed by what the draw belongs to
 (`KeyedNoise`: row, position, step) wherever a seed is given: evaluation, generation, serving, seeded losses. Both
 draw by inverting the cumulative softmax at one uniform a draw (`invert_cdf`): a (..., V) Gumbel-max draw needs V
-uniforms and two logarithms each, 9% of a CPU training step at the shipped model's shape (docs/PERFORMANCE.md)."""
+uniforms and two logarithms each, 9% of a CPU training step at the benchmark's L = 64 (docs/PERFORMANCE.md)."""
 
 from __future__ import annotations
 
