@@ -31,6 +31,7 @@ declare -A FLAGS=(
   # The levers for a LoRA run without a content gain, one change each; lora_nothought is the twin of them all (the
   # twin thinks no thought, so the thought recipe cannot change it).
   [lora_long]="--fine-tune-type lora --num-layers -1 --lora-rank 8 --learning-rate 5e-4 --iters 150 --warmup-steps 10 --thought-tokens 12 --think-every 8"
+  [lora_headlr]="--fine-tune-type lora --num-layers -1 --lora-rank 8 --learning-rate 5e-4 --iters 150 --warmup-steps 10 --thought-tokens 4 --head-learning-rate 5e-3"
 )
 controls=(${CONTROLS:-random shuffled perturbed})  # CONTROLS="random": the cheapest check of a lever first
 results=${RESULTS:-$here/results/real}  # where measurements are kept as they finish (default: this checkout)

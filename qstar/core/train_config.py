@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from qstar.core.checkpoint import EXTRA_PREFIXES
 from qstar.core.dtypes import check_dtype
 from qstar.core.fields import check_fields, setting
 from qstar.core.lora import FINE_TUNE_TYPES, LINEAR_KEYS, LoraConfig
@@ -36,6 +37,10 @@ class TrainConfig:
     """Sequences per micro-batch (each thinks thoughts_per_position times); per process under torchrun."""
     learning_rate: float = 1e-4
     """Peak learning rate (linear warmup, then linear decay to 0)."""
+    head_learning_rate: float | None = None
+    """Peak learning rate of the mixing head and the <start>/<end> vectors, on the same schedule (default:
+    --learning-rate): a LoRA run's adapters and the few weights that decide how much a thought counts may need
+    different speeds."""
     warmup_steps: int = 20
     """Steps of linear warmup."""
     weight_decay: float = 0.001
@@ -127,6 +132,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if f.metadata.get("positive") and value is not None and value < 1:
                 raise ValueError(f"--{f.name.replace('_', '-')} must be >= 1, got {value}")
+        if self.head_learning_rate is not None and self.head_learning_rate <= 0:
+            raise ValueError(f"--head-learning-rate must be > 0, got {self.head_learning_rate}")
         if self.learning_rate <= 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("--learning-rate must be > 0 and --warmup-steps, --weight-decay, --max-grad-norm >= 0")
         if self.attention not in ATTENTIONS:
@@ -183,6 +190,13 @@ class TrainConfig:
         if self.train_only is not None and not prefixes:
             raise ValueError("--train-only names no parameters: pass prefixes such as mixing_head or thought.")
         return prefixes
+
+    def lr_scale(self, name: str) -> float:
+        """The factor on the scheduled learning rate of parameter `name`: --head-learning-rate / --learning-rate for
+        the mixing head and the thought vectors, else 1."""
+        if self.head_learning_rate is None or not name.startswith(EXTRA_PREFIXES):
+            return 1.0
+        return self.head_learning_rate / self.learning_rate
 
     def lora_config(self) -> LoraConfig | None:
         """The adapters of a lora/dora run (None for full fine-tuning)."""

@@ -162,7 +162,8 @@ def run_header(cfg: TrainConfig, model: QStarModel, resumed: Path | None, parall
         *([f"  {adapter_line(model)}"] if model.adapter else []),
         f"  data {cfg.data}: {cfg.iters} steps of {cfg.batch_size} x {cfg.max_seq_length} tokens"
         + (f" x {cfg.grad_accumulation_steps} accumulated" if cfg.grad_accumulation_steps > 1 else "")
-        + f", learning rate {cfg.learning_rate:g}",
+        + f", learning rate {cfg.learning_rate:g}"
+        + (f" (mixing head and thought vectors {cfg.head_learning_rate:g})" if cfg.head_learning_rate else ""),
         *([f"  training only {cfg.train_only} (every other weight frozen)"] if cfg.train_only else []),
         *(
             [f"  data parallel: {world.size} processes x {cfg.batch_size} sequences each; {parallel}"]

@@ -160,7 +160,7 @@ class Session:
             norm = mx.sqrt(sum((mx.sum(mx.square(g)) for g in flat(grads).values()), mx.array(0.0)))
         ok = finite & mx.isfinite(norm) & mx.isfinite(self.model.ops.all_sum(metrics["loss"]))  # alike on every rank
         old, old_state = self.masters(), flat(self.optimizer.state)
-        new = self.optimizer.apply_gradients(grads, old)
+        new = self.scaled_updates(self.optimizer.apply_gradients(grads, old), old)
         new = tree_map(lambda n, o: mx.where(ok, n, o), new, old)
         assign(self.optimizer.state, {k: mx.where(ok, v, old_state[k]) for k, v in flat(self.optimizer.state).items()})
         if self.half:
@@ -168,6 +168,18 @@ class Session:
             new = tree_map(lambda m: m.astype(self.dtype), new)
         net.update(new)
         return metrics, norm, mx.logical_not(ok)
+
+    def scaled_updates(self, new: Tree, old: Tree) -> Tree:
+        """--head-learning-rate: the mixing head's and the thought vectors' AdamW step (weight decay included) times
+        its factor, as torch's parameter groups give; mlx.optimizers has one learning rate."""
+        before = flat(old)
+        scaled = {
+            name: before[name] + (value - before[name]) * scale
+            for name, value in flat(new).items()
+            if (scale := self.cfg.lr_scale(name)) != 1.0
+        }
+        assign(new, scaled)
+        return new
 
     def averaged(self, grads: Tree) -> Tree:
         """The mean of every rank's gradients (mlx's average_gradients, inside the compiled step), or grads alone."""

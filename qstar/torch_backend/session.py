@@ -71,14 +71,25 @@ class Session:
         # in the compute dtype, DDP replicates them and averages the gradients while backward runs.
         self.wrapped, self.parallel = parallelize(model, cfg, self.world)
         self.ops.ranks = self.world.size
-        self.params = [p for p in net.parameters() if p.requires_grad]  # an adapter run trains a few
+        named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]  # an adapter run trains a few
+        self.params = [p for _, p in named]
         # Half-precision compute keeps float32 master weights: at lr 1e-6 a bf16 update would round away (sharded,
         # the float32 shards are the master weights).
         self.master = [p.detach().float().clone() if p.dtype in HALF else p for p in self.params]
-        decay = [m for m, p in zip(self.master, self.params, strict=True) if p.ndim >= 2]
-        no_decay = [m for m, p in zip(self.master, self.params, strict=True) if p.ndim < 2]
+        # A group per (learning-rate factor, weight decay or none): the factor 1 first, decayed first, as before
+        # --head-learning-rate existed (a checkpoint's optimizer state lists its groups in this order).
+        keys = [(cfg.lr_scale(n), p.ndim >= 2) for n, p in named]
+        scales = sorted({s for s, _ in keys}, key=lambda s: s != 1.0)
+        groups = [(s, decay) for s in scales for decay in (True, False)]
+        self.lr_scales = [s for s, _ in groups]
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [
+                {
+                    "params": [m for m, k in zip(self.master, keys, strict=True) if k == g],
+                    "weight_decay": cfg.weight_decay if g[1] else 0.0,
+                }
+                for g in groups
+            ],
             lr=cfg.learning_rate,
             betas=(0.9, 0.999),
             eps=1e-8,
@@ -132,8 +143,8 @@ class Session:
         metrics = dict(zip(names, read, strict=True))
         skipped = not (math.isfinite(norm) and math.isfinite(metrics["loss"]))  # the same on every rank
         if not skipped:  # a non-finite loss or gradient would poison the weights and the optimizer state
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            for group, scale in zip(self.optimizer.param_groups, self.lr_scales, strict=True):
+                group["lr"] = lr * scale
             self.optimizer.step()
             with torch.no_grad():
                 for m, p in zip(self.master, self.params, strict=True):

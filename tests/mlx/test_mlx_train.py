@@ -156,6 +156,46 @@ def test_one_step_matches_torch(mixing_checkpoint, thoughts):
     assert int(moments["step"]) == 1
 
 
+def test_head_learning_rate_scales_the_heads_step_alone(mixing_checkpoint):
+    """--head-learning-rate 10x --learning-rate: on both backends the first AdamW step of the mixing head and the
+    thought vectors (weight decay included) is 10 times the plain run's, every other weight's is the plain run's, and
+    the two backends take the same scaled step (float64, the same given thoughts)."""
+    from qstar.torch_backend.session import Session as TorchSession
+
+    cfg = TrainConfig(model=str(mixing_checkpoint), max_seq_length=16, batch_size=2, recipe_overrides=RECIPE)
+    given = qstar.load(str(mixing_checkpoint), backend="torch", recipe=cfg.make_recipe()).sample_thoughts(
+        batches(3, 1)[0].ids, seed=4
+    )
+    steps: dict[tuple[str, float | None], dict[str, np.ndarray]] = {}
+    for backend, make in (("torch", TorchSession), ("mlx", MLXSession)):
+        for head in (None, 1e-2):
+            run = TrainConfig(
+                **{**cfg.to_dict(), "dtype": "float64", "learning_rate": 1e-3, "head_learning_rate": head}
+            )
+            m = qstar.load(str(mixing_checkpoint), backend=backend, dtype="float64", recipe=run.make_recipe())
+            s = make(m, run)
+            terms = s.terms if backend == "mlx" else m.terms
+            if backend == "mlx":
+                s.terms = lambda ids, valid, terms=terms: terms(ids, valid, mx.array(given))
+            else:
+                m.terms = lambda ids, mask, thoughts=None, terms=terms: terms(ids, mask, thoughts=given)
+            before = {k: m.ops.to_numpy(v).copy() for k, v in m.parameters().items()}
+            with uncompiled():
+                s.step(batches(3, 1), 1e-3)
+            steps[backend, head] = {k: m.ops.to_numpy(v) - before[k] for k, v in m.parameters().items()}
+    heads = [k for k in steps["torch", None] if k.startswith(("mixing_head.", "thought."))]
+    assert {"thought.start", "mixing_head.4.weight"} < set(heads)
+    assert all(np.abs(steps["torch", None][k]).max() > 0 for k in heads)
+    for backend in ("torch", "mlx"):
+        plain, scaled = steps[backend, None], steps[backend, 1e-2]
+        for name in plain:
+            want = plain[name] * (10.0 if name in heads else 1.0)
+            np.testing.assert_allclose(scaled[name], want, rtol=1e-9, atol=1e-15, err_msg=f"{backend} {name}")
+    for name in heads:  # mlx and torch place AdamW's eps differently: ~1e-5 of a first step, scaled or not
+        diff = rel(steps["mlx", 1e-2][name], steps["torch", 1e-2][name])
+        assert diff < 1e-4 and diff == pytest.approx(rel(steps["mlx", None][name], steps["torch", None][name])), name
+
+
 def test_bfloat16_master_weights_and_resume(llama_checkpoint, tmp_path):
     """float32 master weights take the AdamW update, the bf16 parameters are their rounding, and write_state /
     read_state carry masters, moments and the random key (eager here, see `uncompiled`)."""
