@@ -32,6 +32,8 @@ declare -A FLAGS=(
   # twin thinks no thought, so the thought recipe cannot change it).
   [lora_long]="--fine-tune-type lora --num-layers -1 --lora-rank 8 --learning-rate 5e-4 --iters 150 --warmup-steps 10 --thought-tokens 12 --think-every 8"
   [lora_headlr]="--fine-tune-type lora --num-layers -1 --lora-rank 8 --learning-rate 5e-4 --iters 150 --warmup-steps 10 --thought-tokens 4 --head-learning-rate 5e-3"
+  [lora_headlr_entropy]="--fine-tune-type lora --num-layers -1 --lora-rank 8 --learning-rate 5e-4 --iters 150 --warmup-steps 10 --thought-tokens 4 --head-learning-rate 5e-3 --entropy-bonus 0.01"
+  [lora_wide]="--fine-tune-type lora --num-layers -1 --lora-rank 8 --learning-rate 5e-4 --iters 150 --warmup-steps 10 --thought-tokens 4 --think-every 8 --thoughts-per-position 4"
 )
 controls=(${CONTROLS:-random shuffled perturbed})  # CONTROLS="random": the cheapest check of a lever first
 results=${RESULTS:-$here/results/real}  # where measurements are kept as they finish (default: this checkout)

@@ -23,6 +23,15 @@ def token_logprob(ops: Ops, logits: Array, targets: Array, banned: Array | None,
     return picked(ops, scaled(allowed(ops, logits, banned), temperature), targets)
 
 
+def entropy(ops: Ops, logits: Array, banned: Array | None, temperature: float) -> Array:
+    """Entropy in nats (...) of softmax(logits / T) (..., V) over the allowed ids: logsumexp(z) - sum p z, with the
+    banned ids' z read as 0 where p is 0 (-inf times 0 would be NaN, forward and backward)."""
+    z = scaled(ops.upcast(logits), temperature)
+    free = allowed(ops, z, banned)
+    finite = z if banned is None else ops.where(banned, 0.0, z)
+    return ops.logsumexp(free, axis=-1) - ops.sum(ops.softmax(free, axis=-1) * finite, axis=-1)
+
+
 def mix(ops: Ops, recipe: Recipe, head_out: Array) -> Array:
     """Mixing weight w of the thought side: the raw head output ("hidden") or its sigmoid."""
     return ops.sigmoid(head_out) if recipe.mixing == "logits-sigmoid" else head_out

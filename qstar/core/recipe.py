@@ -42,6 +42,9 @@ class Recipe:
     """Text whose token embedding initialises <start> and <end>."""
     think_every: int = 1
     """Positions i with i % think_every == 0 think (1 = every position)."""
+    entropy_bonus: float = 0.0
+    """Factor on the policy's mean entropy per thought token (at policy_temperature), subtracted from the loss: a
+    guard against thoughts collapsing to one string (0 = none, the authors')."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -57,6 +60,7 @@ class Recipe:
             (self.embedding_scale > 0, "embedding_scale must be > 0"),
             (bool(self.init_token), "init_token must be a non-empty string"),
             (self.think_every >= 1, "think_every must be >= 1"),
+            (self.entropy_bonus >= 0, "entropy_bonus must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -89,6 +93,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         embedding_scale=100.0,
         init_token="---",
         think_every=1,
+        entropy_bonus=0.0,
     ),
     "default": {},
     # The shipped toy model (weights/arith-llama, qstar/core/synthetic.py); docs/TOY.md measures what each value

@@ -172,22 +172,28 @@ class Thinker:
         start, _ = self.model.thought_vectors()
         return self.ops.broadcast_to(start, (rows, 1, streams, start.shape[-1]))
 
-    def policy_logprobs(self, h: Array, tokens: Array) -> Array:
-        """The policy's log-probabilities of drawn tokens (...) from the hidden states (..., D) that drew them. The LM
-        head is linear, so 1/T scales the hidden states rather than the logits: V/D times fewer entries, forward and
-        backward."""
+    def policy_logprobs(self, h: Array, tokens: Array) -> tuple[Array, Array | None]:
+        """The policy's log-probabilities of drawn tokens (...) from the hidden states (..., D) that drew them, and its
+        entropy there (...) where the recipe's entropy bonus needs it (else None). The LM head is linear, so 1/T
+        scales the hidden states rather than the logits: V/D times fewer entries, forward and backward."""
         z = self.model.logits(scaled(h, self.recipe.policy_temperature))
-        return losses.token_logprob(self.ops, z, tokens, self.banned, 1.0)
+        return losses.token_logprob(self.ops, z, tokens, self.banned, 1.0), self.entropy(z, 1.0)
+
+    def entropy(self, logits: Array, temperature: float) -> Array | None:
+        """The policy's entropy (...) from thought-step logits (..., V), or None without an entropy bonus."""
+        return losses.entropy(self.ops, logits, self.banned, temperature) if self.recipe.entropy_bonus else None
 
     def sample_with_gradient(
         self, base_kv: Cache, rows: int, layout: ThoughtLayout, noise: Noise | None
-    ) -> tuple[Array, Array, Array, StreamCache | None]:
+    ) -> tuple[Array, Array, Array | None, Array, StreamCache | None]:
         """Sample every stream's thought inside the differentiable graph (one-pass steps), k steps of one token each.
         Returns the hidden states (R, k, S, D) of steps 1..k, the policy's log-probabilities (R, k, S) of the drawn
-        tokens (R, S, k), and the cache. Each step's (R, S, V) logits live only until its log-probability is taken."""
+        tokens (R, S, k) and its entropies (R, k, S) or None, and the cache. Each step's (R, S, V) logits live only
+        until its log-probability is taken."""
         ops, model, recipe = self.ops, self.model, self.recipe
         hidden: list[Array] = []
         logprobs: list[Array] = []
+        entropies: list[Array] = []
         tokens: list[Array] = []
         cache: StreamCache | None = None
         x = self.start_inputs(rows, layout.num_streams)
@@ -202,7 +208,10 @@ class Thinker:
             )
             hidden.append(h)
             logprobs.append(losses.token_logprob(ops, z, tokens[-1], self.banned, recipe.policy_temperature))
-        return ops.concat(hidden, axis=1), ops.stack(logprobs, axis=1), ops.stack(tokens, axis=-1), cache
+            if (h_z := self.entropy(z, recipe.policy_temperature)) is not None:
+                entropies.append(h_z)
+        entropy = ops.stack(entropies, axis=1) if entropies else None
+        return ops.concat(hidden, axis=1), ops.stack(logprobs, axis=1), entropy, ops.stack(tokens, axis=-1), cache
 
     def sample_without_gradient(self, base_kv: Cache, rows: int, layout: ThoughtLayout, noise: Noise | None) -> Array:
         """Draw every stream's thought without gradient (two-pass steps, inference), with the geometry placed on the
@@ -239,21 +248,21 @@ class Thinker:
 
     def think(
         self, ids: Array, base_kv: Cache, thoughts: Array | None, layout: ThoughtLayout, noise: Noise | None
-    ) -> tuple[Array, Array, Array]:
+    ) -> tuple[Array, Array, Array | None, Array]:
         """Thought steps 1..k+A+1 of every stream. Returns their hidden states (R, k+A+1, S, D), the policy's
-        log-probabilities (R, k, S) of the thought tokens and the thoughts (R, S, k), sampled with `noise` (None:
-        greedy) in the graph unless given."""
+        log-probabilities (R, k, S) of the thought tokens and its entropies (R, k, S) (None without an entropy
+        bonus), and the thoughts (R, S, k), sampled with `noise` (None: greedy) in the graph unless given."""
         ops, model, k, A = self.ops, self.model, self.recipe.thought_tokens, self.recipe.lookahead
         if thoughts is None:
             rows = ids.shape[0] * self.recipe.thoughts_per_position
-            h_sampled, logprobs, thoughts, cache = self.sample_with_gradient(base_kv, rows, layout, noise)
+            h_sampled, logprobs, entropy, thoughts, cache = self.sample_with_gradient(base_kv, rows, layout, noise)
             x = self.inputs(ids, thoughts, layout, first_step=k + 1)
             h_rest, _ = model.think(x, layout.steps(k + 1, A + 1), base_kv, cache)
-            return ops.concat([h_sampled, h_rest], axis=1), logprobs, thoughts
+            return ops.concat([h_sampled, h_rest], axis=1), logprobs, entropy, thoughts
         x = self.inputs(ids, thoughts, layout)
         h_thought, _ = model.think(x, layout.steps(1, self.recipe.thought_steps), base_kv, None)
-        drawn = ops.transpose(thoughts, (0, 2, 1))
-        return h_thought, self.policy_logprobs(h_thought[:, :k], drawn), thoughts
+        logprobs, entropy = self.policy_logprobs(h_thought[:, :k], ops.transpose(thoughts, (0, 2, 1)))
+        return h_thought, logprobs, entropy, thoughts
 
     def talk(self, h_base: Array, h_thought: Array) -> tuple[Array, Array]:
         """The mixing head: weight w (...) of the thought side and the mixed hidden state (..., D),
@@ -313,7 +322,7 @@ class Thinker:
         nll_base = losses.token_nll(ops, model.logits(h_base[:, :-1]), ids[:, 1:])  # (B, L-1)
         nll_base_rows = repeat_rows(ops, nll_base, P)  # (R, L-1)
         # 2. Think (and read the teacher-forced lookahead tokens after <end>).
-        h_thought, logprobs, thoughts = self.think(ids, base_kv, thoughts, layout, noise)
+        h_thought, logprobs, entropy, thoughts = self.think(ids, base_kv, thoughts, layout, noise)
         # 3-4. Talk: mix, and score the A true next tokens.
         w, nll_ahead = self.lookahead_nll(ids, h_base, h_thought, layout)
         scored = [int(np.sum(streams + j < layout.seq_len)) for j in range(1, A + 1)]  # streams whose x_(p+j) exists
@@ -326,8 +335,14 @@ class Thinker:
         policy = losses.policy_loss(ops, advantage, logprobs[:, :, : reward.shape[1]], rewarded_valid)
         base_valid = None if valid is None else valid[:, 1:] * valid[:, :-1]
         lm = losses.lm_loss(self.recipe, losses.masked_mean(ops, nll_base, base_valid), talk.means(ops))
+        total = lm + self.recipe.policy_weight * policy
+        metrics = self.metrics(nll_base_rows, talk, w, advantage, rewarded_valid, streams)
+        if entropy is not None:  # the bonus, over the thoughts the policy loss weighs
+            bonus = losses.masked_mean(ops, ops.mean(entropy[:, :, : reward.shape[1]], axis=1), rewarded_valid)
+            total = total - self.recipe.entropy_bonus * bonus
+            metrics["policy_entropy"] = ops.stop_gradient(bonus)
         return LossTerms(
-            total=lm + self.recipe.policy_weight * policy,
+            total=total,
             lm=lm,
             policy=policy,
             nll_base=nll_base_rows,
@@ -336,7 +351,7 @@ class Thinker:
             advantage=advantage,
             mixing_weight=[w[:, j] for j in range(A)],
             thoughts=thoughts,
-            metrics=self.metrics(nll_base_rows, talk, w, advantage, rewarded_valid, streams),
+            metrics=metrics,
         )
 
     def plain_loss(self, ids: Array, valid: Array | None, layout: ThoughtLayout) -> LossTerms:
@@ -406,10 +421,10 @@ class Thinker:
         drawn with `noise` a step at a time on a growing cache, then t_k and <end> pushed on top of it (the sampling
         steps are not computed twice). `base` is the base pass of ids (model.base)."""
         ops, model, (h_base, base_kv) = self.ops, self.model, base
-        single = replace(self, recipe=replace(self.recipe, lookahead=1, thoughts_per_position=1))
+        single = replace(self, recipe=replace(self.recipe, lookahead=1, thoughts_per_position=1, entropy_bonus=0.0))
         k = single.recipe.thought_tokens
         if thoughts is None:
-            _, _, thoughts, cache = single.sample_with_gradient(base_kv, ids.shape[0], layout, noise)
+            *_, thoughts, cache = single.sample_with_gradient(base_kv, ids.shape[0], layout, noise)
             x = single.inputs(ids, thoughts, layout, first_step=k + 1)  # t_k, <end>
             h_end = model.think(x, layout.steps(k + 1, 2), base_kv, cache)[0][:, -1]
         else:

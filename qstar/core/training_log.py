@@ -30,6 +30,7 @@ REPORTED = (
     "nll_talk_hard",
     "mixing_weight",
     "positive_advantage",
+    "policy_entropy",
     "thought_distinct",
     "thought_entropy",
     "grad_norm",
