@@ -427,6 +427,41 @@ def bridge(results: dict[str, Any]) -> str:
     return markdown(header, body) + "\n\n" + held + source(results)
 
 
+def levers(results: dict[str, Any]) -> str:
+    """`levers_table.py`: the GSM8K LoRA run and each lever's held-out NLL with its thoughts, its gain over itself
+    without them and below the no-thought twin, on all tokens, the hardest 10% and the answer tokens, beside the
+    content controls' gains."""
+
+    def nats(x: float | None) -> str:
+        return "-" if x is None else f"{x:+.4f}"
+
+    def controls(r: dict[str, Any], view: str) -> str:
+        return " / ".join(nats(r[f"{c}_{view}_gain"]) for c in ("random", "shuffled", "perturbed"))
+
+    body = [
+        [
+            f"`{r['run']}`: {r['change']}",
+            f"{r['all_without']:.4f} -> {r['all_with']:.4f}",
+            nats(r["all_gain"]),
+            nats(r["all_over_twin"]),
+            controls(r, "all"),
+            nats(r["hardest_gain"]),
+            controls(r, "hardest"),
+            nats(r["hard_gain"]),
+        ]
+        for r in results["rows"]
+    ]
+    header = ["run", "all tokens: without -> with", "gain", "below the twin"]
+    header += ["controls' gains: random / shuffled / perturbed", "hardest 10%: gain", "controls' gains", "answer: gain"]
+    twin = results["twin"]
+    held = (
+        f"{results['problems']} held-out GSM8K problems without annotations, torch, float32, thoughts drawn with seed "
+        f"0; the twin (`clean_lora_nothought`): all tokens {twin['all_nll']:.4f}, hardest {twin['hardest_nll']:.4f}, "
+        f"answer {twin['hard_nll']:.4f}. "
+    )
+    return markdown(header, body) + "\n\n" + held + source(results)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "toy": toy,
     "overhead": overhead,
@@ -439,6 +474,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "serve": serve,
     "harness": harness,
     "bridge": bridge,
+    "levers": levers,
 }
 """Table name -> how its JSON is written as markdown (the name before the first "-" chooses: overhead-torch too)."""
 
