@@ -5,7 +5,7 @@
 
 Reads benchmarks/results/real/NAME.json (the held-out scoring of run NAME) and NAME-CONTROL.json (its content
 controls) for every run of LEVERS measured, and the twin's clean_lora_nothought.json; records
-benchmarks/results/real-levers.json and publishes it (benchmarks/tables.py).
+benchmarks/results/levers-gsm8k.json and publishes it (benchmarks/tables.py).
 """
 
 from __future__ import annotations

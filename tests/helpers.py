@@ -202,6 +202,11 @@ def random_ids(batch: int, length: int, seed: int = 0, vocab: int = VOCAB) -> np
     return np.random.default_rng(seed).integers(3, vocab, size=(batch, length))
 
 
+def rel(got: Any, want: Any) -> float:
+    """Relative Frobenius-norm difference, in float64 (NaN where `want` is all zeros: no test passes on it)."""
+    return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
+
+
 TRAIN_SMALL = [
     "--thought-tokens",
     "2",

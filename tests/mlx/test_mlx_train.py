@@ -19,12 +19,14 @@ from helpers import (
     mixing_head_only_training,
     no_thought_training,
     random_ids,
+    rel,
     short_training,
     train_records,
 )
 from mlx.utils import tree_flatten
 
 import qstar
+from qstar.core.checkpoint import EXTRA_PREFIXES
 from qstar.core.data import Batch
 from qstar.core.session import evaluate
 from qstar.core.train_config import TrainConfig
@@ -32,11 +34,6 @@ from qstar.mlx_backend.session import Session as MLXSession
 from qstar.mlx_backend.session import random_key, set_random_key
 
 RECIPE = dict(thought_tokens=2, lookahead=2, policy_weight=1.0)
-
-
-def rel(got: np.ndarray, want: np.ndarray) -> float:
-    """Relative Frobenius-norm difference."""
-    return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
 
 
 def batches(seed: int, count: int, padded: bool = False) -> list[Batch]:
@@ -183,7 +180,7 @@ def test_head_learning_rate_scales_the_heads_step_alone(mixing_checkpoint):
             with uncompiled():
                 s.step(batches(3, 1), 1e-3)
             steps[backend, head] = {k: m.ops.to_numpy(v) - before[k] for k, v in m.parameters().items()}
-    heads = [k for k in steps["torch", None] if k.startswith(("mixing_head.", "thought."))]
+    heads = [k for k in steps["torch", None] if k.startswith(EXTRA_PREFIXES)]
     assert {"thought.start", "mixing_head.4.weight"} < set(heads)
     assert all(np.abs(steps["torch", None][k]).max() > 0 for k in heads)
     for backend in ("torch", "mlx"):

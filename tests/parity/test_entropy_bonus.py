@@ -6,17 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import random_ids
+from helpers import random_ids, rel
 
 import qstar
 from qstar.core import losses
 from qstar.core.backend import get
 
 RECIPE = dict(thought_tokens=3, lookahead=2, thoughts_per_position=2, policy_weight=1.0)
-
-
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(np.asarray(a) - b) / max(np.linalg.norm(b), 1e-30))
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])

@@ -6,15 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import random_ids
+from helpers import random_ids, rel
 from safetensors.numpy import load_file
 
 import qstar
 from qstar.core.lora import WEIGHTS_FILE, LoraConfig
-
-
-def rel(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
 
 
 @pytest.fixture(scope="module", params=["lora", "dora"])

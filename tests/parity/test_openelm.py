@@ -22,6 +22,7 @@ from helpers import (
     char_tokenizer,
     make_openelm_checkpoint,
     random_ids,
+    rel,
     torchrun_train,
 )
 from mlx_lm.utils import load_model
@@ -36,10 +37,6 @@ from qstar.core.memory import MODELS, counts
 from qstar.core.model_config import shape_config
 
 runner = CliRunner()
-
-
-def rel(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
 
 
 @pytest.fixture(scope="module")

@@ -4,17 +4,12 @@ checkpointing (every layer call recomputed in backward, sampling steps included)
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from helpers import random_ids
+from helpers import random_ids, rel
 
 import qstar
 
 RECIPE = dict(thought_tokens=3, lookahead=2, thoughts_per_position=2, policy_weight=1.0)
-
-
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(np.asarray(a) - b) / max(np.linalg.norm(b), 1e-30))
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])

@@ -14,7 +14,7 @@ import mlx.optimizers as mlx_optim
 import numpy as np
 import pytest
 import torch
-from helpers import random_ids
+from helpers import random_ids, rel
 from mlx.utils import tree_unflatten
 
 import qstar
@@ -27,11 +27,6 @@ B, L = 2, 9
 # alone gives ~1e-7 on logits and up to ~7e-7 on advantages (differences of NLLs), so 1e-7 cannot hold there;
 # test_pure_float64_agrees_to_rounding checks everything else to float64 rounding.
 TOLERANCE = {"float64": (2e-6, 1e-5), "float32": (1e-4, 1e-3)}
-
-
-def rel(got: np.ndarray, want: np.ndarray) -> float:
-    """Relative Frobenius-norm difference."""
-    return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TRAIN_SMALL, killed_at_random_and_uninterrupted, random_ids, require
+from helpers import TRAIN_SMALL, killed_at_random_and_uninterrupted, random_ids, rel, require
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -35,10 +35,6 @@ def nf4(quantizable_base, tmp_path_factory) -> Path:
     return convert(quantizable_base, tmp_path_factory.mktemp("nf4") / "ckpt", "--backend", "torch")
 
 
-def relative(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def test_the_nf4_base_is_transformers_bitsandbytes_format_and_close_to_the_float_model(nf4, quantizable_base):
     m = qstar.load(str(nf4), backend="torch")
     assert m.quantization is not None and m.quantization["bnb_4bit_quant_type"] == "nf4"
@@ -48,14 +44,14 @@ def test_the_nf4_base_is_transformers_bitsandbytes_format_and_close_to_the_float
     assert all(v.dtype == torch.float32 for v in load_file(str(nf4 / "qstar.safetensors")).values())
     ids = random_ids(2, 9, seed=1)
     plain = qstar.load(str(quantizable_base), backend="torch").logits(ids)
-    assert relative(m.logits(ids), plain) < 0.2  # a random tiny model: 4 bits of gaussian weights, layer after layer
+    assert rel(m.logits(ids), plain) < 0.2  # a random tiny model: 4 bits of gaussian weights, layer after layer
     from transformers import AutoModelForCausalLM
 
     reference = AutoModelForCausalLM.from_pretrained(nf4, dtype=torch.float32, device_map="cpu")
     assert type(reference.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     with torch.no_grad():
         expected = reference(torch.from_numpy(ids)).logits.numpy()
-    assert relative(m.logits(ids), expected) < 0.02  # transformers' inference runs bitsandbytes' bfloat16 CPU kernel
+    assert rel(m.logits(ids), expected) < 0.02  # transformers' inference runs bitsandbytes' bfloat16 CPU kernel
 
 
 def test_nf4_is_as_close_as_mlxs_4_bit(tmp_path):
@@ -68,7 +64,7 @@ def test_nf4_is_as_close_as_mlxs_4_bit(tmp_path):
     plain = float_model.logits(ids)
     torch_4 = qstar.load(str(convert(DEFAULT_MODEL, tmp_path / "t", "--backend", "torch")), backend="torch")
     mlx_4 = qstar.load(str(convert(DEFAULT_MODEL, tmp_path / "m", "--backend", "mlx")), backend="mlx")
-    nf4_error, mlx_error = relative(torch_4.logits(ids), plain), relative(mlx_4.logits(ids), plain)
+    nf4_error, mlx_error = rel(torch_4.logits(ids), plain), rel(mlx_4.logits(ids), plain)
     print(f"4-bit logits, relative error: NF4 {nf4_error:.4f}, MLX 4-bit {mlx_error:.4f}")
     assert nf4_error < NF4_LOGITS and mlx_error < NF4_LOGITS
 
@@ -111,9 +107,9 @@ def test_the_adapter_loads_on_the_float_and_mlx_bases_and_fuses(nf4, quantizable
     np.testing.assert_allclose(qstar.load(str(fused), backend="torch").logits(ids), adapted, rtol=1e-4, atol=1e-4)
     adapter = str(out / "model")
     on_float = qstar.load(str(quantizable_base), backend="torch", adapter_path=adapter).logits(ids)
-    assert relative(on_float, adapted) < 0.2  # the base's quantization error, nothing more
+    assert rel(on_float, adapted) < 0.2  # the base's quantization error, nothing more
     plain = qstar.load(str(quantizable_base), backend="torch").logits(ids)
-    assert relative(on_float, plain) > 1e-4  # the adapter does something
+    assert rel(on_float, plain) > 1e-4  # the adapter does something
     pytest.importorskip("mlx")
     np.testing.assert_allclose(
         qstar.load(str(quantizable_base), backend="mlx", adapter_path=adapter).logits(ids),
@@ -122,7 +118,7 @@ def test_the_adapter_loads_on_the_float_and_mlx_bases_and_fuses(nf4, quantizable
         atol=1e-4,
     )
     mlx_4 = convert(quantizable_base, tmp_path / "mlx4", "--backend", "mlx")
-    assert relative(qstar.load(str(mlx_4), backend="mlx", adapter_path=adapter).logits(ids), on_float) < 0.2
+    assert rel(qstar.load(str(mlx_4), backend="mlx", adapter_path=adapter).logits(ids), on_float) < 0.2
 
 
 def test_what_cannot_work_is_one_clear_line(nf4, tmp_path):
