@@ -375,13 +375,18 @@ def harness(results: dict[str, Any]) -> str:
     return markdown(header, body) + "\n\n" + markdown(ratio_header, ratios) + "\n\n" + shape + source(results)
 
 
+def signed(x: float | None, digits: int) -> str:
+    """A gain in nats with its sign, or "-" where it was not measured."""
+    return "-" if x is None else f"{x:+.{digits}f}"
+
+
 def bridge(results: dict[str, Any]) -> str:
     """`bridge_table.py`: the bridge world's held-out answer NLL per seed of the pair (Quiet-STaR and its no-thought
     twin), the accuracies, the thoughts holding the intermediate values and each content control's gain, then the
     seeds' mean and range."""
 
     def nats(x: float | None) -> str:
-        return "-" if x is None else f"{x:+.3f}"
+        return signed(x, 3)
 
     def percent(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:.1f}%"
@@ -433,7 +438,7 @@ def levers(results: dict[str, Any]) -> str:
     content controls' gains."""
 
     def nats(x: float | None) -> str:
-        return "-" if x is None else f"{x:+.4f}"
+        return signed(x, 4)
 
     def controls(r: dict[str, Any], view: str) -> str:
         return " / ".join(nats(r[f"{c}_{view}_gain"]) for c in ("random", "shuffled", "perturbed"))
